@@ -1,0 +1,275 @@
+"""Dataclass schemas for every conf group, registered in Hydra's ConfigStore.
+
+conf/config.yaml lists `forge_schema` first in its defaults, so every group file and override
+is merged onto a typed node: a typo such as `model.tpp=2` fails at composition, key named. Cross-field rules
+that a type cannot express live in `validate()` and raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot work; the message starts with the key."""
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"
+    sglang = "sglang"
+    endpoint = "endpoint"
+    transformers = "transformers"
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"  # cut the document part until the prompt fits
+    skip = "skip"  # quarantine the row with its length
+
+
+class OnChange(str, Enum):
+    error = "error"  # stop and explain what changed
+    fresh = "fresh"  # move the old output aside and start again
+
+
+@dataclass
+class DatasetConfig:
+    """Where documents come from.
+
+    Attributes:
+        name: Hub dataset id, or a local parquet/jsonl/json/csv/arrow file, glob, directory,
+            or `save_to_disk` directory. `forge://sample` is the bundled sample.
+        config: Hub config (subset) name.
+        split: split to read.
+        revision: Hub revision (branch, tag or commit) to pin.
+        prompt_column: column holding a string or a list of {role, content} messages.
+        id_column: column with a unique id per row; default: the row's position.
+        max_examples: read at most this many rows (before sharding); null = all.
+        keep_columns: input columns copied into each output row's `metadata` (JSON).
+    """
+
+    name: str = "forge://sample"
+    config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    prompt_column: str = "prompt"
+    id_column: Optional[str] = None
+    max_examples: Optional[int] = None
+    keep_columns: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PromptConfig:
+    """How a row becomes chat messages.
+
+    Attributes:
+        template: text containing [[DOCUMENT]] (or a path to a file holding it); null = the
+            prompt column is the user message as is.
+        system: system prompt prepended to every conversation; null = none.
+        on_overlong: `truncate` the document part, or `skip` (quarantine) rows whose prompt does
+            not fit in max_model_len - max_tokens.
+    """
+
+    template: Optional[str] = None
+    system: Optional[str] = None
+    on_overlong: Overlong = Overlong.truncate
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling parameters sent with every request; null = the engine's default.
+
+    Attributes:
+        rollouts: samples per document (each gets its own seed when `seed` is set).
+        extra_body: extra JSON fields sent as they are (e.g. chat_template_kwargs).
+    """
+
+    max_tokens: int = 256
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Optional[List[str]] = None
+    rollouts: int = 1
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The model and the engine that serves it.
+
+    Attributes:
+        name_or_path: Hub id or local dir; `forge://tiny-qwen3` is built locally on first use.
+        engine: vllm | sglang | endpoint | transformers (the CPU engine).
+        tp, pp, dp: tensor, pipeline and data parallel sizes (GPUs per task = tp * pp * dp).
+        max_model_len: context length; null = what the engine or model config reports.
+        tokenizer: tokenizer used to measure prompts; null = name_or_path.
+        endpoint_url: base URL of an OpenAI-compatible server (engine=endpoint).
+        api_key_env: NAME of the environment variable holding the API key (never the key).
+        engine_args: extra engine command-line flags, `{flag_name: value}`.
+        served_name: model name sent in requests; null = name_or_path.
+        startup_timeout_s: how long to wait for the engine to answer /v1/models.
+        max_restarts: engine restarts allowed per task after a crash.
+    """
+
+    name_or_path: str = "forge://tiny-qwen3"
+    revision: Optional[str] = None
+    engine: EngineKind = EngineKind.transformers
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = None
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    speculative: Optional[Dict[str, Any]] = None
+    kv_cache_dtype: Optional[str] = None
+    quantization: Optional[str] = None
+    load_format: Optional[str] = None
+    trust_remote_code: bool = False
+    tokenizer: Optional[str] = None
+    endpoint_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    served_name: Optional[str] = None
+    engine_args: Dict[str, Any] = field(default_factory=dict)
+    startup_timeout_s: float = 900.0
+    max_restarts: int = 3
+
+
+@dataclass
+class OutputConfig:
+    """Where results go.
+
+    Attributes:
+        dir: the run directory: Parquet shards, request cache, stats.json, logs, config.
+        examples_per_chunk: rows per Parquet shard file.
+        on_change: what a re-run does when input, sharding or generation settings changed.
+    """
+
+    dir: str = "outputs/default"
+    examples_per_chunk: int = 500
+    on_change: OnChange = OnChange.error
+
+
+@dataclass
+class RunConfig:
+    """How requests are driven.
+
+    Attributes:
+        max_in_flight: concurrent requests per task.
+        request_timeout_s: per-request timeout.
+        max_retries: retries on 429/5xx/timeouts/connection errors before quarantine.
+        backoff_s: first retry delay; doubles each attempt (with jitter), capped at 60 s.
+        retry_failed: on a re-run, retry rows quarantined for transient failures.
+        progress: show the live progress bar.
+        log_every_s: interval of plain progress lines in the log.
+    """
+
+    max_in_flight: int = 64
+    request_timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    retry_failed: bool = True
+    progress: bool = True
+    log_every_s: float = 30.0
+
+
+@dataclass
+class ClusterConfig:
+    """Where tasks run.
+
+    Attributes:
+        name: `local` runs the tasks one after another in this process.
+        tasks: number of disjoint input shards (row i goes to shard i % tasks).
+        task_index: run only this shard; null = all shards.
+    """
+
+    name: str = "local"
+    tasks: int = 1
+    task_index: Optional[int] = None
+
+
+@dataclass
+class ForgeConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def register_configs() -> None:
+    """Register the schema that conf/config.yaml lists first: it types every group below it."""
+    ConfigStore.instance().store(name="forge_schema", node=ForgeConfig)
+    if not OmegaConf.has_resolver("slug"):
+        OmegaConf.register_new_resolver("slug", slug)
+
+
+def _positive(key: str, value: Optional[float], allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}: must be > 0 (got {value})")
+
+
+def validate(cfg: ForgeConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, g = cfg.model, cfg.generation
+    for key in ("tp", "pp", "dp"):
+        _positive(f"model.{key}", getattr(m, key), allow_none=False)
+    for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.gpu_memory_utilization is not None and not 0 < m.gpu_memory_utilization <= 1:
+        raise ConfigError(f"model.gpu_memory_utilization: must be in (0, 1] (got {m.gpu_memory_utilization})")
+    if m.engine == EngineKind.endpoint and not m.endpoint_url:
+        raise ConfigError("model.endpoint_url: required when model.engine=endpoint")
+    if m.engine != EngineKind.endpoint and m.endpoint_url:
+        raise ConfigError(f"model.endpoint_url: only used with model.engine=endpoint (engine is {m.engine.value})")
+    if m.engine == EngineKind.transformers:
+        if g.top_k is not None:
+            raise ConfigError("generation.top_k: the transformers CPU engine rejects top_k; leave it null")
+        if m.tp * m.pp * m.dp != 1:
+            raise ConfigError("model.tp/pp/dp: the transformers CPU engine runs one process; use 1")
+    _positive("generation.max_tokens", g.max_tokens, allow_none=False)
+    _positive("generation.rollouts", g.rollouts, allow_none=False)
+    if g.temperature is not None and g.temperature < 0:
+        raise ConfigError(f"generation.temperature: must be >= 0 (got {g.temperature})")
+    if g.top_p is not None and not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p: must be in (0, 1] (got {g.top_p})")
+    if m.max_model_len is not None and g.max_tokens >= m.max_model_len:
+        raise ConfigError(
+            f"generation.max_tokens: {g.max_tokens} leaves no room for a prompt in "
+            f"model.max_model_len={m.max_model_len}"
+        )
+    _positive("output.examples_per_chunk", cfg.output.examples_per_chunk, allow_none=False)
+    _positive("run.max_in_flight", cfg.run.max_in_flight, allow_none=False)
+    _positive("run.request_timeout_s", cfg.run.request_timeout_s, allow_none=False)
+    if cfg.run.max_retries < 0:
+        raise ConfigError(f"run.max_retries: must be >= 0 (got {cfg.run.max_retries})")
+    if cfg.dataset.max_examples is not None and cfg.dataset.max_examples < 0:
+        raise ConfigError(f"dataset.max_examples: must be >= 0 (got {cfg.dataset.max_examples})")
+    if not cfg.dataset.prompt_column:
+        raise ConfigError("dataset.prompt_column: must name a column")
+    c = cfg.cluster
+    _positive("cluster.tasks", c.tasks, allow_none=False)
+    if c.task_index is not None and not 0 <= c.task_index < c.tasks:
+        raise ConfigError(f"cluster.task_index: must be in [0, {c.tasks}) (got {c.task_index})")
+    if m.api_key_env is not None and not m.api_key_env.replace("_", "").isalnum():
+        raise ConfigError(
+            "model.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
+        )
+
+
+def slug(value: object) -> str:
+    """A filesystem-safe name for a model or dataset: `Qwen/Qwen3-4B` -> `Qwen3-4B`."""
+    text = str(value).rstrip("/").split("://")[-1]
+    text = text.split("/")[-1] or text
+    text = text.split("*")[0].rsplit(".", 1)[0] if "." in text.split("/")[-1][-9:] else text
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-.")
+    return safe or "run"

@@ -1,0 +1,253 @@
+"""Reading documents: a Hub dataset or local parquet/jsonl/json/csv/arrow files, globs and
+`save_to_disk` directories. Config: conf/dataset.
+
+Rows stream (nothing is held in memory) and carry their position, so a task reads only its
+shard (position % tasks). A row that cannot be parsed (bad JSON line, bad encoding) becomes a
+row with an `error`, to be quarantined with its file and line, never dropped or fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from forge.config import DatasetConfig
+
+SAMPLE_PREFIX = "forge://"
+FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".arrow", ".jsonl.gz", ".json.gz")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be read as configured; the message names the key or file."""
+
+
+@dataclass
+class SourceRow:
+    index: int
+    record: dict[str, Any] | None
+    where: str  # file:line or split:row, for error messages
+    error: str | None = None
+
+
+def bundled(name: str) -> Path:
+    return Path(__file__).parent / "data" / (name + ".jsonl")
+
+
+def _suffix(path: str) -> str:
+    for suf in sorted(FILE_SUFFIXES, key=len, reverse=True):
+        if path.endswith(suf):
+            return suf
+    return Path(path).suffix
+
+
+def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(1)
+        while head and head.isspace():
+            head = fh.read(1)
+        fh.seek(0)
+        if head == b"[":  # a JSON array file
+            try:
+                items = json.load(io.TextIOWrapper(fh, encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise DatasetError(f"{path}: not valid JSON: {exc}") from exc
+            for i, item in enumerate(items):
+                yield (item if isinstance(item, dict) else None), f"{path}[{i}]", (
+                    None if isinstance(item, dict) else f"item is {type(item).__name__}, not an object"
+                )
+            return
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield None, where, f"line is not UTF-8: {exc.reason} at byte {exc.start}"
+                continue
+            except ValueError as exc:
+                yield None, where, f"line is not valid JSON: {exc}"
+                continue
+            if not isinstance(item, dict):
+                yield None, where, f"line holds a JSON {type(item).__name__}, not an object"
+                continue
+            yield item, where, None
+
+
+def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    _require_columns(path, names, columns)
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in names]):
+        for item in batch.to_pylist():
+            yield item, f"{path}:row {row}", None
+            row += 1
+
+
+def _read_arrow(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
+    import pyarrow as pa
+
+    with open(path, "rb") as fh:
+        try:
+            reader = pa.ipc.open_file(fh)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            schema = reader.schema
+        except pa.ArrowInvalid:
+            fh.seek(0)
+            reader = pa.ipc.open_stream(fh)
+            batches = iter(reader)
+            schema = reader.schema
+        _require_columns(path, schema.names, columns)
+        row = 0
+        for batch in batches:
+            for item in batch.select([c for c in columns if c in schema.names]).to_pylist():
+                yield item, f"{path}:row {row}", None
+                row += 1
+
+
+def _read_csv(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        _require_columns(path, reader.fieldnames or [], columns)
+        try:
+            for item in reader:
+                yield item, f"{path}:line {reader.line_num}", None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path}: unreadable CSV near line {reader.line_num}: {exc}") from exc
+
+
+def _require_columns(where: str, names: list[str], columns: list[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DatasetError(
+            f"{where}: no column {missing[0]!r} (dataset.prompt_column / id_column / keep_columns); "
+            f"columns are: {', '.join(map(str, names))}"
+        )
+
+
+class Source:
+    """A dataset as configured: an ordered stream of rows, shardable by position."""
+
+    def __init__(self, cfg: DatasetConfig) -> None:
+        self.cfg = cfg
+        self.columns = [cfg.prompt_column] + ([cfg.id_column] if cfg.id_column else []) + list(cfg.keep_columns)
+        self.files: list[str] = []
+        self.hub = False
+        name = cfg.name
+        if name.startswith(SAMPLE_PREFIX):
+            path = bundled(name[len(SAMPLE_PREFIX) :])
+            if not path.exists():
+                raise DatasetError(f"dataset.name: no bundled dataset {name!r}")
+            self.files = [str(path)]
+        elif any(ch in name for ch in "*?["):
+            self.files = sorted(p for p in glob.glob(name, recursive=True) if _suffix(p) in FILE_SUFFIXES)
+            if not self.files:
+                raise DatasetError(f"dataset.name: the pattern {name!r} matches no data files")
+        elif Path(name).is_file():
+            if _suffix(name) not in FILE_SUFFIXES:
+                raise DatasetError(f"dataset.name: {name} is not one of {', '.join(FILE_SUFFIXES)}")
+            self.files = [name]
+        elif Path(name).is_dir():
+            if not (Path(name) / "dataset_info.json").exists() and not (Path(name) / "dataset_dict.json").exists():
+                self.files = sorted(
+                    str(p) for p in Path(name).rglob("*") if p.is_file() and _suffix(str(p)) in FILE_SUFFIXES
+                )
+                if not self.files:
+                    raise DatasetError(f"dataset.name: directory {name} holds no data files")
+        elif name.startswith((".", "/", "~")) or name.endswith(FILE_SUFFIXES):
+            raise DatasetError(f"dataset.name: no such file or directory: {name}")
+        else:
+            self.hub = True
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this input, for the run fingerprint and the dataset card."""
+        return {
+            "name": self.cfg.name,
+            "config": self.cfg.config,
+            "split": self.cfg.split,
+            "revision": self.cfg.revision,
+            "prompt_column": self.cfg.prompt_column,
+            "id_column": self.cfg.id_column,
+            "max_examples": self.cfg.max_examples,
+            "files": [str(Path(f).name) for f in self.files][:50],
+        }
+
+    def _file_rows(self, path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
+        suffix = _suffix(path)
+        if suffix == ".parquet":
+            return _read_parquet(path, self.columns)
+        if suffix == ".arrow":
+            return _read_arrow(path, self.columns)
+        if suffix in (".csv", ".tsv"):
+            return _read_csv(path, self.columns)
+        return _read_json_lines(path)
+
+    def _hf_rows(self) -> Iterator[tuple[dict[str, Any], str, None]]:
+        ds = self._load_hf()
+        _require_columns(f"dataset {self.cfg.name}", list(ds.column_names), self.columns)
+        ds = ds.select_columns(self.columns)
+        for start in range(0, len(ds), 4096):
+            batch = ds[start : start + 4096]
+            for i in range(len(batch[self.columns[0]])):
+                yield {c: batch[c][i] for c in self.columns}, f"{self.cfg.split}:row {start + i}", None
+
+    def _load_hf(self) -> Any:
+        import datasets
+
+        cfg = self.cfg
+        try:
+            if not self.hub:
+                loaded = datasets.load_from_disk(cfg.name)
+            else:
+                loaded = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, revision=cfg.revision)
+        except Exception as exc:  # datasets raises many types; the user needs the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise DatasetError(f"dataset.name: cannot load {cfg.name!r}: {first}") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if cfg.split not in loaded:
+                raise DatasetError(f"dataset.split: {cfg.split!r} not in {cfg.name}; splits: {', '.join(loaded)}")
+            loaded = loaded[cfg.split]
+        return loaded
+
+    def _check_json_keys(self, path: str, probe: int = 1000) -> None:
+        """JSON lines have no schema: if none of the first rows has the prompt key, the config is wrong
+        (a few rows without it are bad rows, quarantined later)."""
+        seen: set[str] = set()
+        for n, (record, _, _) in enumerate(_read_json_lines(path)):
+            if record is not None:
+                if self.cfg.prompt_column in record:
+                    return
+                seen.update(map(str, record))
+            if n >= probe:
+                break
+        if seen:
+            raise DatasetError(
+                f"{path}: no row has the key {self.cfg.prompt_column!r} (dataset.prompt_column); "
+                f"keys seen: {', '.join(sorted(seen))}"
+            )
+
+    def rows(self, task: int = 0, tasks: int = 1) -> Iterator[SourceRow]:
+        """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples."""
+        limit = self.cfg.max_examples
+        streams = [self._file_rows(f) for f in self.files] if self.files else [self._hf_rows()]
+        if self.files and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
+            self._check_json_keys(self.files[0])
+        index = 0
+        for stream in streams:
+            for record, where, error in stream:
+                if limit is not None and index >= limit:
+                    return
+                if index % tasks == task:
+                    yield SourceRow(index, record, where, error)
+                index += 1

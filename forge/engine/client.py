@@ -1,0 +1,155 @@
+"""One pooled keep-alive HTTP client for chat completions, with timeouts and classified retries.
+
+429, 5xx, timeouts and connection errors are retried with exponential backoff (Retry-After
+honoured); 4xx such as 400/422 are the row's fault and come back as RequestRejected with the
+engine's own message. While the engine restarts, requests wait instead of spending retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+
+from forge.engine.server import Engine
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
+class RequestRejected(Exception):
+    """The engine refused this request (4xx): quarantine the row, keep going."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class RequestFailed(Exception):
+    """Retries exhausted on transient errors."""
+
+
+@dataclass
+class Completion:
+    text: str
+    reasoning: str | None
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def error_message(body: str) -> str:
+    """The human part of an error body: OpenAI `{"error": {"message"}}`, FastAPI `detail`, or text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:500] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("msg")
+            if msg is not None:
+                return str(msg)[:500]
+        elif isinstance(err, str):
+            return err[:500]
+        if "detail" in data:
+            return str(data["detail"])[:500]
+    return body.strip()[:500]
+
+
+def parse_completion(data: dict[str, Any]) -> Completion:
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    usage = data.get("usage") or {}
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    return Completion(
+        text=message.get("content") or "",
+        reasoning=reasoning or None,
+        finish_reason=choice.get("finish_reason") or "unknown",
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+class ChatClient:
+    """POST /v1/chat/completions through one connection pool sized to the in-flight limit."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_in_flight: int,
+        timeout_s: float,
+        max_retries: int,
+        backoff_s: float,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.on_retry = on_retry or (lambda reason: None)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ChatClient:
+        connector = aiohttp.TCPConnector(limit=self.max_in_flight, keepalive_timeout=120, force_close=False)
+        headers = {"Content-Type": "application/json"}
+        if self.engine.api_key:
+            headers["Authorization"] = f"Bearer {self.engine.api_key}"
+        self.session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session:
+            await self.session.close()
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), MAX_BACKOFF_S)
+            except ValueError:
+                pass
+        base = min(self.backoff_s * (2**attempt), MAX_BACKOFF_S)
+        return base * (0.5 + random.random() / 2)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """Send one request; retry what is transient; raise RequestRejected / RequestFailed."""
+        assert self.session is not None, "use `async with ChatClient(...)`"
+        payload = json.dumps(body).encode()
+        attempt = 0
+        while True:
+            await self.engine.wait_ready()
+            url = f"{self.engine.base_url}/v1/chat/completions"
+            retry_after = None
+            try:
+                async with self.session.post(url, data=payload) as resp:
+                    text = await resp.text()
+                    if resp.status == 200:
+                        try:
+                            return parse_completion(json.loads(text))
+                        except (ValueError, KeyError, IndexError, TypeError):
+                            reason = f"malformed 200 response: {text[:200]!r}"
+                    elif resp.status in RETRYABLE_STATUS:
+                        reason = f"HTTP {resp.status}: {error_message(text)}"
+                        retry_after = resp.headers.get("Retry-After")
+                    else:
+                        raise RequestRejected(resp.status, error_message(text))
+            except asyncio.TimeoutError:
+                reason = f"timed out after {self.timeout.total:.0f} s"
+            except aiohttp.ClientError as exc:
+                reason = f"connection error: {exc.__class__.__name__}: {exc}"
+                if not self.engine.is_ready():
+                    continue  # the engine is restarting: wait for it, this attempt does not count
+            if attempt >= self.max_retries:
+                raise RequestFailed(f"{reason} (gave up after {attempt} retries)")
+            self.on_retry(reason)
+            await asyncio.sleep(self._delay(attempt, retry_after))
+            attempt += 1

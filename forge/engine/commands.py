@@ -1,0 +1,103 @@
+"""Command lines for the engines forge starts. Pure functions, so each flag is unit-tested."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from typing import Any
+
+from forge.config import EngineKind, ModelConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.lstrip("-").replace("_", "-")
+
+
+def extra_args(engine_args: dict[str, Any]) -> list[str]:
+    """`{flag: value}` -> CLI args: True -> bare flag, False/None -> omitted, dict/list -> JSON."""
+    args: list[str] = []
+    for key, value in engine_args.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(_flag(key))
+        elif isinstance(value, (dict, list)):
+            args += [_flag(key), json.dumps(value, sort_keys=True)]
+        else:
+            args += [_flag(key), str(value)]
+    return args
+
+
+def _opt(args: list[str], flag: str, value: Any) -> None:
+    if value is not None:
+        args += [flag, json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)]
+
+
+def vllm_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
+    """`vllm serve` with every conf/model knob that vLLM understands."""
+    args = ["vllm", "serve", model_path, "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--served-model-name", m.served_name or m.name_or_path]
+    args += ["--tensor-parallel-size", str(m.tp), "--pipeline-parallel-size", str(m.pp)]
+    args += ["--data-parallel-size", str(m.dp)]
+    _opt(args, "--revision", m.revision)
+    _opt(args, "--max-model-len", m.max_model_len)
+    _opt(args, "--gpu-memory-utilization", m.gpu_memory_utilization)
+    _opt(args, "--max-num-seqs", m.max_num_seqs)
+    _opt(args, "--max-num-batched-tokens", m.max_num_batched_tokens)
+    _opt(args, "--speculative-config", m.speculative)
+    _opt(args, "--kv-cache-dtype", m.kv_cache_dtype)
+    _opt(args, "--quantization", m.quantization)
+    _opt(args, "--load-format", m.load_format)
+    _opt(args, "--seed", seed)
+    if m.trust_remote_code:
+        args.append("--trust-remote-code")
+    return args + extra_args(m.engine_args)
+
+
+def sglang_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
+    """`python -m sglang.launch_server`; speculative keys map to --speculative-<key>."""
+    args = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    args += ["--served-model-name", m.served_name or m.name_or_path]
+    args += ["--tp-size", str(m.tp), "--pp-size", str(m.pp), "--dp-size", str(m.dp)]
+    _opt(args, "--revision", m.revision)
+    _opt(args, "--context-length", m.max_model_len)
+    _opt(args, "--mem-fraction-static", m.gpu_memory_utilization)
+    _opt(args, "--max-running-requests", m.max_num_seqs)
+    _opt(args, "--chunked-prefill-size", m.max_num_batched_tokens)
+    _opt(args, "--kv-cache-dtype", m.kv_cache_dtype)
+    _opt(args, "--quantization", m.quantization)
+    _opt(args, "--load-format", m.load_format)
+    _opt(args, "--random-seed", seed)
+    for key, value in (m.speculative or {}).items():
+        name = key if key.startswith("speculative") else f"speculative_{key}"
+        _opt(args, _flag(name), value)
+    if m.trust_remote_code:
+        args.append("--trust-remote-code")
+    return args + extra_args(m.engine_args)
+
+
+def transformers_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
+    """`transformers serve` on CPU with continuous batching (one request at a time otherwise)."""
+    exe = shutil.which("transformers") or "transformers"
+    args = [exe, "serve", model_path, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    args.append("--continuous-batching")
+    _opt(args, "--default-seed", seed)
+    if m.trust_remote_code:
+        args.append("--trust-remote-code")
+    return args + extra_args(m.engine_args)
+
+
+BUILDERS = {
+    EngineKind.vllm: vllm_command,
+    EngineKind.sglang: sglang_command,
+    EngineKind.transformers: transformers_command,
+}
+
+
+def build_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
+    """The server command for `m.engine`; endpoint engines have none."""
+    if m.engine not in BUILDERS:
+        raise ValueError(f"model.engine={m.engine.value} is not started by forge")
+    return BUILDERS[m.engine](m, model_path, port, seed)

@@ -1,0 +1,226 @@
+"""The generation step: rows -> requests -> answers -> rows, with at most run.max_in_flight
+requests in flight. Config: conf/config.yaml `generation:` and `run:`.
+
+Order of durability: an answer is committed to the request cache before its row is buffered
+for a shard, so a kill at any moment loses nothing and a re-run replays instead of re-sending.
+Cache lookups are batched (one query per few hundred rows); shard writes and sqlite commits run
+off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from forge.cache import RequestCache, request_key
+from forge.config import GenerationConfig
+from forge.engine import ChatClient, RequestFailed, RequestRejected
+from forge.engine.client import Completion
+from forge.output import ChunkWriter
+
+log = logging.getLogger("forge.generate")
+LOOKUP_BATCH = 256
+
+
+@dataclass
+class WorkItem:
+    key: str  # the row id
+    rollout: int
+    body: dict[str, Any]
+    cache_key: str
+    truncated: bool
+    metadata: str | None
+
+
+@dataclass
+class Reject:
+    key: str
+    rollout: int
+    stage: str
+    reason: str
+    retryable: bool = False
+    source: str = ""
+    prompt: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class SessionStats:
+    """What happened in this invocation (totals over all sessions come from the shards)."""
+
+    requests_sent: int = 0
+    answers: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    retry_reasons: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+    first_send: float | None = None
+    last_answer: float | None = None
+
+    def on_retry(self, reason: str) -> None:
+        self.retries += 1
+        self.retry_reasons[reason.split(":")[0]] += 1
+
+
+def request_body(messages: list[dict[str, str]], model: str, gen: GenerationConfig, rollout: int) -> dict[str, Any]:
+    """The chat request. Unset sampling params are left to the engine (and still keyed as null)."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": gen.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "stop"):
+        value = getattr(gen, name)
+        if value is not None:
+            body[name] = list(value) if name == "stop" else value
+    if gen.seed is not None:
+        body["seed"] = gen.seed + rollout  # distinct samples per rollout, reproducible per run
+    body.update(gen.extra_body)
+    return body
+
+
+def cache_identity(body: dict[str, Any], gen: GenerationConfig, identity: dict[str, Any]) -> dict[str, Any]:
+    """Body minus the served name (model identity is keyed explicitly), plus explicit nulls."""
+    keyed = {k: v for k, v in body.items() if k != "model"}
+    for name in ("temperature", "top_p", "top_k", "stop", "seed"):
+        keyed.setdefault(name, None)
+    return keyed
+
+
+class Generator:
+    """Drives work items through cache, engine and writers for one task."""
+
+    def __init__(
+        self,
+        client: ChatClient | None,
+        cache: RequestCache,
+        data: ChunkWriter,
+        rejected: ChunkWriter,
+        row_fields: dict[str, Any],
+        max_in_flight: int,
+        on_row_done: Any = None,
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.data = data
+        self.rejected = rejected
+        self.row_fields = row_fields  # model, revision, engine
+        self.max_in_flight = max_in_flight
+        self.stats = SessionStats()
+        self.on_row_done = on_row_done or (lambda key, whole=False: None)
+        self.on_tokens = lambda n: None
+
+    @staticmethod
+    def empty_stats() -> SessionStats:
+        return SessionStats()
+
+    async def run(self, plan: Iterable[WorkItem | Reject]) -> None:
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=self.max_in_flight * 2)
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.max_in_flight)]
+        try:
+            await self._feed(plan, queue)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _feed(self, plan: Iterable[WorkItem | Reject], queue: asyncio.Queue) -> None:
+        for batch in _batched(plan, LOOKUP_BATCH):
+            items = [x for x in batch if isinstance(x, WorkItem)]
+            for x in batch:
+                if isinstance(x, Reject):
+                    await self._reject(x)
+            hits = await self.cache.get_many(it.cache_key for it in items) if items else {}
+            for it in items:
+                hit = hits.get(it.cache_key)
+                if hit is not None:
+                    self.stats.cache_hits += 1
+                    await self._settle(it, hit, from_cache=True)
+                else:
+                    await queue.put(it)
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if self.stats.first_send is None:
+                self.stats.first_send = time.monotonic()
+            self.stats.requests_sent += 1
+            try:
+                answer: dict[str, Any] = (await self.client.complete(item.body)).to_json()
+            except RequestRejected as exc:
+                answer = {"error": {"status": exc.status, "message": exc.message}}
+            except RequestFailed as exc:
+                await self._reject(Reject(item.key, item.rollout, "request", str(exc), retryable=True))
+                continue
+            self.stats.last_answer = time.monotonic()
+            await self.cache.put(item.cache_key, answer)
+            await self._settle(item, answer, from_cache=False)
+
+    async def _settle(self, item: WorkItem, answer: dict[str, Any], from_cache: bool) -> None:
+        if "error" in answer:
+            err = answer["error"]
+            reason = f"engine rejected the request (HTTP {err['status']}): {err['message']}"
+            await self._reject(Reject(item.key, item.rollout, "request", reason))
+            return
+        c = Completion(**answer)
+        s = self.stats
+        s.answers += 1
+        if not from_cache:
+            s.prompt_tokens += c.prompt_tokens
+            s.completion_tokens += c.completion_tokens
+            self.on_tokens(c.completion_tokens)
+        s.finish_reasons[c.finish_reason] += 1
+        s.truncated += item.truncated
+        await self.data.add(
+            {
+                "id": item.key,
+                "rollout": item.rollout,
+                "messages": item.body["messages"],
+                "text": c.text,
+                "reasoning": c.reasoning,
+                "finish_reason": c.finish_reason,
+                "length_stopped": c.finish_reason == "length",
+                "truncated": item.truncated,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "metadata": item.metadata,
+                **self.row_fields,
+            }
+        )
+        self.on_row_done(item.key)
+
+    async def _reject(self, r: Reject) -> None:
+        self.stats.rejected[r.stage] += 1
+        await self.rejected.add(r.row())
+        self.on_row_done(r.key, r.rollout < 0)
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def dump_prompt(value: Any, limit: int = 10_000) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text[:limit]

@@ -1,0 +1,120 @@
+"""From source rows to work: row identity, the input fingerprint, and the work items
+(one per row and rollout) still to do. Pure and synchronous; the generator drives it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import xxhash
+
+from forge.cache import request_key
+from forge.config import ForgeConfig
+from forge.dataset import Source, SourceRow
+from forge.generate import Reject, WorkItem, cache_identity, dump_prompt, request_body
+from forge.prompt import LengthFitter, RowRejected, build
+
+
+@dataclass
+class Scan:
+    rows: int = 0
+    fingerprint: int = 0
+    pending: dict[str, int] = field(default_factory=dict)  # row key -> units still to do
+
+    @property
+    def units(self) -> int:
+        return sum(self.pending.values())
+
+
+def _identified(rows: Iterator[SourceRow], id_column: str | None) -> Iterator[tuple[SourceRow, str, str | None]]:
+    """(row, key, problem): key is the row id, or @source when the row has no usable id."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row.record is None:
+            yield row, f"@{row.where}", row.error
+            continue
+        if id_column is None:
+            yield row, str(row.index), None
+            continue
+        value = row.record.get(id_column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            yield row, f"@{row.where}", f"id ({id_column}) is missing"
+        elif isinstance(value, (dict, list)):
+            yield row, f"@{row.where}", f"id ({id_column}) is a {type(value).__name__}, not a scalar"
+        elif str(value) in seen:
+            yield row, f"@{row.where}", f"duplicate id {str(value)!r} (first at {seen[str(value)]})"
+        else:
+            seen[str(value)] = row.where
+            yield row, str(value), None
+
+
+class Planner:
+    def __init__(self, cfg: ForgeConfig, source: Source, task: int, tasks: int, template: str | None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.task = task
+        self.tasks = tasks
+        self.template = template
+
+    def _rows(self) -> Iterator[tuple[SourceRow, str, str | None]]:
+        return _identified(self.source.rows(self.task, self.tasks), self.cfg.dataset.id_column)
+
+    def scan(self, done: set[tuple[str, int]], whole: set[str]) -> Scan:
+        """Pass 1: count rows, fingerprint them (order-free: ids carry identity) and find what
+        is left to do."""
+        scan = Scan()
+        rollouts = self.cfg.generation.rollouts
+        pc = self.cfg.dataset.prompt_column
+        acc = 0
+        for row, key, _ in self._rows():
+            scan.rows += 1
+            value = row.record.get(pc) if row.record is not None else row.error
+            digest = xxhash.xxh64_intdigest(f"{key}\0{dump_prompt(value, 1 << 30)}".encode())
+            acc = (acc + digest) & 0xFFFFFFFFFFFFFFFF
+            if key in whole:
+                continue
+            left = sum((key, r) not in done for r in range(rollouts))
+            if left:
+                scan.pending[key] = left
+        scan.fingerprint = acc
+        return scan
+
+    def plan(
+        self,
+        pending: dict[str, int],
+        done: set[tuple[str, int]],
+        fitter: LengthFitter,
+        served_model: str,
+        identity: dict[str, Any],
+    ) -> Iterator[WorkItem | Reject]:
+        """Pass 2: work for rows in `pending`; bad rows become Rejects with their reason."""
+        cfg = self.cfg
+        gen = cfg.generation
+        pc = cfg.dataset.prompt_column
+        keep = cfg.dataset.keep_columns
+        for row, key, problem in self._rows():
+            if key not in pending:
+                continue
+            raw = row.record.get(pc) if row.record is not None else None
+            if problem is not None:
+                stage = "input"
+                reason = problem
+            else:
+                try:
+                    built, truncated = fitter.fit(build(raw, cfg.prompt, self.template))
+                except RowRejected as exc:
+                    stage, reason = "prompt", str(exc)
+                else:
+                    stage = ""
+            if stage:
+                yield Reject(key, -1, stage, f"{row.where}: {reason}", source=row.where, prompt=dump_prompt(raw))
+                continue
+            messages = built.as_dicts()
+            metadata = json.dumps({c: row.record.get(c) for c in keep}, default=str) if keep else None
+            for rollout in range(gen.rollouts):
+                if (key, rollout) in done:
+                    continue
+                body = request_body(messages, served_model, gen, rollout)
+                ckey = request_key(cache_identity(body, gen, identity), identity, rollout)
+                yield WorkItem(key, rollout, body, ckey, truncated, metadata)

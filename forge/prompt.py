@@ -1,0 +1,187 @@
+"""Turning a prompt-column value into chat messages that fit the model. Config: conf/prompt.
+
+Three input formats: a plain string, a string placed into a [[DOCUMENT]] template, or a list
+of {role, content} messages; `prompt.system` is prepended unless the row brings its own.
+Bad values raise RowRejected with a reason (the row is quarantined, never dropped). Prompts
+are measured with the model's own tokenizer; over-long ones lose the end of their document
+part (never the template's instructions) or are skipped, as configured.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from forge.config import ConfigError, Overlong, PromptConfig
+
+log = logging.getLogger("forge.prompt")
+PLACEHOLDER = "[[DOCUMENT]]"
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class RowRejected(Exception):
+    """This row cannot be sent; the message is the quarantine reason."""
+
+
+def load_template(cfg: PromptConfig) -> str | None:
+    """prompt.template as text: inline (contains [[DOCUMENT]]) or read from a file path."""
+    if cfg.template is None:
+        return None
+    text = cfg.template
+    if PLACEHOLDER not in text:
+        path = Path(text).expanduser()
+        try:
+            is_file = len(text) < 4096 and path.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise ConfigError(f"prompt.template: must contain {PLACEHOLDER} or be a path to a file that does")
+        text = path.read_text(encoding="utf-8")
+        if PLACEHOLDER not in text:
+            raise ConfigError(f"prompt.template: the file {path} does not contain {PLACEHOLDER}")
+    return text
+
+
+@dataclass(frozen=True)
+class Built:
+    """Messages plus where the document sits in them, so truncation can cut just that part."""
+
+    messages: tuple[tuple[str, str], ...]
+    doc_message: int | None = None  # index into messages of the message holding the document
+    prefix: str = ""
+    doc: str = ""
+    suffix: str = ""
+
+    def with_doc(self, doc: str) -> Built:
+        assert self.doc_message is not None
+        msgs = list(self.messages)
+        role = msgs[self.doc_message][0]
+        msgs[self.doc_message] = (role, self.prefix + doc + self.suffix)
+        return replace(self, messages=tuple(msgs), doc=doc)
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    if content is None:
+        raise RowRejected(f"{where}.content is null")
+    raise RowRejected(f"{where}.content has type {type(content).__name__}; expected a string")
+
+
+def _messages(value: Any) -> list[tuple[str, str]]:
+    if len(value) == 0:
+        raise RowRejected("messages list is empty")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise RowRejected(f"{where} has type {type(msg).__name__}; expected {{role, content}}")
+        if "role" not in msg or "content" not in msg:
+            raise RowRejected(f"{where} lacks {'role' if 'role' not in msg else 'content'}")
+        role = msg["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise RowRejected(f"{where}.role {role!r} is not one of {', '.join(ROLES)}")
+        out.append((role, _content_text(msg["content"], where)))
+    if not any(role == "user" for role, _ in out):
+        raise RowRejected("messages list has no user message")
+    if out[-1][0] == "assistant":
+        raise RowRejected("messages list ends with an assistant message; nothing to answer")
+    if not any(content.strip() for role, content in out if role == "user"):
+        raise RowRejected("every user message is empty")
+    return out
+
+
+def build(value: Any, cfg: PromptConfig, template: str | None) -> Built:
+    """Validate a prompt-column value and build the conversation (RowRejected on bad input)."""
+    if value is None:
+        raise RowRejected("prompt is null")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowRejected("prompt is empty")
+        msgs = [("user", value)]
+    elif isinstance(value, (list, tuple)):
+        msgs = _messages(value)
+    else:
+        raise RowRejected(
+            f"prompt has type {type(value).__name__}; expected a string or a list of {{role, content}} messages"
+        )
+    doc_message = None
+    prefix = suffix = doc = ""
+    if template is not None or isinstance(value, str):
+        doc_message = max(i for i, (role, _) in enumerate(msgs) if role == "user")
+        doc = msgs[doc_message][1]
+        if template is not None:
+            prefix, _, suffix = template.partition(PLACEHOLDER)
+            msgs[doc_message] = ("user", prefix + doc + suffix)
+    if cfg.system is not None and msgs[0][0] != "system":
+        msgs.insert(0, ("system", cfg.system))
+        if doc_message is not None:
+            doc_message += 1
+    return Built(tuple(msgs), doc_message, prefix, doc, suffix)
+
+
+class LengthFitter:
+    """Measures prompts with the model's tokenizer against a token budget and fits them."""
+
+    SLACK = 16
+
+    def __init__(self, tokenizer: Any | None, budget: int | None, on_overlong: Overlong) -> None:
+        self.tok = tokenizer
+        self.budget = budget
+        self.on_overlong = on_overlong
+        self._overhead: dict[tuple[str, ...], int] = {}
+        self.has_template = bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))
+        if tokenizer is not None and not self.has_template:
+            log.warning("the tokenizer has no chat template; prompt lengths are estimated from the plain text")
+
+    def render(self, built: Built) -> str:
+        if self.has_template:
+            return self.tok.apply_chat_template(built.as_dicts(), tokenize=False, add_generation_prompt=True)
+        return "".join(f"{r}\n{c}\n" for r, c in built.messages)
+
+    def count(self, built: Built) -> int:
+        return len(self.tok(self.render(built), add_special_tokens=False)["input_ids"])
+
+    def _upper_bound(self, built: Built) -> int:
+        """Token count <= rendered UTF-8 bytes (each token spans >= 1 byte): skips exact counting
+        for prompts far below the budget, which is almost all of them."""
+        roles = tuple(r for r, _ in built.messages)
+        if roles not in self._overhead:
+            empty = Built(tuple((r, "") for r in roles))
+            self._overhead[roles] = len(self.render(empty).encode()) + self.SLACK
+        return self._overhead[roles] + sum(len(c.encode()) for _, c in built.messages)
+
+    def fit(self, built: Built) -> tuple[Built, bool]:
+        """(fitted prompt, truncated?) or RowRejected."""
+        if self.tok is None or self.budget is None or self._upper_bound(built) <= self.budget:
+            return built, False
+        n = self.count(built)
+        if n <= self.budget:
+            return built, False
+        original = n
+        if self.on_overlong == Overlong.skip or built.doc_message is None:
+            why = "prompt.on_overlong=skip" if built.doc_message is not None else "messages lists are not truncated"
+            raise RowRejected(f"prompt is {n} tokens, over the budget of {self.budget} ({why})")
+        ids = self.tok(built.doc, add_special_tokens=False)["input_ids"]
+        margin = 4
+        for _ in range(6):
+            keep = len(ids) - (n - self.budget) - margin
+            if keep <= 0:
+                raise RowRejected(
+                    f"prompt is {original} tokens, over the budget of {self.budget}, and the template and "
+                    "system prompt alone leave no room for the document"
+                )
+            ids = ids[:keep]
+            built = built.with_doc(self.tok.decode(ids))
+            n = self.count(built)
+            if n <= self.budget:
+                return built, True
+            margin *= 2
+        raise RowRejected(f"prompt is {original} tokens and could not be truncated under {self.budget}")

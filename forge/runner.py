@@ -1,0 +1,267 @@
+"""One forge run: check the run dir, then for each task scan the input, start the engine, drive
+the generation and write stats. Every failure a user can cause ends in one clear message."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from rich.logging import RichHandler
+
+from forge.cache import RequestCache
+from forge.config import ConfigError, EngineKind, ForgeConfig, OnChange
+from forge.dataset import DatasetError, Source
+from forge.engine import ChatClient, EngineError, open_engine
+from forge.generate import Generator
+from forge.output import (
+    DATA_SCHEMA,
+    REJECT_SCHEMA,
+    ChunkWriter,
+    RunChanged,
+    check_manifest,
+    check_task_input,
+    done_keys,
+    move_aside,
+)
+from forge.plan import Planner
+from forge.progress import LiveProgress, console
+from forge.prompt import LengthFitter, load_template
+from forge.secrets import RedactingFilter, redact, register_secret_env
+from forge.stats import merge_stats, session_record, write_task_stats
+from forge.tiny_model import ensure_tiny_model
+
+log = logging.getLogger("forge")
+TINY = "forge://tiny-qwen3"
+
+
+def setup_logging(out_dir: Path) -> None:
+    """Rich lines on the terminal, plain lines in <run dir>/forge.log, secrets masked in both."""
+    root = logging.getLogger("forge")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    term = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    term.setFormatter(logging.Formatter("%(message)s"))
+    plain = logging.FileHandler(out_dir / "forge.log")
+    plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for h in (term, plain):
+        h.addFilter(RedactingFilter())
+        root.addHandler(h)
+    root.propagate = False
+
+
+def save_config(raw: DictConfig, out_dir: Path) -> None:
+    data = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(redact(data), sort_keys=False))
+
+
+def resolve_model(name_or_path: str) -> str:
+    if name_or_path == TINY:
+        return str(ensure_tiny_model())
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
+    """What must not change under an existing output dir (else results would mix)."""
+    m = cfg.model
+    return {
+        "version": 1,
+        "dataset": source.describe(),
+        "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
+        "generation": {
+            "model": m.name_or_path,
+            "revision": m.revision,
+            "engine": m.engine.value,
+            "max_model_len": m.max_model_len,
+            "prompt": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.prompt).items()},
+            "params": dataclasses.asdict(cfg.generation),
+        },
+    }
+
+
+def load_tokenizer(cfg: ForgeConfig, model_path: str) -> Any | None:
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or model_path
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except Exception as exc:  # any loader failure: run on, unmeasured, and say so
+        log.warning("prompts are not measured: cannot load tokenizer %r (%s); set model.tokenizer", name, exc)
+        return None
+
+
+def model_context(tokenizer: Any | None, model_path: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+    except Exception:
+        limit = getattr(tokenizer, "model_max_length", None)
+        return int(limit) if limit and limit < 10_000_000 else None
+
+
+class DocProgress:
+    """Counts a document done when all its pending rollouts are settled."""
+
+    def __init__(self, pending: dict[str, int], bar: LiveProgress) -> None:
+        self.left = dict(pending)
+        self.bar = bar
+
+    def __call__(self, key: str, whole: bool = False) -> None:
+        n = self.left.get(key)
+        if n is None:
+            return
+        if whole or n <= 1:
+            del self.left[key]
+            self.bar.advance(docs=1)
+        else:
+            self.left[key] = n - 1
+
+
+async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
+    out_dir = Path(cfg.output.dir)
+    tasks = cfg.cluster.tasks
+    label = f"task {task}" if tasks > 1 else "forge"
+    data_dir, rej_dir = out_dir / "data", out_dir / "rejected"
+    done, whole = done_keys(data_dir, rej_dir, task, cfg.run.retry_failed)
+    planner = Planner(cfg, source, task, tasks, template)
+    scan = planner.scan(done, whole)
+    check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
+    finished_docs = scan.rows - len(scan.pending)
+    log.info(
+        "%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units
+    )
+    m = cfg.model
+    gpus = m.tp * m.pp * m.dp if m.engine in (EngineKind.vllm, EngineKind.sglang) else 0
+    if not scan.pending:
+        write_task_stats(out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete"))
+        return "complete"
+
+    engine = open_engine(m, model_path, out_dir / "logs" / f"engine_task{task:05d}.log", cfg.generation.seed)
+    tokenizer_job = asyncio.create_task(asyncio.to_thread(load_tokenizer, cfg, model_path))
+    status = "failed"
+    gen: Generator | None = None
+    try:
+        await engine.start()
+        tokenizer = await tokenizer_job
+        context = m.max_model_len or engine.reported_max_model_len or model_context(tokenizer, model_path)
+        budget = context - cfg.generation.max_tokens if context else None
+        if budget is not None and budget <= 0:
+            raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
+        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong)
+        identity = {
+            "model": model_path if m.name_or_path == TINY else m.name_or_path,
+            "revision": m.revision,
+            "engine": m.engine.value,
+        }
+        row_fields = {"model": m.name_or_path, "revision": m.revision, "engine": m.engine.value}
+        data = ChunkWriter(data_dir, task, DATA_SCHEMA, cfg.output.examples_per_chunk)
+        rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
+        r = cfg.run
+        async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
+            bar = LiveProgress(label, scan.rows, finished_docs, r.progress, r.log_every_s)
+            gen = Generator(None, cache, data, rejected, row_fields, r.max_in_flight, DocProgress(scan.pending, bar))
+            async with ChatClient(engine, r.max_in_flight, r.request_timeout_s, r.max_retries, r.backoff_s,
+                                  on_retry=gen.stats.on_retry) as client:
+                gen.client = client
+                gen.on_tokens = lambda n: bar.advance(tokens_out=n)
+                try:
+                    with bar:
+                        await gen.run(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
+                    status = "complete"
+                except asyncio.CancelledError:
+                    status = "interrupted"
+                    raise
+                finally:
+                    await data.flush()
+                    await rejected.flush()
+    finally:
+        if not tokenizer_job.done():
+            tokenizer_job.cancel()
+        await engine.stop()
+        stats = gen.stats if gen else Generator.empty_stats()
+        write_task_stats(
+            out_dir, task, scan.rows,
+            session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status),
+        )
+    return status
+
+
+def _run_async(coro: Any) -> Any:
+    """asyncio.run, with SIGTERM handled like Ctrl-C (cancel, flush, stop the engine)."""
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir)
+    register_secret_env(cfg.model.api_key_env)
+    log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
+    t0 = time.monotonic()
+    try:
+        save_config(raw, out_dir)
+        source = Source(cfg.dataset)
+        template = load_template(cfg.prompt)
+        wanted = manifest(cfg, source)
+        if cfg.output.on_change == OnChange.fresh:
+            try:
+                check_manifest(out_dir, wanted)
+            except RunChanged:
+                moved = move_aside(out_dir)
+                log.warning("output.on_change=fresh: previous results moved to %s", moved)
+                check_manifest(out_dir, wanted)
+        else:
+            check_manifest(out_dir, wanted)
+        model_path = resolve_model(cfg.model.name_or_path)
+        tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
+        for task in tasks:
+            try:
+                _run_async(run_task(cfg, task, source, template, model_path))
+            except RunChanged:
+                if cfg.output.on_change != OnChange.fresh:
+                    raise
+                moved = move_aside(out_dir)
+                log.warning("output.on_change=fresh: input changed; previous results moved to %s", moved)
+                check_manifest(out_dir, wanted)
+                _run_async(run_task(cfg, task, source, template, model_path))
+    except (ConfigError, DatasetError, RunChanged, EngineError) as exc:
+        log.error("%s", exc)
+        print(f"forge: error: {exc}", file=sys.stderr)
+        print(f"forge: nothing finished was lost; log: {out_dir / 'forge.log'}", file=sys.stderr)
+        return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged)) else 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.warning("interrupted: finished rows are saved; re-run the same command to resume")
+        return 130
+    stats = merge_stats(out_dir)
+    log.info("done in %.1f s", time.monotonic() - t0)
+    print(
+        f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
+        f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
+        f"stats: {out_dir / 'stats.json'}"
+    )
+    return 0
