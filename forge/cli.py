@@ -1,23 +1,31 @@
-"""The `forge` command: compose the config with Hydra, validate it, run the pipeline."""
+"""The `forge` command: compose the config with Hydra, validate it, run the pipeline.
+
+Config mistakes end in one line that names the key (`forge: config error: model.tpp: ...`):
+the overrides are composed once up front, before Hydra's own multi-line report could appear.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from forge.config import ConfigError, ForgeConfig, register_configs, validate
 
 
 def conf_dir() -> str:
-    """conf/ beside the package (editable install) or $FORGE_CONF_DIR."""
+    """conf/ beside the package (editable install), or $FORGE_CONF_DIR."""
     env = os.environ.get("FORGE_CONF_DIR")
     if env:
         return str(Path(env).resolve())
-    return str((Path(__file__).resolve().parent.parent / "conf"))
+    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def to_schema(cfg: DictConfig) -> ForgeConfig:
@@ -28,6 +36,59 @@ def to_schema(cfg: DictConfig) -> ForgeConfig:
     return obj
 
 
+def _fields_of(path: str) -> list[str]:
+    node: type = ForgeConfig
+    for part in path.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
+            return []
+        node = fields[part].default_factory
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def one_line(exc: BaseException) -> str:
+    """The gist of a Hydra/OmegaConf composition error, naming the key, on one line."""
+    e: BaseException | None = exc
+    while e is not None:
+        key = getattr(e, "full_key", None)
+        if isinstance(e, OmegaConfBaseException) and key:
+            msg = str(e).splitlines()[0]
+            close = difflib.get_close_matches(key.split(".")[-1], _fields_of(key), n=1)
+            hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "not in" in msg else ""
+            return f"{key}: {msg}{hint}"
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text, re.S)
+    if missing:
+        group, name, options = missing.group(1), missing.group(2), missing.group(3).split()
+        return f"{group}={name}: no such {group} config; choose one of: {', '.join(options)}"
+    return " ".join(text.replace("Set the environment variable HYDRA_FULL_ERROR=1", "").split())
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose plain `forge key=value ...` invocations once; return the error line, if any."""
+    if any(a.startswith("-") for a in argv):
+        return None  # --multirun, --cfg, --help ...: Hydra handles these itself
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(argv)
+    except Exception as exc:  # a malformed override
+        return one_line(exc)
+    if any(o.is_sweep_override() for o in overrides) or any(a.startswith("+sweep") for a in argv):
+        return None
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=conf_dir()):
+            cfg = compose(config_name="config", overrides=argv)
+        to_schema(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception as exc:
+        return one_line(exc)
+    return None
+
+
 def _task(cfg: DictConfig) -> None:
     from forge.runner import run_forge
 
@@ -36,11 +97,17 @@ def _task(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"forge: config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run_forge(typed, cfg))
+    code = run_forge(typed, cfg)
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:
     register_configs()
+    error = precheck(sys.argv[1:])
+    if error:
+        print(f"forge: config error: {error}", file=sys.stderr)
+        sys.exit(2)
     hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(_task)()
 
 

@@ -53,6 +53,7 @@ def setup_logging(out_dir: Path) -> None:
     term.setFormatter(logging.Formatter("%(message)s"))
     plain = logging.FileHandler(out_dir / "forge.log")
     plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    term.addFilter(lambda record: not getattr(record, "file_only", False))
     for h in (term, plain):
         h.addFilter(RedactingFilter())
         root.addHandler(h)
@@ -250,7 +251,7 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
                 check_manifest(out_dir, wanted)
                 _run_async(run_task(cfg, task, source, template, model_path))
     except (ConfigError, DatasetError, RunChanged, EngineError) as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra={"file_only": True})
         print(f"forge: error: {exc}", file=sys.stderr)
         print(f"forge: nothing finished was lost; log: {out_dir / 'forge.log'}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged)) else 1

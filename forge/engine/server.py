@@ -186,6 +186,7 @@ class LocalServer(Engine):
                 env=self._env(),
                 preexec_fn=lambda: _die_with_parent(parent),
             )
+        log.info("engine pid %d: %s", self.proc.pid, " ".join(self.command))
 
     async def start(self) -> None:
         t0 = time.monotonic()

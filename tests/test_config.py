@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, forge_cli
+from forge.cli import conf_dir, one_line, to_schema
+from forge.config import ConfigError, EngineKind, register_configs
+
+register_configs()
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir()):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name: str) -> None:
+    cfg = to_schema(_compose(f"experiment={name}"))
+    assert cfg.output.examples_per_chunk > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_composes(name: str) -> None:
+    extra = ["model.name_or_path=some/model"] if name == "endpoint" else []
+    cfg = to_schema(_compose(f"model={name}", *extra))
+    assert cfg.model.engine in EngineKind
+
+
+def test_default_is_offline_tiny_model() -> None:
+    cfg = to_schema(_compose())
+    assert cfg.model.name_or_path == "forge://tiny-qwen3"
+    assert cfg.model.engine == EngineKind.transformers
+    assert cfg.dataset.name == "forge://sample"
+    assert cfg.output.dir == "outputs/tiny-qwen3__sample"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.tpp=2", "model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"),
+        ("model.tp=abc", "model.tp: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("prompt.on_overlong=chop", "prompt.on_overlong: Invalid value 'chop'"),
+    ],
+)
+def test_composition_errors_name_the_key(override: str, expected: str) -> None:
+    with pytest.raises(Exception) as info:
+        _compose(override)
+    assert one_line(info.value).startswith(expected)
+
+
+def test_unknown_group_option_lists_choices() -> None:
+    with pytest.raises(Exception) as info:
+        _compose("model=nope")
+    line = one_line(info.value)
+    assert line.startswith("model=nope: no such model config; choose one of:")
+    assert "tiny_cpu" in line and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.tp=0"], "model.tp"),
+        (["model.gpu_memory_utilization=1.5"], "model.gpu_memory_utilization"),
+        (["model.engine=endpoint"], "model.endpoint_url"),
+        (["generation.top_k=5"], "generation.top_k"),  # the CPU engine answers 422 to top_k
+        (["generation.max_tokens=4096"], "generation.max_tokens"),  # >= max_model_len 2048
+        (["output.examples_per_chunk=0"], "output.examples_per_chunk"),
+        (["cluster.tasks=2", "cluster.task_index=2"], "cluster.task_index"),
+        (["model.api_key_env=sk-live-123"], "model.api_key_env"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        to_schema(_compose(*overrides))
+    assert str(info.value).startswith(key + ":")
+
+
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
+    proc = forge_cli(["model.tpp=2"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines == ["forge: config error: model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_cfg_job_prints_composed_config(tmp_path: Path) -> None:
+    proc = forge_cli(["--cfg", "job"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "name_or_path: forge://tiny-qwen3" in proc.stdout
