@@ -221,21 +221,22 @@ class Source:
         return loaded
 
     def _check_json_keys(self, path: str, probe: int = 1000) -> None:
-        """JSON lines have no schema: if none of the first rows has the prompt key, the config is wrong
-        (a few rows without it are bad rows, quarantined later)."""
+        """JSON lines have no schema: if none of the first rows has the prompt (or id) key, the
+        config is wrong; a few rows without it are bad rows, quarantined later."""
+        wanted = [c for c in (self.cfg.prompt_column, self.cfg.id_column) if c]
+        found: set[str] = set()
         seen: set[str] = set()
         for n, (record, _, _) in enumerate(_read_json_lines(path)):
             if record is not None:
-                if self.cfg.prompt_column in record:
-                    return
+                found.update(c for c in wanted if c in record)
                 seen.update(map(str, record))
-            if n >= probe:
+            if len(found) == len(wanted) or n >= probe:
                 break
-        if seen:
-            raise DatasetError(
-                f"{path}: no row has the key {self.cfg.prompt_column!r} (dataset.prompt_column); "
-                f"keys seen: {', '.join(sorted(seen))}"
-            )
+        for column, key in ((self.cfg.prompt_column, "prompt_column"), (self.cfg.id_column, "id_column")):
+            if column and column not in found and seen:
+                raise DatasetError(
+                    f"{path}: no row has the key {column!r} (dataset.{key}); keys seen: {', '.join(sorted(seen))}"
+                )
 
     def rows(self, task: int = 0, tasks: int = 1) -> Iterator[SourceRow]:
         """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples."""

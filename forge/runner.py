@@ -75,7 +75,7 @@ def resolve_model(name_or_path: str) -> str:
 def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
     """What must not change under an existing output dir (else results would mix)."""
     m = cfg.model
-    return {
+    return redact({
         "version": 1,
         "dataset": source.describe(),
         "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
@@ -87,7 +87,7 @@ def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
             "prompt": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.prompt).items()},
             "params": dataclasses.asdict(cfg.generation),
         },
-    }
+    })
 
 
 def load_tokenizer(cfg: ForgeConfig, model_path: str) -> Any | None:

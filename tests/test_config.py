@@ -34,7 +34,7 @@ def test_default_is_offline_tiny_model() -> None:
     cfg = to_schema(_compose())
     assert cfg.model.name_or_path == "forge://tiny-qwen3"
     assert cfg.model.engine == EngineKind.transformers
-    assert cfg.dataset.name == "forge://sample"
+    assert cfg.dataset.name == "forge://sample" and cfg.dataset.id_column is None
     assert cfg.output.dir == "outputs/tiny-qwen3__sample"
 
 
