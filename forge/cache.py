@@ -10,18 +10,18 @@ answers share one transaction, and each caller resumes once its answer is on dis
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 import aiosqlite
+import orjson
 import xxhash
 
 
 def request_key(body: dict[str, Any], identity: dict[str, Any], rollout: int) -> str:
     """Hash of the request body (messages + all params) + model identity + rollout index."""
-    blob = json.dumps({"body": body, "identity": identity, "rollout": rollout}, sort_keys=True, ensure_ascii=False)
-    return xxhash.xxh3_128_hexdigest(blob.encode())
+    blob = orjson.dumps({"body": body, "identity": identity, "rollout": rollout}, option=orjson.OPT_SORT_KEYS)
+    return xxhash.xxh3_128_hexdigest(blob)
 
 
 class RequestCache:
@@ -60,13 +60,13 @@ class RequestCache:
             marks = ",".join("?" * len(part))
             async with self.db.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", part) as cur:
                 async for key, value in cur:
-                    found[key] = json.loads(value)
+                    found[key] = orjson.loads(value)
         return found
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         """Returns once the answer is committed."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((key, json.dumps(value, ensure_ascii=False), fut))
+        self._pending.append((key, orjson.dumps(value).decode(), fut))
         self._wake.set()
         await fut
 

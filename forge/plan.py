@@ -70,7 +70,8 @@ class Planner:
         for row, key, _ in self._rows():
             scan.rows += 1
             value = row.record.get(pc) if row.record is not None else row.error
-            digest = xxhash.xxh64_intdigest(f"{key}\0{dump_prompt(value, 1 << 30)}".encode())
+            text = value if isinstance(value, str) else dump_prompt(value, 1 << 30)
+            digest = xxhash.xxh64_intdigest(f"{key}\0{type(value).__name__}\0{text}".encode())
             acc = (acc + digest) & 0xFFFFFFFFFFFFFFFF
             if key in whole:
                 continue

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import ConfigError, Overlong, PromptConfig
+from forge.tokenizer import Tokenizer
 
 log = logging.getLogger("forge.prompt")
 PLACEHOLDER = "[[DOCUMENT]]"
@@ -132,22 +133,23 @@ class LengthFitter:
 
     SLACK = 16
 
-    def __init__(self, tokenizer: Any | None, budget: int | None, on_overlong: Overlong) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, budget: int | None, on_overlong: Overlong,
+                 template_kwargs: dict[str, Any] | None = None) -> None:
         self.tok = tokenizer
         self.budget = budget
         self.on_overlong = on_overlong
+        self.template_kwargs = template_kwargs or {}
         self._overhead: dict[tuple[str, ...], int] = {}
-        self.has_template = bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))
-        if tokenizer is not None and not self.has_template:
+        if tokenizer is not None and not tokenizer.has_template:
             log.warning("the tokenizer has no chat template; prompt lengths are estimated from the plain text")
 
     def render(self, built: Built) -> str:
-        if self.has_template:
-            return self.tok.apply_chat_template(built.as_dicts(), tokenize=False, add_generation_prompt=True)
-        return "".join(f"{r}\n{c}\n" for r, c in built.messages)
+        assert self.tok is not None
+        return self.tok.render(built.as_dicts(), **self.template_kwargs)
 
     def count(self, built: Built) -> int:
-        return len(self.tok(self.render(built), add_special_tokens=False)["input_ids"])
+        assert self.tok is not None
+        return len(self.tok.encode(self.render(built)))
 
     def _upper_bound(self, built: Built) -> int:
         """Token count <= rendered UTF-8 bytes (each token spans >= 1 byte): skips exact counting
@@ -169,7 +171,7 @@ class LengthFitter:
         if self.on_overlong == Overlong.skip or built.doc_message is None:
             why = "prompt.on_overlong=skip" if built.doc_message is not None else "messages lists are not truncated"
             raise RowRejected(f"prompt is {n} tokens, over the budget of {self.budget} ({why})")
-        ids = self.tok(built.doc, add_special_tokens=False)["input_ids"]
+        ids = self.tok.encode(built.doc)
         margin = 4
         for _ in range(6):
             keep = len(ids) - (n - self.budget) - margin

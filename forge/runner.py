@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -37,6 +38,7 @@ from forge.prompt import LengthFitter, load_template
 from forge.secrets import RedactingFilter, redact, register_secret_env
 from forge.stats import merge_stats, session_record, write_task_stats
 from forge.tiny_model import ensure_tiny_model
+from forge.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("forge")
 TINY = "forge://tiny-qwen3"
@@ -90,27 +92,22 @@ def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
     })
 
 
-def load_tokenizer(cfg: ForgeConfig, model_path: str) -> Any | None:
-    from transformers import AutoTokenizer
-
+def open_tokenizer(cfg: ForgeConfig, model_path: str) -> Tokenizer | None:
     name = cfg.model.tokenizer or model_path
     try:
-        return AutoTokenizer.from_pretrained(
-            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
+        return load_tokenizer(name, cfg.model.revision, cfg.model.trust_remote_code)
     except Exception as exc:  # any loader failure: run on, unmeasured, and say so
         log.warning("prompts are not measured: cannot load tokenizer %r (%s); set model.tokenizer", name, exc)
         return None
 
 
-def model_context(tokenizer: Any | None, model_path: str) -> int | None:
+def model_context(model_path: str) -> int | None:
+    """max_position_embeddings from a local config.json, when neither config nor engine says."""
+    path = Path(model_path) / "config.json"
     try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
-    except Exception:
-        limit = getattr(tokenizer, "model_max_length", None)
-        return int(limit) if limit and limit < 10_000_000 else None
+        return int(json.loads(path.read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class DocProgress:
@@ -151,17 +148,18 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         return "complete"
 
     engine = open_engine(m, model_path, out_dir / "logs" / f"engine_task{task:05d}.log", cfg.generation.seed)
-    tokenizer_job = asyncio.create_task(asyncio.to_thread(load_tokenizer, cfg, model_path))
+    tokenizer_job = asyncio.create_task(asyncio.to_thread(open_tokenizer, cfg, model_path))
     status = "failed"
     gen: Generator | None = None
     try:
         await engine.start()
         tokenizer = await tokenizer_job
-        context = m.max_model_len or engine.reported_max_model_len or model_context(tokenizer, model_path)
+        context = m.max_model_len or engine.reported_max_model_len or model_context(model_path)
         budget = context - cfg.generation.max_tokens if context else None
         if budget is not None and budget <= 0:
             raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
-        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong)
+        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong,
+                              cfg.generation.extra_body.get("chat_template_kwargs"))
         identity = {
             "model": model_path if m.name_or_path == TINY else m.name_or_path,
             "revision": m.revision,

@@ -34,9 +34,9 @@ def tiny_model(forge_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: Path):
-    from transformers import AutoTokenizer
+    from forge.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model)
+    return load_tokenizer(str(tiny_model))
 
 
 @pytest.fixture(scope="session")

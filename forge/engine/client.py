@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
+import orjson
 
 from forge.engine.server import Engine
 
@@ -123,7 +124,7 @@ class ChatClient:
     async def complete(self, body: dict[str, Any]) -> Completion:
         """Send one request; retry what is transient; raise RequestRejected / RequestFailed."""
         assert self.session is not None, "use `async with ChatClient(...)`"
-        payload = json.dumps(body).encode()
+        payload = orjson.dumps(body)
         attempt = 0
         while True:
             await self.engine.wait_ready()
@@ -131,17 +132,17 @@ class ChatClient:
             retry_after = None
             try:
                 async with self.session.post(url, data=payload) as resp:
-                    text = await resp.text()
+                    raw = await resp.read()
                     if resp.status == 200:
                         try:
-                            return parse_completion(json.loads(text))
+                            return parse_completion(orjson.loads(raw))
                         except (ValueError, KeyError, IndexError, TypeError):
-                            reason = f"malformed 200 response: {text[:200]!r}"
+                            reason = f"malformed 200 response: {raw[:200]!r}"
                     elif resp.status in RETRYABLE_STATUS:
-                        reason = f"HTTP {resp.status}: {error_message(text)}"
+                        reason = f"HTTP {resp.status}: {error_message(raw.decode(errors='replace'))}"
                         retry_after = resp.headers.get("Retry-After")
                     else:
-                        raise RequestRejected(resp.status, error_message(text))
+                        raise RequestRejected(resp.status, error_message(raw.decode(errors="replace")))
             except asyncio.TimeoutError:
                 reason = f"timed out after {self.timeout.total:.0f} s"
             except aiohttp.ClientError as exc:

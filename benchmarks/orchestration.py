@@ -1,0 +1,157 @@
+"""forge's generation step vs datatrove 0.10.1's InferenceRunner, same zero-latency server.
+
+Both get the same documents, the same in-flight limit, checkpointed output and a request
+cache; the server answers at once, so docs/s measures orchestration overhead alone. Also
+prints a bare keep-alive aiohttp client as the ceiling on this machine.
+
+    python benchmarks/orchestration.py [--docs 20000] [--in-flight 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    from forge.engine.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "canned_server.py"), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("canned server did not start")
+
+
+def served(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/stats") as resp:
+        return json.load(resp)["requests"]
+
+
+async def bare_client(url: str, n: int, in_flight: int) -> float:
+    body = json.dumps({"model": "canned", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+    conn = aiohttp.TCPConnector(limit=in_flight)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        todo = iter(range(n))
+
+        async def worker() -> None:
+            for _ in todo:
+                async with session.post(f"{url}/v1/chat/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return n / (time.perf_counter() - t0)
+
+
+def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, tokenizer: str) -> float:
+    from forge.config import DatasetConfig, EngineKind, ForgeConfig, GenerationConfig, ModelConfig, OutputConfig
+    from forge.config import RunConfig
+    from forge.dataset import Source
+    from forge.runner import _run_async, run_task
+
+    cfg = ForgeConfig(
+        dataset=DatasetConfig(name=str(data), id_column="id"),
+        generation=GenerationConfig(max_tokens=16),
+        model=ModelConfig(name_or_path="canned", engine=EngineKind.endpoint, endpoint_url=url,
+                          tokenizer=tokenizer, max_model_len=4096),
+        output=OutputConfig(dir=str(out), examples_per_chunk=chunk),
+        run=RunConfig(max_in_flight=in_flight, progress=False, log_every_s=3600),
+    )
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    _run_async(run_task(cfg, 0, Source(cfg.dataset), None, "canned"))
+    return time.perf_counter() - t0
+
+
+def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int) -> float:
+    from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import ParquetWriter
+
+    async def rollout(doc, generate):
+        result = await generate({"messages": [{"role": "user", "content": doc.text}], "max_tokens": 16})
+        return result.text
+
+    runner = InferenceRunner(
+        rollout_fn=rollout,
+        config=InferenceConfig(server_type="endpoint", model_name_or_path="canned", endpoint_url=url,
+                               max_concurrent_generations=in_flight, metric_interval=3600),
+        output_writer=ParquetWriter(str(out / "data"), output_filename="${rank}_chunk_${chunk_index}.parquet"),
+        checkpoints_local_dir=str(out / "checkpoints"),
+        records_per_chunk=chunk,
+    )
+    docs = list(JsonlReader(str(data.parent), glob_pattern=data.name, text_key="prompt", id_key="id")())
+    t0 = time.perf_counter()
+    runner.run(iter(docs), rank=0, world_size=1)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=20000)
+    ap.add_argument("--in-flight", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=1000)
+    args = ap.parse_args()
+    from forge.tiny_model import ensure_tiny_model
+
+    tokenizer = str(ensure_tiny_model())
+    import logging
+
+    logging.getLogger("forge").setLevel(logging.WARNING)
+    from loguru import logger
+
+    logger.remove()  # datatrove logs every chunk; keep the output readable
+    work = Path(tempfile.mkdtemp(prefix="forge-bench-"))
+    data = work / "docs.jsonl"
+    with open(data, "w") as fh:
+        for i in range(args.docs):
+            fh.write(json.dumps({"id": f"doc-{i}", "prompt": f"Write a short note about item number {i}."}) + "\n")
+    server, url = start_server()
+    results: dict[str, float] = {}
+    try:
+        results["bare_aiohttp_req_s"] = asyncio.run(bare_client(url, args.docs, args.in_flight))
+        before = served(url)
+        secs = run_forge(url, data, work / "forge", args.in_flight, args.chunk, tokenizer)
+        results["forge_docs_s"] = args.docs / secs
+        results["forge_requests"] = served(url) - before
+        before = served(url)
+        secs = run_datatrove(url, data, work / "datatrove", args.in_flight, args.chunk)
+        results["datatrove_docs_s"] = args.docs / secs
+        results["datatrove_requests"] = served(url) - before
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    results["forge_vs_datatrove"] = results["forge_docs_s"] / results["datatrove_docs_s"]
+    results["forge_vs_bare_client"] = results["forge_docs_s"] / results["bare_aiohttp_req_s"]
+    results.update(docs=args.docs, in_flight=args.in_flight, cpus=os.cpu_count())
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=2))
+    print(f"\n{'client':<12}{'docs/s':>10}")
+    for name in ("bare_aiohttp_req_s", "forge_docs_s", "datatrove_docs_s"):
+        print(f"{name.split('_')[0]:<12}{results[name]:>10,.0f}")
+    print(f"forge / datatrove = {results['forge_vs_datatrove']:.2f}x   (targets: forge >= 1,500 docs/s, >= 5x)")
+
+
+if __name__ == "__main__":
+    main()
