@@ -14,8 +14,14 @@ ANSWER = json.dumps(
         "id": "canned",
         "object": "chat.completion",
         "model": "canned",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "A canned answer."},
-                     "text": "A canned answer.", "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "A canned answer."},
+                "text": "A canned answer.",
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24},
     }
 ).encode()

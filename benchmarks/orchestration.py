@@ -55,8 +55,9 @@ async def bare_client(url: str, n: int, in_flight: int) -> float:
 
         async def worker() -> None:
             for _ in todo:
-                async with session.post(f"{url}/v1/chat/completions", data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
+                async with session.post(
+                    f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
                     await resp.read()
 
         t0 = time.perf_counter()
@@ -65,16 +66,24 @@ async def bare_client(url: str, n: int, in_flight: int) -> float:
 
 
 def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, tokenizer: str) -> float:
-    from forge.config import DatasetConfig, EngineKind, ForgeConfig, GenerationConfig, ModelConfig, OutputConfig
-    from forge.config import RunConfig
+    from forge.config import (
+        DatasetConfig,
+        EngineKind,
+        ForgeConfig,
+        GenerationConfig,
+        ModelConfig,
+        OutputConfig,
+        RunConfig,
+    )
     from forge.dataset import Source
     from forge.runner import _run_async, run_task
 
     cfg = ForgeConfig(
         dataset=DatasetConfig(name=str(data), id_column="id"),
         generation=GenerationConfig(max_tokens=16),
-        model=ModelConfig(name_or_path="canned", engine=EngineKind.endpoint, endpoint_url=url,
-                          tokenizer=tokenizer, max_model_len=4096),
+        model=ModelConfig(
+            name_or_path="canned", engine=EngineKind.endpoint, endpoint_url=url, tokenizer=tokenizer, max_model_len=4096
+        ),
         output=OutputConfig(dir=str(out), examples_per_chunk=chunk),
         run=RunConfig(max_in_flight=in_flight, progress=False, log_every_s=3600),
     )
@@ -95,8 +104,13 @@ def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int) -
 
     runner = InferenceRunner(
         rollout_fn=rollout,
-        config=InferenceConfig(server_type="endpoint", model_name_or_path="canned", endpoint_url=url,
-                               max_concurrent_generations=in_flight, metric_interval=3600),
+        config=InferenceConfig(
+            server_type="endpoint",
+            model_name_or_path="canned",
+            endpoint_url=url,
+            max_concurrent_generations=in_flight,
+            metric_interval=3600,
+        ),
         output_writer=ParquetWriter(str(out / "data"), output_filename="${rank}_chunk_${chunk_index}.parquet"),
         checkpoints_local_dir=str(out / "checkpoints"),
         records_per_chunk=chunk,

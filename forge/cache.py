@@ -10,8 +10,9 @@ answers share one transaction, and each caller resumes once its answer is on dis
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import aiosqlite
 import orjson

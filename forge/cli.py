@@ -58,7 +58,9 @@ def one_line(exc: BaseException) -> str:
             return f"{key}: {msg}{hint}"
         e = e.__cause__ or e.__context__
     text = str(exc)
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text, re.S)
+    missing = re.search(
+        r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text, re.S
+    )
     if missing:
         group, name, options = missing.group(1), missing.group(2), missing.group(3).split()
         return f"{group}={name}: no such {group} config; choose one of: {', '.join(options)}"

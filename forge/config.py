@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -53,13 +53,13 @@ class DatasetConfig:
     """
 
     name: str = "forge://sample"
-    config: Optional[str] = None
+    config: str | None = None
     split: str = "train"
-    revision: Optional[str] = None
+    revision: str | None = None
     prompt_column: str = "prompt"
-    id_column: Optional[str] = None
-    max_examples: Optional[int] = None
-    keep_columns: List[str] = field(default_factory=list)
+    id_column: str | None = None
+    max_examples: int | None = None
+    keep_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,8 +74,8 @@ class PromptConfig:
             not fit in max_model_len - max_tokens.
     """
 
-    template: Optional[str] = None
-    system: Optional[str] = None
+    template: str | None = None
+    system: str | None = None
     on_overlong: Overlong = Overlong.truncate
 
 
@@ -89,13 +89,13 @@ class GenerationConfig:
     """
 
     max_tokens: int = 256
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    seed: Optional[int] = None
-    stop: Optional[List[str]] = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
     rollouts: int = 1
-    extra_body: Dict[str, Any] = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,25 +117,25 @@ class ModelConfig:
     """
 
     name_or_path: str = "forge://tiny-qwen3"
-    revision: Optional[str] = None
+    revision: str | None = None
     engine: EngineKind = EngineKind.transformers
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    max_model_len: Optional[int] = None
-    gpu_memory_utilization: Optional[float] = None
-    max_num_seqs: Optional[int] = None
-    max_num_batched_tokens: Optional[int] = None
-    speculative: Optional[Dict[str, Any]] = None
-    kv_cache_dtype: Optional[str] = None
-    quantization: Optional[str] = None
-    load_format: Optional[str] = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    speculative: dict[str, Any] | None = None
+    kv_cache_dtype: str | None = None
+    quantization: str | None = None
+    load_format: str | None = None
     trust_remote_code: bool = False
-    tokenizer: Optional[str] = None
-    endpoint_url: Optional[str] = None
-    api_key_env: Optional[str] = None
-    served_name: Optional[str] = None
-    engine_args: Dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    endpoint_url: str | None = None
+    api_key_env: str | None = None
+    served_name: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
     startup_timeout_s: float = 900.0
     max_restarts: int = 3
 
@@ -190,7 +190,7 @@ class ClusterConfig:
 
     name: str = "local"
     tasks: int = 1
-    task_index: Optional[int] = None
+    task_index: int | None = None
 
 
 @dataclass
@@ -211,7 +211,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("slug", slug)
 
 
-def _positive(key: str, value: Optional[float], allow_none: bool = True) -> None:
+def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:

@@ -13,9 +13,10 @@ import glob
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from forge.config import DatasetConfig
 
@@ -59,8 +60,10 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
             except (ValueError, UnicodeDecodeError) as exc:
                 raise DatasetError(f"{path}: not valid JSON: {exc}") from exc
             for i, item in enumerate(items):
-                yield (item if isinstance(item, dict) else None), f"{path}[{i}]", (
-                    None if isinstance(item, dict) else f"item is {type(item).__name__}, not an object"
+                yield (
+                    (item if isinstance(item, dict) else None),
+                    f"{path}[{i}]",
+                    (None if isinstance(item, dict) else f"item is {type(item).__name__}, not an object"),
                 )
             return
         for lineno, raw in enumerate(fh, start=1):

@@ -14,10 +14,11 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from forge.cache import RequestCache, request_key
+from forge.cache import RequestCache
 from forge.config import GenerationConfig
 from forge.engine import ChatClient, RequestFailed, RequestRejected
 from forge.engine.client import Completion

@@ -136,11 +136,12 @@ def done_keys(data_dir: Path, rejected_dir: Path, task: int, retry_failed: bool)
     done: set[tuple[str, int]] = set()
     table = read_columns(shard_files(data_dir, task), ["id", "rollout"])
     if table is not None:
-        done.update(zip(table.column("id").to_pylist(), table.column("rollout").to_pylist()))
+        done.update(zip(table.column("id").to_pylist(), table.column("rollout").to_pylist(), strict=True))
     whole: set[str] = set()
     table = read_columns(shard_files(rejected_dir, task), ["key", "rollout", "retryable"])
     if table is not None:
-        for key, rollout, retryable in zip(*(table.column(c).to_pylist() for c in ("key", "rollout", "retryable"))):
+        columns = [table.column(c).to_pylist() for c in ("key", "rollout", "retryable")]
+        for key, rollout, retryable in zip(*columns, strict=True):
             if retryable and retry_failed:
                 continue
             if rollout < 0:

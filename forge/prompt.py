@@ -133,8 +133,13 @@ class LengthFitter:
 
     SLACK = 16
 
-    def __init__(self, tokenizer: Tokenizer | None, budget: int | None, on_overlong: Overlong,
-                 template_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        budget: int | None,
+        on_overlong: Overlong,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.tok = tokenizer
         self.budget = budget
         self.on_overlong = on_overlong

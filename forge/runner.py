@@ -77,19 +77,23 @@ def resolve_model(name_or_path: str) -> str:
 def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
     """What must not change under an existing output dir (else results would mix)."""
     m = cfg.model
-    return redact({
-        "version": 1,
-        "dataset": source.describe(),
-        "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
-        "generation": {
-            "model": m.name_or_path,
-            "revision": m.revision,
-            "engine": m.engine.value,
-            "max_model_len": m.max_model_len,
-            "prompt": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.prompt).items()},
-            "params": dataclasses.asdict(cfg.generation),
-        },
-    })
+    return redact(
+        {
+            "version": 1,
+            "dataset": source.describe(),
+            "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
+            "generation": {
+                "model": m.name_or_path,
+                "revision": m.revision,
+                "engine": m.engine.value,
+                "max_model_len": m.max_model_len,
+                "prompt": {
+                    k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.prompt).items()
+                },
+                "params": dataclasses.asdict(cfg.generation),
+            },
+        }
+    )
 
 
 def open_tokenizer(cfg: ForgeConfig, model_path: str) -> Tokenizer | None:
@@ -138,13 +142,13 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     scan = planner.scan(done, whole)
     check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
     finished_docs = scan.rows - len(scan.pending)
-    log.info(
-        "%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units
-    )
+    log.info("%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units)
     m = cfg.model
     gpus = m.tp * m.pp * m.dp if m.engine in (EngineKind.vllm, EngineKind.sglang) else 0
     if not scan.pending:
-        write_task_stats(out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete"))
+        write_task_stats(
+            out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete")
+        )
         return "complete"
 
     engine = open_engine(m, model_path, out_dir / "logs" / f"engine_task{task:05d}.log", cfg.generation.seed)
@@ -158,8 +162,9 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         budget = context - cfg.generation.max_tokens if context else None
         if budget is not None and budget <= 0:
             raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
-        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong,
-                              cfg.generation.extra_body.get("chat_template_kwargs"))
+        fitter = LengthFitter(
+            tokenizer, budget, cfg.prompt.on_overlong, cfg.generation.extra_body.get("chat_template_kwargs")
+        )
         identity = {
             "model": model_path if m.name_or_path == TINY else m.name_or_path,
             "revision": m.revision,
@@ -172,8 +177,9 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
             bar = LiveProgress(label, scan.rows, finished_docs, r.progress, r.log_every_s)
             gen = Generator(None, cache, data, rejected, row_fields, r.max_in_flight, DocProgress(scan.pending, bar))
-            async with ChatClient(engine, r.max_in_flight, r.request_timeout_s, r.max_retries, r.backoff_s,
-                                  on_retry=gen.stats.on_retry) as client:
+            async with ChatClient(
+                engine, r.max_in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry
+            ) as client:
                 gen.client = client
                 gen.on_tokens = lambda n: bar.advance(tokens_out=n)
                 try:
@@ -192,7 +198,9 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         await engine.stop()
         stats = gen.stats if gen else Generator.empty_stats()
         write_task_stats(
-            out_dir, task, scan.rows,
+            out_dir,
+            task,
+            scan.rows,
             session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status),
         )
     return status

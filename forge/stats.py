@@ -23,7 +23,6 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         ["id", "finish_reason", "length_stopped", "truncated", "prompt_tokens", "completion_tokens"],
     )
     rej = read_columns(shard_files(out_dir / "rejected", task), ["key", "rollout", "stage", "retryable"])
-    written_pairs: set[tuple[str, int]] = set()
     out: dict[str, Any] = {"rows_written": 0, "documents_written": 0, "tokens_in": 0, "tokens_out": 0}
     if data is not None:
         out["rows_written"] = data.num_rows
@@ -33,16 +32,14 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         out["finish_reasons"] = dict(Counter(data.column("finish_reason").to_pylist()))
         out["length_stopped"] = int(pc.sum(data.column("length_stopped")).as_py() or 0)
         out["truncated_rows"] = int(pc.sum(data.column("truncated")).as_py() or 0)
-        ids = data.column("id").to_pylist()
-        written_pairs = set(zip(ids, [0] * len(ids)))  # rows with any answer
-        written_ids = set(ids)
+        written_ids = set(data.column("id").to_pylist())
     else:
         out.update(finish_reasons={}, length_stopped=0, truncated_rows=0)
         written_ids = set()
     rejected: dict[tuple[str, int], tuple[str, bool]] = {}
     if rej is not None:
         cols = [rej.column(c).to_pylist() for c in ("key", "rollout", "stage", "retryable")]
-        for key, rollout, stage, retryable in zip(*cols):
+        for key, rollout, stage, retryable in zip(*cols, strict=True):
             rejected[(key, rollout)] = (stage, retryable)
     by_stage: Counter = Counter()
     rejected_docs: set[str] = set()
@@ -52,7 +49,6 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         by_stage[stage] += 1
         if rollout < 0 or key not in written_ids:
             rejected_docs.add(key)
-    del written_pairs
     out["rejected_rows"] = sum(by_stage.values())
     out["rejected_by_stage"] = dict(by_stage)
     out["documents_rejected"] = len(rejected_docs)

@@ -69,9 +69,7 @@ class FastTokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         self.has_template = bool(template)
         self._template = _compile(template) if template else None
-        self.special = {
-            k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-        }
+        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     def render(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         if self._template is None:

@@ -47,14 +47,15 @@ def cpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     from forge.engine.server import free_port
 
     port = free_port()
-    model = ModelConfig(
-        engine=EngineKind.transformers, engine_args={"cb-num-blocks": 128, "cb-max-batch-tokens": 512}
-    )
+    model = ModelConfig(engine=EngineKind.transformers, engine_args={"cb-num-blocks": 128, "cb-max-batch-tokens": 512})
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path_factory.mktemp("hub")))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            build_command(model, str(tiny_model), port), stdout=log, stderr=subprocess.STDOUT, env=env,
+            build_command(model, str(tiny_model), port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -91,7 +92,11 @@ def forge_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None
     """The real CLI in a subprocess (Hydra owns the process)."""
     return subprocess.run(
         [sys.executable, "-m", "forge.cli", "run.progress=false", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 

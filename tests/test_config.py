@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO, forge_cli
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, forge_cli
 from forge.cli import conf_dir, one_line, to_schema
 from forge.config import ConfigError, EngineKind, register_configs
 

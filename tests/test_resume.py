@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import read_rows, read_stats, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -23,9 +22,19 @@ IN_FLIGHT = 8
 
 
 def _args(data: Path, out: Path, n_tokens: int = 24) -> list[str]:
-    return [sys.executable, "-m", "forge.cli", "run.progress=false", f"dataset.name={data}",
-            f"generation.max_tokens={n_tokens}", f"output.dir={out}", "output.examples_per_chunk=10",
-            f"run.max_in_flight={IN_FLIGHT}", "generation.rollouts=2", "generation.seed=3"]
+    return [
+        sys.executable,
+        "-m",
+        "forge.cli",
+        "run.progress=false",
+        f"dataset.name={data}",
+        f"generation.max_tokens={n_tokens}",
+        f"output.dir={out}",
+        "output.examples_per_chunk=10",
+        f"run.max_in_flight={IN_FLIGHT}",
+        "generation.rollouts=2",
+        "generation.seed=3",
+    ]
 
 
 def _engine_pids(out: Path) -> list[int]:
@@ -45,12 +54,16 @@ def _alive(pid: int) -> bool:
 
 
 def _posts(out: Path) -> int:
-    return sum(log.read_text(errors="replace").count('"POST /v1/chat/completions') for log in (out / "logs").glob("*.log"))
+    return sum(
+        log.read_text(errors="replace").count('"POST /v1/chat/completions') for log in (out / "logs").glob("*.log")
+    )
 
 
 def test_kill_at_random_moments_then_resume(tmp_path: Path, tiny_model: Path) -> None:
     n_docs = 150
-    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"doc{i}", "prompt": f"write about topic {i}"} for i in range(n_docs)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"id": f"doc{i}", "prompt": f"write about topic {i}"} for i in range(n_docs)]
+    )
     out = tmp_path / "out"
     args = _args(data, out) + ["dataset.id_column=id"]
     seed = int(os.environ.get("FORGE_KILL_SEED", time.time()))
@@ -60,8 +73,9 @@ def test_kill_at_random_moments_then_resume(tmp_path: Path, tiny_model: Path) ->
     plan = [("seconds", rng.uniform(1, 8))] + [("answers", rng.randint(5, 80)) for _ in range(3)]
     for kind, amount in plan:
         before = _posts(out) if (out / "logs").exists() else 0
-        proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + (amount if kind == "seconds" else 240)
         while time.time() < deadline and proc.poll() is None:
             if kind == "answers" and (out / "logs").exists() and _posts(out) - before >= amount:
@@ -96,8 +110,14 @@ def test_engine_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: Path) ->
     n_docs = 120
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(n_docs)])
     out = tmp_path / "out"
-    proc = subprocess.Popen(_args(data, out, 32), cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _args(data, out, 32),
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while (not (out / "logs").exists() or _posts(out) < 20) and time.time() < deadline:

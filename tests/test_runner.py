@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from conftest import endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
 
 MESSY = [
     {"id": "a", "prompt": "plain string prompt"},
-    {"id": "b", "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                           {"role": "user", "content": "and then?"}]},
+    {
+        "id": "b",
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "and then?"},
+        ],
+    },
     {"id": "c", "prompt": None},
     {"id": "d", "prompt": ""},
     {"id": "e", "prompt": 12},
@@ -36,14 +39,26 @@ def _messy_file(tmp_path: Path) -> Path:
 def test_prompt_formats_and_every_bad_row_quarantined(tmp_path: Path, cpu_server: dict) -> None:
     data = _messy_file(tmp_path)
     out = tmp_path / "out"
-    proc = forge_cli([*endpoint_args(cpu_server), f"dataset.name={data}", "dataset.id_column=id",
-                      "dataset.keep_columns=[topic]", "prompt.system=Be brief.", "generation.max_tokens=8",
-                      f"output.dir={out}", "output.examples_per_chunk=2"], cwd=tmp_path)
+    proc = forge_cli(
+        [
+            *endpoint_args(cpu_server),
+            f"dataset.name={data}",
+            "dataset.id_column=id",
+            "dataset.keep_columns=[topic]",
+            "prompt.system=Be brief.",
+            "generation.max_tokens=8",
+            f"output.dir={out}",
+            "output.examples_per_chunk=2",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["id"]: r for r in read_rows(out)}
     assert sorted(rows) == ["a", "b", "h", "i"]
-    assert rows["a"]["messages"] == [{"role": "system", "content": "Be brief."},
-                                     {"role": "user", "content": "plain string prompt"}]
+    assert rows["a"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "plain string prompt"},
+    ]
     assert [m["role"] for m in rows["b"]["messages"]] == ["system", "user", "assistant", "user"]
     assert json.loads(rows["h"]["metadata"]) == {"topic": "t1"}
     for r in rows.values():
@@ -69,15 +84,31 @@ def test_engine_400_422_quarantine_rows_and_run_goes_on(tmp_path: Path, cpu_serv
     """The real CPU engine answers 422 to top_k: every row is quarantined with its message."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}"} for i in range(5)])
     out = tmp_path / "out"
-    proc = forge_cli([*endpoint_args(cpu_server), f"dataset.name={data}", "generation.top_k=5",
-                      "generation.max_tokens=4", f"output.dir={out}"], cwd=tmp_path)
+    proc = forge_cli(
+        [
+            *endpoint_args(cpu_server),
+            f"dataset.name={data}",
+            "generation.top_k=5",
+            "generation.max_tokens=4",
+            f"output.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     rejected = read_rows(out, "rejected")
     assert len(rejected) == 5 and not read_rows(out)
     assert all("HTTP 422" in r["reason"] and "top_k" in r["reason"] for r in rejected)
     # a re-run replays the rejection from the cache: nothing is sent again, nothing duplicated
-    proc = forge_cli([*endpoint_args(cpu_server), f"dataset.name={data}", "generation.top_k=5",
-                      "generation.max_tokens=4", f"output.dir={out}"], cwd=tmp_path)
+    proc = forge_cli(
+        [
+            *endpoint_args(cpu_server),
+            f"dataset.name={data}",
+            "generation.top_k=5",
+            "generation.max_tokens=4",
+            f"output.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and len(read_rows(out, "rejected")) == 5
     assert read_stats(out)["sessions"][-1]["requests_sent"] == 0
 
@@ -86,8 +117,14 @@ def test_truncation_keeps_template_and_fits_budget(tmp_path: Path, cpu_server: d
     long_doc = " ".join(["science history math water light"] * 150)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long_doc}, {"prompt": "short one"}])
     out = tmp_path / "out"
-    args = [*endpoint_args(cpu_server), "model.max_model_len=300", f"dataset.name={data}", "prompt=summarize",
-            "generation.max_tokens=8", f"output.dir={out}"]
+    args = [
+        *endpoint_args(cpu_server),
+        "model.max_model_len=300",
+        f"dataset.name={data}",
+        "prompt=summarize",
+        "generation.max_tokens=8",
+        f"output.dir={out}",
+    ]
     proc = forge_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = {r["id"]: r for r in read_rows(out)}
@@ -106,8 +143,15 @@ def test_truncation_keeps_template_and_fits_budget(tmp_path: Path, cpu_server: d
 def test_rollouts_resume_and_cache_replay(tmp_path: Path, cpu_server: dict) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"question {i}"} for i in range(6)])
     out = tmp_path / "out"
-    args = [*endpoint_args(cpu_server), f"dataset.name={data}", "generation.rollouts=3", "generation.seed=11",
-            "generation.max_tokens=6", f"output.dir={out}", "output.examples_per_chunk=4"]
+    args = [
+        *endpoint_args(cpu_server),
+        f"dataset.name={data}",
+        "generation.rollouts=3",
+        "generation.seed=11",
+        "generation.max_tokens=6",
+        f"output.dir={out}",
+        "output.examples_per_chunk=4",
+    ]
     assert forge_cli(args, cwd=tmp_path).returncode == 0
     rows = read_rows(out)
     assert sorted((r["id"], r["rollout"]) for r in rows) == [(str(i), k) for i in range(6) for k in range(3)]
@@ -149,9 +193,15 @@ def test_secrets_never_reach_files(tmp_path: Path, cpu_server: dict) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q"}])
     out = tmp_path / "out"
     secret, hf = "sk-forgeTESTsecretVALUE0123456789", "hf_forgeTESTtokenVALUE0123456789abc"
-    args = [*endpoint_args(cpu_server)[:-2], "model.api_key_env=FORGE_TEST_API_KEY", "model.max_model_len=2048",
-            f"dataset.name={data}", "generation.max_tokens=4", f"output.dir={out}",
-            f"+generation.extra_body.note=token {hf}"]
+    args = [
+        *endpoint_args(cpu_server)[:-2],
+        "model.api_key_env=FORGE_TEST_API_KEY",
+        "model.max_model_len=2048",
+        f"dataset.name={data}",
+        "generation.max_tokens=4",
+        f"output.dir={out}",
+        f"+generation.extra_body.note=token {hf}",
+    ]
     proc = forge_cli(args, cwd=tmp_path, env={"FORGE_TEST_API_KEY": secret, "HF_TOKEN": hf})
     assert proc.returncode == 0, proc.stderr
     for path in out.rglob("*"):
@@ -164,7 +214,8 @@ def test_secrets_never_reach_files(tmp_path: Path, cpu_server: dict) -> None:
 
 def test_engine_start_failure_is_clear(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = forge_cli([f"output.dir={out}", f"model.name_or_path={tmp_path}/no-model", "model.startup_timeout_s=60"],
-                     cwd=tmp_path)
+    proc = forge_cli(
+        [f"output.dir={out}", f"model.name_or_path={tmp_path}/no-model", "model.startup_timeout_s=60"], cwd=tmp_path
+    )
     assert proc.returncode == 1
     assert "engine exited with code" in proc.stderr and "engine_task00000.log" in proc.stderr

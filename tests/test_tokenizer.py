@@ -2,8 +2,12 @@ from forge.tokenizer import FastTokenizer, TransformersTokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hello world"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain the water cycle, please."},
-     {"role": "assistant", "content": "Water evaporates."}, {"role": "user", "content": "And then? ünïcødé ✓"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Explain the water cycle, please."},
+        {"role": "assistant", "content": "Water evaporates."},
+        {"role": "user", "content": "And then? ünïcødé ✓"},
+    ],
 ]
 
 

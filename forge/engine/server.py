@@ -120,9 +120,7 @@ class Endpoint(Engine):
         if model.api_key_env:
             key = os.environ.get(model.api_key_env)
             if not key:
-                raise EngineError(
-                    f"model.api_key_env names ${model.api_key_env}, which is not set in the environment"
-                )
+                raise EngineError(f"model.api_key_env names ${model.api_key_env}, which is not set in the environment")
             self.api_key = key
 
     async def start(self) -> None:
@@ -194,7 +192,7 @@ class LocalServer(Engine):
         try:
             self._spawn()
         except FileNotFoundError as exc:
-            raise EngineError(f"model.engine={self.kind.value}: cannot run {exc.filename!r}; is it installed?")
+            raise EngineError(f"model.engine={self.kind.value}: cannot run {exc.filename!r}; is it installed?") from exc
         deadline = t0 + self.model.startup_timeout_s
         next_note = t0 + 30
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:

@@ -51,8 +51,14 @@ async def _run(script, body=None, retries=3, timeout=5.0, key_env=None):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        engine = Endpoint(ModelConfig(engine=EngineKind.endpoint, endpoint_url=f"http://127.0.0.1:{port}/v1",
-                                      name_or_path="m", api_key_env=key_env))
+        engine = Endpoint(
+            ModelConfig(
+                engine=EngineKind.endpoint,
+                endpoint_url=f"http://127.0.0.1:{port}/v1",
+                name_or_path="m",
+                api_key_env=key_env,
+            )
+        )
         await engine.start()
         retried: list[str] = []
         async with ChatClient(engine, 4, timeout, retries, 0.01, on_retry=retried.append) as client:

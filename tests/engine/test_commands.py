@@ -11,19 +11,41 @@ def _after(args: list[str], flag: str) -> str:
 
 def test_vllm_command_carries_every_knob() -> None:
     m = ModelConfig(
-        name_or_path="Qwen/Qwen3-4B", engine=EngineKind.vllm, revision="main", tp=2, pp=2, dp=2,
-        max_model_len=8192, gpu_memory_utilization=0.85, max_num_seqs=512, max_num_batched_tokens=16384,
-        speculative={"method": "ngram", "num_speculative_tokens": 4}, kv_cache_dtype="fp8",
-        quantization="fp8", load_format="dummy", engine_args={"enable_prefix_caching": True, "swap_space": 0},
+        name_or_path="Qwen/Qwen3-4B",
+        engine=EngineKind.vllm,
+        revision="main",
+        tp=2,
+        pp=2,
+        dp=2,
+        max_model_len=8192,
+        gpu_memory_utilization=0.85,
+        max_num_seqs=512,
+        max_num_batched_tokens=16384,
+        speculative={"method": "ngram", "num_speculative_tokens": 4},
+        kv_cache_dtype="fp8",
+        quantization="fp8",
+        load_format="dummy",
+        engine_args={"enable_prefix_caching": True, "swap_space": 0},
     )
     args = build_command(m, "Qwen/Qwen3-4B", 8123, seed=7)
     assert args[:3] == ["vllm", "serve", "Qwen/Qwen3-4B"]
     expected = {
-        "--port": "8123", "--host": "127.0.0.1", "--served-model-name": "Qwen/Qwen3-4B", "--revision": "main",
-        "--tensor-parallel-size": "2", "--pipeline-parallel-size": "2", "--data-parallel-size": "2",
-        "--max-model-len": "8192", "--gpu-memory-utilization": "0.85", "--max-num-seqs": "512",
-        "--max-num-batched-tokens": "16384", "--kv-cache-dtype": "fp8", "--quantization": "fp8",
-        "--load-format": "dummy", "--seed": "7", "--swap-space": "0",
+        "--port": "8123",
+        "--host": "127.0.0.1",
+        "--served-model-name": "Qwen/Qwen3-4B",
+        "--revision": "main",
+        "--tensor-parallel-size": "2",
+        "--pipeline-parallel-size": "2",
+        "--data-parallel-size": "2",
+        "--max-model-len": "8192",
+        "--gpu-memory-utilization": "0.85",
+        "--max-num-seqs": "512",
+        "--max-num-batched-tokens": "16384",
+        "--kv-cache-dtype": "fp8",
+        "--quantization": "fp8",
+        "--load-format": "dummy",
+        "--seed": "7",
+        "--swap-space": "0",
     }
     for flag, value in expected.items():
         assert _after(args, flag) == value, flag
@@ -41,15 +63,29 @@ def test_vllm_command_minimal_and_trust_remote_code() -> None:
 
 def test_sglang_command() -> None:
     m = ModelConfig(
-        name_or_path="Qwen/Qwen3-4B", engine=EngineKind.sglang, tp=4, dp=2, max_model_len=4096,
-        gpu_memory_utilization=0.8, max_num_seqs=256, speculative={"algorithm": "EAGLE", "num_steps": 3},
+        name_or_path="Qwen/Qwen3-4B",
+        engine=EngineKind.sglang,
+        tp=4,
+        dp=2,
+        max_model_len=4096,
+        gpu_memory_utilization=0.8,
+        max_num_seqs=256,
+        speculative={"algorithm": "EAGLE", "num_steps": 3},
     )
     args = build_command(m, "Qwen/Qwen3-4B", 9000, seed=1)
     assert args[1:3] == ["-m", "sglang.launch_server"]
     for flag, value in {
-        "--model-path": "Qwen/Qwen3-4B", "--port": "9000", "--tp-size": "4", "--dp-size": "2", "--pp-size": "1",
-        "--context-length": "4096", "--mem-fraction-static": "0.8", "--max-running-requests": "256",
-        "--speculative-algorithm": "EAGLE", "--speculative-num-steps": "3", "--random-seed": "1",
+        "--model-path": "Qwen/Qwen3-4B",
+        "--port": "9000",
+        "--tp-size": "4",
+        "--dp-size": "2",
+        "--pp-size": "1",
+        "--context-length": "4096",
+        "--mem-fraction-static": "0.8",
+        "--max-running-requests": "256",
+        "--speculative-algorithm": "EAGLE",
+        "--speculative-num-steps": "3",
+        "--random-seed": "1",
     }.items():
         assert _after(args, flag) == value, flag
 
@@ -64,7 +100,11 @@ def test_transformers_command_uses_continuous_batching() -> None:
 
 def test_extra_args_and_base_url() -> None:
     assert extra_args({"a_b": True, "c": False, "d": None, "e": {"x": 1}, "f": 2}) == [
-        "--a-b", "--e", '{"x": 1}', "--f", "2",
+        "--a-b",
+        "--e",
+        '{"x": 1}',
+        "--f",
+        "2",
     ]
     for url in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/"):
         assert normalize_base_url(url) == "http://h:8000"
