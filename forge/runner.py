@@ -51,8 +51,12 @@ def setup_logging(out_dir: Path) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    term = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
-    term.setFormatter(logging.Formatter("%(message)s"))
+    if sys.stderr.isatty():
+        term: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+        term.setFormatter(logging.Formatter("%(message)s"))
+    else:  # Slurm logs, CI, pipes: unwrapped plain lines
+        term = logging.StreamHandler(sys.stderr)
+        term.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     plain = logging.FileHandler(out_dir / "forge.log")
     plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     term.addFilter(lambda record: not getattr(record, "file_only", False))
@@ -223,6 +227,15 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(main())
 
 
+def _merge_quietly(out_dir: Path) -> None:
+    """stats.json also after a failure or Ctrl-C: what the shards hold so far."""
+    if (out_dir / "stats").is_dir():
+        try:
+            merge_stats(out_dir)
+        except Exception as exc:  # never mask the error being reported
+            log.warning("could not write stats.json: %s", exc)
+
+
 def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,12 +270,15 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
                 check_manifest(out_dir, wanted)
                 _run_async(run_task(cfg, task, source, template, model_path))
     except (ConfigError, DatasetError, RunChanged, EngineError) as exc:
+        _merge_quietly(out_dir)
         log.error("%s", exc, extra={"file_only": True})
         print(f"forge: error: {exc}", file=sys.stderr)
         print(f"forge: nothing finished was lost; log: {out_dir / 'forge.log'}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged)) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        log.warning("interrupted: finished rows are saved; re-run the same command to resume")
+        _merge_quietly(out_dir)
+        log.warning("interrupted", extra={"file_only": True})
+        print("forge: interrupted: finished rows are saved; re-run the same command to resume", file=sys.stderr)
         return 130
     stats = merge_stats(out_dir)
     log.info("done in %.1f s", time.monotonic() - t0)

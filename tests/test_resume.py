@@ -137,3 +137,34 @@ def test_engine_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: Path) ->
     assert session["engine_restarts"] == 1 and session["status"] == "complete"
     assert "engine died" in (out / "forge.log").read_text()
     assert not any(_alive(p) for p in pids)
+
+
+def test_ctrl_c_saves_rows_and_stops_the_engine(tmp_path: Path, tiny_model: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(150)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _args(data, out, 32),
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while (not (out / "logs").exists() or _posts(out) < 30) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "re-run the same command to resume" in stderr
+    pids = _engine_pids(out)
+    time.sleep(0.5)
+    assert pids and not any(_alive(p) for p in pids)
+    answered = len(read_rows(out))
+    assert answered > 0, "rows answered before Ctrl-C were not flushed"
+    session = read_stats(out)["sessions"][-1]
+    assert session["status"] == "interrupted"
+    final = subprocess.run(_args(data, out, 32), cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert final.returncode == 0, final.stderr
+    pairs = Counter((r["id"], r["rollout"]) for r in read_rows(out))
+    assert len(pairs) == 300 and max(pairs.values()) == 1

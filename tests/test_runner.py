@@ -219,3 +219,53 @@ def test_engine_start_failure_is_clear(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "engine exited with code" in proc.stderr and "engine_task00000.log" in proc.stderr
+
+
+def test_local_tasks_run_in_sequence_lose_nothing(tmp_path: Path, cpu_server: dict) -> None:
+    """datatrove's runner loses data running ranks in sequence; forge keeps state per task."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"question {i}"} for i in range(10)])
+    out = tmp_path / "out"
+    args = [
+        *endpoint_args(cpu_server),
+        f"dataset.name={data}",
+        "generation.max_tokens=4",
+        f"output.dir={out}",
+        "cluster.tasks=3",
+        "output.examples_per_chunk=2",
+    ]
+    assert forge_cli(args, cwd=tmp_path).returncode == 0
+    assert sorted(int(r["id"]) for r in read_rows(out)) == list(range(10))
+    assert {p.name[:5] for p in (out / "data").glob("*.parquet")} == {"00000", "00001", "00002"}
+    stats = read_stats(out)
+    assert stats["tasks"] == 3 and stats["documents_in"] == 10 and stats["rows_written"] == 10
+    # one task re-run alone: nothing to do
+    assert forge_cli([*args, "cluster.task_index=1"], cwd=tmp_path).returncode == 0
+    assert len(read_rows(out)) == 10
+
+
+def test_reordered_input_with_ids_resumes_without_resending(tmp_path: Path, cpu_server: dict) -> None:
+    rows = [{"id": f"k{i}", "prompt": f"question {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    args = [
+        *endpoint_args(cpu_server),
+        f"dataset.name={data}",
+        "dataset.id_column=id",
+        "generation.max_tokens=4",
+        f"output.dir={out}",
+    ]
+    assert forge_cli(args, cwd=tmp_path).returncode == 0
+    write_jsonl(data, list(reversed(rows)))
+    proc = forge_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert read_stats(out)["sessions"][-1]["requests_sent"] == 0 and len(read_rows(out)) == 8
+
+
+def test_offline_hub_dataset_error_is_clear(tmp_path: Path) -> None:
+    proc = forge_cli(
+        ["dataset.name=nobody/no-such-dataset", f"output.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert "forge: error: dataset.name: cannot load 'nobody/no-such-dataset'" in proc.stderr

@@ -24,10 +24,12 @@ class FaultyServer:
         self.script = list(script)
         self.calls = 0
         self.auth: list[str | None] = []
+        self.peers: set = set()
 
     async def chat(self, request: web.Request) -> web.Response:
         self.calls += 1
         self.auth.append(request.headers.get("Authorization"))
+        self.peers.add(request.transport.get_extra_info("peername"))
         step = self.script.pop(0) if self.script else 200
         if step == "hang":
             await asyncio.sleep(2)
@@ -40,7 +42,7 @@ class FaultyServer:
         return web.json_response({"data": [{"id": "m", "max_model_len": 4096}]})
 
 
-async def _run(script, body=None, retries=3, timeout=5.0, key_env=None):
+async def _run(script, body=None, retries=3, timeout=5.0, key_env=None, n=1):
     fake = FaultyServer(script)
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
@@ -63,7 +65,10 @@ async def _run(script, body=None, retries=3, timeout=5.0, key_env=None):
         retried: list[str] = []
         async with ChatClient(engine, 4, timeout, retries, 0.01, on_retry=retried.append) as client:
             try:
-                result = await client.complete(body or {"model": "m", "messages": []})
+                results = await asyncio.gather(
+                    *(client.complete(body or {"model": "m", "messages": []}) for _ in range(n))
+                )
+                result = results[0]
             except (RequestRejected, RequestFailed) as exc:
                 result = exc
         return result, fake, retried, engine
@@ -126,3 +131,8 @@ def test_missing_key_env_is_clear(monkeypatch) -> None:
     monkeypatch.delenv("FORGE_NOPE_KEY", raising=False)
     with pytest.raises(EngineError, match=r"\$FORGE_NOPE_KEY, which is not set"):
         Endpoint(ModelConfig(engine=EngineKind.endpoint, endpoint_url="http://x", api_key_env="FORGE_NOPE_KEY"))
+
+
+def test_one_keep_alive_pool_not_a_connection_per_request() -> None:
+    result, fake, _, _ = asyncio.run(_run([], n=60))
+    assert fake.calls == 60 and len(fake.peers) <= 4  # the pool is sized to max_in_flight=4
