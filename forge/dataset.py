@@ -70,6 +70,8 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark
             try:
                 item = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
@@ -120,7 +122,7 @@ def _read_arrow(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any],
 
 def _read_csv(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
     delimiter = "\t" if path.endswith(".tsv") else ","
-    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         _require_columns(path, reader.fieldnames or [], columns)
         try:
@@ -248,10 +250,15 @@ class Source:
         if self.files and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
             self._check_json_keys(self.files[0])
         index = 0
-        for stream in streams:
-            for record, where, error in stream:
-                if limit is not None and index >= limit:
-                    return
-                if index % tasks == task:
-                    yield SourceRow(index, record, where, error)
-                index += 1
+        for path, stream in zip(self.files or [self.cfg.name], streams, strict=True):
+            try:
+                for record, where, error in stream:
+                    if limit is not None and index >= limit:
+                        return
+                    if index % tasks == task:
+                        yield SourceRow(index, record, where, error)
+                    index += 1
+            except DatasetError:
+                raise
+            except (OSError, ValueError, EOFError) as exc:  # corrupt parquet/arrow/gzip, unreadable file
+                raise DatasetError(f"{path}: cannot read: {exc}") from exc

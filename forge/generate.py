@@ -224,4 +224,5 @@ def dump_prompt(value: Any, limit: int = 10_000) -> str:
         text = json.dumps(value, ensure_ascii=False, default=repr)
     except (TypeError, ValueError):
         text = repr(value)
-    return text[:limit]
+    # lone surrogates (seen in scraped JSON) cannot go into Parquet: keep them visible, escaped
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")

@@ -28,6 +28,14 @@ class Scan:
         return sum(self.pending.values())
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _identified(rows: Iterator[SourceRow], id_column: str | None) -> Iterator[tuple[SourceRow, str, str | None]]:
     """(row, key, problem): key is the row id, or @source when the row has no usable id."""
     seen: dict[str, str] = {}
@@ -43,6 +51,8 @@ def _identified(rows: Iterator[SourceRow], id_column: str | None) -> Iterator[tu
             yield row, f"@{row.where}", f"id ({id_column}) is missing"
         elif isinstance(value, (dict, list)):
             yield row, f"@{row.where}", f"id ({id_column}) is a {type(value).__name__}, not a scalar"
+        elif not str(value).isprintable() and not _utf8(str(value)):
+            yield row, f"@{row.where}", f"id ({id_column}) holds invalid Unicode"
         elif str(value) in seen:
             yield row, f"@{row.where}", f"duplicate id {str(value)!r} (first at {seen[str(value)]})"
         else:
@@ -72,7 +82,8 @@ class Planner:
             scan.rows += 1
             value = row.record.get(pc) if row.record is not None else row.error
             text = value if isinstance(value, str) else dump_prompt(value, 1 << 30)
-            digest = xxhash.xxh64_intdigest(f"{key}\0{type(value).__name__}\0{text}".encode())
+            blob = f"{key}\0{type(value).__name__}\0{text}".encode("utf-8", "surrogatepass")
+            digest = xxhash.xxh64_intdigest(blob)
             acc = (acc + digest) & 0xFFFFFFFFFFFFFFFF
             if key in whole:
                 continue

@@ -66,11 +66,19 @@ class Built:
         return [{"role": r, "content": c} for r, c in self.messages]
 
 
+def _valid_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowRejected(f"{where} holds invalid Unicode ({exc.reason} at character {exc.start})") from None
+    return text
+
+
 def _content_text(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _valid_text(content, f"{where}.content")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+        return _valid_text("".join(str(p.get("text", "")) for p in content), f"{where}.content")
     if content is None:
         raise RowRejected(f"{where}.content is null")
     raise RowRejected(f"{where}.content has type {type(content).__name__}; expected a string")
@@ -106,7 +114,7 @@ def build(value: Any, cfg: PromptConfig, template: str | None) -> Built:
     if isinstance(value, str):
         if not value.strip():
             raise RowRejected("prompt is empty")
-        msgs = [("user", value)]
+        msgs = [("user", _valid_text(value, "prompt"))]
     elif isinstance(value, (list, tuple)):
         msgs = _messages(value)
     else:

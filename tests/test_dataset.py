@@ -84,3 +84,14 @@ def test_missing_paths_are_clear(tmp_path) -> None:
         Source(DatasetConfig(name=str(tmp_path / "nope.parquet")))
     with pytest.raises(DatasetError, match="matches no data files"):
         Source(DatasetConfig(name=str(tmp_path / "*.parquet")))
+
+
+def test_bom_and_corrupt_files(tmp_path) -> None:
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "second"}\n')
+    rows = _rows(DatasetConfig(name=str(tmp_path / "bom.jsonl")))
+    assert [r.record["prompt"] for r in rows] == ["first", "second"]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt\nhello\n")
+    assert _rows(DatasetConfig(name=str(tmp_path / "bom.csv")))[0].record == {"prompt": "hello"}
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DatasetError, match=r"bad.parquet: cannot read"):
+        _rows(DatasetConfig(name=str(tmp_path / "bad.parquet")))

@@ -55,6 +55,8 @@ def test_row_system_message_is_kept_over_global() -> None:
         ([{"role": "system", "content": "x"}], "messages list has no user message"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "ends with an assistant"),
         ([{"role": "user", "content": "  "}], "every user message is empty"),
+        ("bad \ud800 surrogate", "prompt holds invalid Unicode"),
+        ([{"role": "user", "content": "x\udfff"}], "messages[0].content holds invalid Unicode"),
     ],
 )
 def test_bad_prompts_are_rejected_with_reason(value, reason: str) -> None:

@@ -25,13 +25,14 @@ MESSY = [
     {"id": "a", "prompt": "duplicate id"},
     {"prompt": "no id at all"},
     {"id": "h", "prompt": "another good one", "topic": "t1"},
+    {"id": "j", "prompt": "scraped text with a lone surrogate \ud800 in it"},
 ]
 
 
 def _messy_file(tmp_path: Path) -> Path:
     path = write_jsonl(tmp_path / "messy.jsonl", MESSY)
     with open(path, "a") as fh:
-        fh.write("{this is not json\n")
+        fh.write("{this is not json\n")  # line 12
         fh.write(json.dumps({"id": "i", "prompt": "last good"}) + "\n")
     return path
 
@@ -72,11 +73,12 @@ def test_prompt_formats_and_every_bad_row_quarantined(tmp_path: Path, cpu_server
     dup = next(r for k, r in rejected.items() if "duplicate id 'a'" in r["reason"])
     assert dup["key"].startswith("@") and "messy.jsonl:8" in dup["source"]
     assert any("id (id) is missing" in r for r in reasons.values())
-    assert any("messy.jsonl:11" in r and "not valid JSON" in r for r in reasons.values())
+    assert any("messy.jsonl:12" in r and "not valid JSON" in r for r in reasons.values())
+    assert "prompt holds invalid Unicode" in reasons["j"] and "\\ud800" in rejected["j"]["prompt"]
     stats = read_stats(out)
-    assert stats["documents_in"] == 12
-    assert stats["documents_written"] == 4 and stats["documents_rejected"] == 8
-    assert stats["rejected_by_stage"] == {"prompt": 5, "input": 3}
+    assert stats["documents_in"] == 13
+    assert stats["documents_written"] == 4 and stats["documents_rejected"] == 9
+    assert stats["rejected_by_stage"] == {"prompt": 6, "input": 3}
     assert len(list((out / "data").glob("*.parquet"))) == 2  # 4 rows, 2 per chunk
 
 
