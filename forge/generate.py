@@ -123,19 +123,21 @@ class Generator:
         return SessionStats()
 
     async def run(self, plan: Iterable[WorkItem | Reject]) -> None:
+        """Feed and drain; the first failure anywhere (engine gone for good) stops everything."""
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=self.max_in_flight * 2)
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.max_in_flight)]
+        tasks = [asyncio.create_task(self._feed(plan, queue, len(workers))), *workers]
         try:
-            await self._feed(plan, queue)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _feed(self, plan: Iterable[WorkItem | Reject], queue: asyncio.Queue) -> None:
+    async def _feed(self, plan: Iterable[WorkItem | Reject], queue: asyncio.Queue, n_workers: int) -> None:
         for batch in _batched(plan, LOOKUP_BATCH):
             items = [x for x in batch if isinstance(x, WorkItem)]
             for x in batch:
@@ -149,6 +151,8 @@ class Generator:
                     await self._settle(it, hit, from_cache=True)
                 else:
                     await queue.put(it)
+        for _ in range(n_workers):
+            await queue.put(None)
 
     async def _worker(self, queue: asyncio.Queue) -> None:
         while True:

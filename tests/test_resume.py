@@ -168,3 +168,25 @@ def test_ctrl_c_saves_rows_and_stops_the_engine(tmp_path: Path, tiny_model: Path
     assert final.returncode == 0, final.stderr
     pairs = Counter((r["id"], r["rollout"]) for r in read_rows(out))
     assert len(pairs) == 300 and max(pairs.values()) == 1
+
+
+def test_engine_dead_for_good_fails_clearly_and_keeps_rows(tmp_path: Path, tiny_model: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(120)])
+    out = tmp_path / "out"
+    args = _args(data, out, 32) + ["model.max_restarts=0"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while (not (out / "logs").exists() or _posts(out) < 30) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(_engine_pids(out)[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "model.max_restarts=0 restarts are used up" in stderr and "engine_task00000.log" in stderr
+    saved = len(read_rows(out))
+    assert saved >= 20  # answered rows were flushed, not lost
+    final = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert final.returncode == 0, final.stderr
+    pairs = Counter((r["id"], r["rollout"]) for r in read_rows(out))
+    assert len(pairs) == 240 and max(pairs.values()) == 1
