@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class EngineKind(str, Enum):
-    vllm = "vllm"
+    vllm = "vllm"  # `vllm serve`, a server process forge owns
+    vllm_async = "vllm_async"  # vLLM's AsyncLLM inside the forge process (fastest)
     sglang = "sglang"
     endpoint = "endpoint"
     transformers = "transformers"
@@ -104,7 +105,7 @@ class ModelConfig:
 
     Attributes:
         name_or_path: Hub id or local dir; `forge://tiny-qwen3` is built locally on first use.
-        engine: vllm | sglang | endpoint | transformers (the CPU engine).
+        engine: vllm | vllm_async | sglang | endpoint | transformers (the CPU engine).
         tp, pp, dp: tensor, pipeline and data parallel sizes (GPUs per task = tp * pp * dp).
         max_model_len: context length; null = what the engine or model config reports.
         tokenizer: tokenizer used to measure prompts; null = name_or_path.
@@ -114,6 +115,8 @@ class ModelConfig:
         served_name: model name sent in requests; null = name_or_path.
         startup_timeout_s: how long to wait for the engine to answer /v1/models.
         max_restarts: engine restarts allowed per task after a crash.
+        compile_cache_dir: torch.compile / CUDA-graph cache shared by tasks (locked while one
+            compiles); null = $FORGE_CACHE/vllm.
     """
 
     name_or_path: str = "forge://tiny-qwen3"
@@ -138,6 +141,7 @@ class ModelConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)
     startup_timeout_s: float = 900.0
     max_restarts: int = 3
+    compile_cache_dir: str | None = None
 
 
 @dataclass
@@ -160,7 +164,8 @@ class RunConfig:
     """How requests are driven.
 
     Attributes:
-        max_in_flight: concurrent requests per task.
+        max_in_flight: concurrent requests per task; null = chosen from the engine's KV-cache
+            capacity and the expected sequence length (vLLM), else 64.
         request_timeout_s: per-request timeout.
         max_retries: retries on 429/5xx/timeouts/connection errors before quarantine.
         backoff_s: first retry delay; doubles each attempt (with jitter), capped at 60 s.
@@ -169,7 +174,7 @@ class RunConfig:
         log_every_s: interval of plain progress lines in the log.
     """
 
-    max_in_flight: int = 64
+    max_in_flight: int | None = None
     request_timeout_s: float = 600.0
     max_retries: int = 5
     backoff_s: float = 1.0
@@ -248,7 +253,7 @@ def validate(cfg: ForgeConfig) -> None:
             f"model.max_model_len={m.max_model_len}"
         )
     _positive("output.examples_per_chunk", cfg.output.examples_per_chunk, allow_none=False)
-    _positive("run.max_in_flight", cfg.run.max_in_flight, allow_none=False)
+    _positive("run.max_in_flight", cfg.run.max_in_flight)
     _positive("run.request_timeout_s", cfg.run.request_timeout_s, allow_none=False)
     if cfg.run.max_retries < 0:
         raise ConfigError(f"run.max_retries: must be >= 0 (got {cfg.run.max_retries})")

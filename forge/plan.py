@@ -93,6 +93,25 @@ class Planner:
         scan.fingerprint = acc
         return scan
 
+    def mean_prompt_tokens(self, fitter: LengthFitter, sample: int = 64) -> int | None:
+        """Mean prompt length over the first good rows, to size the in-flight limit."""
+        if fitter.tok is None:
+            return None
+        lengths: list[int] = []
+        for row, _, problem in self._rows():
+            if problem is not None or row.record is None:
+                continue
+            try:
+                built, _ = fitter.fit(
+                    build(row.record.get(self.cfg.dataset.prompt_column), self.cfg.prompt, self.template)
+                )
+            except RowRejected:
+                continue
+            lengths.append(fitter.count(built))
+            if len(lengths) >= sample:
+                break
+        return sum(lengths) // len(lengths) if lengths else None
+
     def plan(
         self,
         pending: dict[str, int],

@@ -20,7 +20,9 @@ from rich.logging import RichHandler
 from forge.cache import RequestCache
 from forge.config import ConfigError, EngineKind, ForgeConfig, OnChange
 from forge.dataset import DatasetError, Source
-from forge.engine import ChatClient, EngineError, open_engine
+from forge.engine import ChatClient, EngineError, compile_cache, open_engine
+from forge.engine.capacity import choose_in_flight
+from forge.engine.inprocess import InProcessClient
 from forge.generate import Generator
 from forge.output import (
     DATA_SCHEMA,
@@ -42,6 +44,7 @@ from forge.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("forge")
 TINY = "forge://tiny-qwen3"
+GPU_ENGINES = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
 
 
 def setup_logging(out_dir: Path) -> None:
@@ -148,7 +151,7 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     finished_docs = scan.rows - len(scan.pending)
     log.info("%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units)
     m = cfg.model
-    gpus = m.tp * m.pp * m.dp if m.engine in (EngineKind.vllm, EngineKind.sglang) else 0
+    gpus = m.tp * m.pp * m.dp if m.engine in GPU_ENGINES else 0
     if not scan.pending:
         write_task_stats(
             out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete")
@@ -159,16 +162,27 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     tokenizer_job = asyncio.create_task(asyncio.to_thread(open_tokenizer, cfg, model_path))
     status = "failed"
     gen: Generator | None = None
+    notes: dict[str, Any] = {}
     try:
-        await engine.start()
+        if m.engine in (EngineKind.vllm, EngineKind.vllm_async):
+            with compile_cache.locked(compile_cache.cache_dir(m.compile_cache_dir)) as warm:
+                notes["compile_cache"] = "warm" if warm else "cold"
+                await engine.start()
+        else:
+            await engine.start()
         tokenizer = await tokenizer_job
         context = m.max_model_len or engine.reported_max_model_len or model_context(model_path)
         budget = context - cfg.generation.max_tokens if context else None
         if budget is not None and budget <= 0:
             raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
-        fitter = LengthFitter(
-            tokenizer, budget, cfg.prompt.on_overlong, cfg.generation.extra_body.get("chat_template_kwargs")
-        )
+        template_kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
+        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong, template_kwargs)
+        r = cfg.run
+        kv_tokens = await engine.kv_capacity_tokens()
+        expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
+        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, m.max_num_seqs)
+        log.info("in-flight limit %d (%s)", in_flight, why)
+        notes.update(in_flight=in_flight, in_flight_reason=why, kv_cache_tokens=kv_tokens)
         identity = {
             "model": model_path if m.name_or_path == TINY else m.name_or_path,
             "revision": m.revision,
@@ -177,13 +191,18 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         row_fields = {"model": m.name_or_path, "revision": m.revision, "engine": m.engine.value}
         data = ChunkWriter(data_dir, task, DATA_SCHEMA, cfg.output.examples_per_chunk)
         rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
-        r = cfg.run
         async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
             bar = LiveProgress(label, scan.rows, finished_docs, r.progress, r.log_every_s)
-            gen = Generator(None, cache, data, rejected, row_fields, r.max_in_flight, DocProgress(scan.pending, bar))
-            async with ChatClient(
-                engine, r.max_in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry
-            ) as client:
+            gen = Generator(None, cache, data, rejected, row_fields, in_flight, DocProgress(scan.pending, bar))
+            if m.engine == EngineKind.vllm_async:
+                if tokenizer is None:
+                    raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
+                client: Any = InProcessClient(engine, tokenizer, template_kwargs)
+            else:
+                client = ChatClient(
+                    engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry
+                )
+            async with client:
                 gen.client = client
                 gen.on_tokens = lambda n: bar.advance(tokens_out=n)
                 try:
@@ -201,12 +220,8 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
             tokenizer_job.cancel()
         await engine.stop()
         stats = gen.stats if gen else Generator.empty_stats()
-        write_task_stats(
-            out_dir,
-            task,
-            scan.rows,
-            session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status),
-        )
+        record = session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status)
+        write_task_stats(out_dir, task, scan.rows, {**record, **notes})
     return status
 
 

@@ -91,6 +91,19 @@ class Engine:
     def is_ready(self) -> bool:
         return self._ready.is_set() and self._fatal is None
 
+    async def kv_capacity_tokens(self) -> int | None:
+        """KV-cache capacity in tokens, where the engine reports it (vLLM's /metrics)."""
+        if self.kind not in (EngineKind.vllm,) or not self.base_url:
+            return None
+        from forge.engine.capacity import kv_tokens_from_metrics
+
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.get(f"{self.base_url}/metrics") as resp:
+                    return kv_tokens_from_metrics(await resp.text()) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+
     async def _probe(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
@@ -284,4 +297,8 @@ def open_engine(model: ModelConfig, model_path: str, log_path: Path, seed: int |
     """The Engine for model.engine (not started yet)."""
     if model.engine == EngineKind.endpoint:
         return Endpoint(model)
+    if model.engine == EngineKind.vllm_async:
+        from forge.engine.inprocess import VllmInProcess
+
+        return VllmInProcess(model, model_path, seed)
     return LocalServer(model, model_path, log_path, seed)

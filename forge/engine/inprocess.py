@@ -1,0 +1,161 @@
+"""vLLM's AsyncLLM inside the forge process (`model.engine=vllm_async`).
+
+No HTTP server, no JSON, no server-side chat templating: forge renders and tokenizes each
+prompt itself and hands token ids to the engine, which asks for final outputs only. This is
+what gets forge within a few percent of raw offline `LLM.generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from forge.config import EngineKind, ModelConfig
+from forge.engine.client import Completion, RequestRejected
+from forge.engine.server import Engine, EngineError
+from forge.tokenizer import Tokenizer
+
+log = logging.getLogger("forge.engine")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "min_tokens",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "logit_bias",
+)
+
+
+def engine_kwargs(m: ModelConfig, model_path: str, seed: int | None) -> dict[str, Any]:
+    """AsyncEngineArgs keywords from conf/model (the same knobs `vllm serve` gets as flags)."""
+    kw: dict[str, Any] = {
+        "model": model_path,
+        "served_model_name": m.served_name or m.name_or_path,
+        "tensor_parallel_size": m.tp,
+        "pipeline_parallel_size": m.pp,
+        "data_parallel_size": m.dp,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    optional = {
+        "revision": m.revision,
+        "max_model_len": m.max_model_len,
+        "gpu_memory_utilization": m.gpu_memory_utilization,
+        "max_num_seqs": m.max_num_seqs,
+        "max_num_batched_tokens": m.max_num_batched_tokens,
+        "speculative_config": m.speculative,
+        "kv_cache_dtype": m.kv_cache_dtype,
+        "quantization": m.quantization,
+        "load_format": m.load_format,
+        "seed": seed,
+    }
+    kw.update({k: v for k, v in optional.items() if v is not None})
+    kw.update({k.replace("-", "_"): v for k, v in m.engine_args.items()})
+    return kw
+
+
+class VllmInProcess(Engine):
+    kind = EngineKind.vllm_async
+
+    def __init__(self, model: ModelConfig, model_path: str, seed: int | None) -> None:
+        super().__init__(model, model.served_name or model.name_or_path)
+        self.model_path = model_path
+        self.seed = seed
+        self.llm: Any = None
+        self.defaults: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        t0 = time.monotonic()
+        log.info("starting vLLM AsyncLLM in-process for %s", self.model_path)
+        try:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise EngineError(f"model.engine=vllm_async: cannot import vllm ({exc})") from exc
+        try:
+            args = AsyncEngineArgs(**engine_kwargs(self.model, self.model_path, self.seed))
+            self.llm = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # vLLM raises many types on bad config / OOM
+            raise EngineError(f"vLLM failed to start: {exc.__class__.__name__}: {exc}") from exc
+        cfg = self.llm.vllm_config
+        self.reported_max_model_len = cfg.model_config.max_model_len
+        try:  # the model's generation_config defaults, as `vllm serve` applies them
+            self.defaults = dict(cfg.model_config.get_diff_sampling_param())
+        except Exception:
+            self.defaults = {}
+        self.startup_s = time.monotonic() - t0
+        self.ready_at = time.monotonic()
+        log.info("engine ready in %.1f s (in-process)", self.startup_s)
+        self._ready.set()
+
+    async def kv_capacity_tokens(self) -> int | None:
+        cache = self.llm.vllm_config.cache_config
+        if cache.num_gpu_blocks and cache.block_size:
+            return int(cache.num_gpu_blocks * cache.block_size)
+        return None
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+class InProcessClient:
+    """Same contract as ChatClient.complete(body), served by the in-process engine."""
+
+    def __init__(self, engine: VllmInProcess, tokenizer: Tokenizer, template_kwargs: dict[str, Any] | None) -> None:
+        self.engine = engine
+        self.tok = tokenizer
+        self.template_kwargs = template_kwargs or {}
+
+    async def __aenter__(self) -> InProcessClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def sampling_params(self, body: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = dict(self.engine.defaults)
+        params.update({k: body[k] for k in SAMPLING_KEYS if k in body})
+        params["max_tokens"] = body["max_tokens"]
+        return SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        await self.engine.wait_ready()
+        ids = self.tok.encode(self.tok.render(body["messages"], **self.template_kwargs))
+        try:
+            params = self.sampling_params(body)
+        except (ValueError, TypeError) as exc:
+            raise RequestRejected(400, str(exc)) from exc
+        final = None
+        try:
+            async for out in self.engine.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                final = out
+        except ValueError as exc:  # e.g. prompt longer than max_model_len
+            raise RequestRejected(400, str(exc)) from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vLLM engine failed: {exc.__class__.__name__}: {exc}") from exc
+        choice = final.outputs[0]
+        return Completion(
+            text=choice.text,
+            reasoning=None,
+            finish_reason=choice.finish_reason or "unknown",
+            prompt_tokens=len(final.prompt_token_ids or ids),
+            completion_tokens=len(choice.token_ids),
+        )
