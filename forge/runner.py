@@ -180,7 +180,7 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         r = cfg.run
         kv_tokens = await engine.kv_capacity_tokens()
         expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
-        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, m.max_num_seqs)
+        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, m.max_num_seqs, engine.graph_cap())
         log.info("in-flight limit %d (%s)", in_flight, why)
         notes.update(in_flight=in_flight, in_flight_reason=why, kv_cache_tokens=kv_tokens)
         identity = {

@@ -2,7 +2,9 @@
 
 vLLM preempts (and recomputes) sequences once the KV cache is full: on the kit's workload
 max_num_seqs 1024 gave 18,178 output tok/s and 512 gave 26,289. forge therefore keeps at most
-as many requests in flight as the KV cache can hold at the expected sequence length.
+as many requests in flight as the KV cache can hold at the expected sequence length, and no more
+than the largest batch vLLM captured a CUDA graph for (512 by default): on the H100, 532 in
+flight ran at 17,354 tok/s against 24,070 for offline at 512, the batches past 512 running eager.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 
 DEFAULT_IN_FLIGHT = 64
 MAX_AUTO_IN_FLIGHT = 1024
+VLLM_GRAPH_CAP = 512  # vLLM's default max_cudagraph_capture_size
 _INFO = re.compile(r"^vllm:cache_config_info\{(?P<labels>[^}]*)\}", re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -28,17 +31,21 @@ def kv_tokens_from_metrics(text: str) -> int | None:
 
 
 def choose_in_flight(
-    configured: int | None, kv_tokens: int | None, expected_len: int, max_num_seqs: int | None
+    configured: int | None,
+    kv_tokens: int | None,
+    expected_len: int,
+    max_num_seqs: int | None,
+    graph_cap: int | None = None,
 ) -> tuple[int, str]:
-    """(limit, why). The user's run.max_in_flight wins; else KV capacity / expected length."""
+    """(limit, why). The user's run.max_in_flight wins; else KV capacity / expected length,
+    capped by max_num_seqs and by the largest CUDA-graph batch."""
     if configured is not None:
         return configured, "run.max_in_flight"
     if not kv_tokens or expected_len <= 0:
         return DEFAULT_IN_FLIGHT, "default (the engine reports no KV-cache capacity)"
     fit = max(1, kv_tokens // expected_len)
-    cap = min(max_num_seqs or MAX_AUTO_IN_FLIGHT, MAX_AUTO_IN_FLIGHT)
+    caps = {"max_num_seqs": max_num_seqs, "CUDA-graph batch limit": graph_cap, "forge's ceiling": MAX_AUTO_IN_FLIGHT}
+    name, cap = min(((k, v) for k, v in caps.items() if v), key=lambda kv: kv[1])
     limit = min(fit, cap)
-    return limit, (
-        f"KV cache {kv_tokens:,} tokens / ~{expected_len:,} tokens per sequence = {fit}"
-        + (f", capped at {cap}" if fit > cap else "")
-    )
+    why = f"KV cache {kv_tokens:,} tokens / ~{expected_len:,} tokens per sequence = {fit}"
+    return limit, why + (f", capped by the {name} {cap}" if fit > cap else "")

@@ -98,6 +98,12 @@ class VllmInProcess(Engine):
         log.info("engine ready in %.1f s (in-process)", self.startup_s)
         self._ready.set()
 
+    def graph_cap(self) -> int | None:
+        compilation = self.llm.vllm_config.compilation_config
+        cap = getattr(compilation, "max_cudagraph_capture_size", None)
+        sizes = getattr(compilation, "cudagraph_capture_sizes", None)
+        return int(cap) if cap else (max(sizes) if sizes else None)
+
     async def kv_capacity_tokens(self) -> int | None:
         cache = self.llm.vllm_config.cache_config
         if cache.num_gpu_blocks and cache.block_size:

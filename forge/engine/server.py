@@ -91,6 +91,12 @@ class Engine:
     def is_ready(self) -> bool:
         return self._ready.is_set() and self._fatal is None
 
+    def graph_cap(self) -> int | None:
+        """Largest batch the engine runs as a CUDA graph (vLLM's default for `vllm serve`)."""
+        from forge.engine.capacity import VLLM_GRAPH_CAP
+
+        return VLLM_GRAPH_CAP if self.kind == EngineKind.vllm else None
+
     async def kv_capacity_tokens(self) -> int | None:
         """KV-cache capacity in tokens, where the engine reports it (vLLM's /metrics)."""
         if self.kind not in (EngineKind.vllm,) or not self.base_url:
