@@ -21,7 +21,7 @@ from forge.cache import RequestCache
 from forge.config import ConfigError, EngineKind, ForgeConfig, OnChange
 from forge.dataset import DatasetError, Source
 from forge.engine import ChatClient, EngineError, compile_cache, open_engine
-from forge.engine.capacity import choose_in_flight
+from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.inprocess import InProcessClient
 from forge.generate import Generator
 from forge.output import (
@@ -180,7 +180,10 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         r = cfg.run
         kv_tokens = await engine.kv_capacity_tokens()
         expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
-        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, m.max_num_seqs, engine.graph_cap())
+        seqs = m.max_num_seqs or (
+            DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in (EngineKind.vllm, EngineKind.vllm_async) else None
+        )
+        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap())
         log.info("in-flight limit %d (%s)", in_flight, why)
         notes.update(in_flight=in_flight, in_flight_reason=why, kv_cache_tokens=kv_tokens)
         identity = {

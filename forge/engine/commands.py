@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from forge.config import EngineKind, ModelConfig
+from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 
 
 def _flag(name: str) -> str:
@@ -43,7 +44,7 @@ def vllm_command(m: ModelConfig, model_path: str, port: int, seed: int | None = 
     _opt(args, "--revision", m.revision)
     _opt(args, "--max-model-len", m.max_model_len)
     _opt(args, "--gpu-memory-utilization", m.gpu_memory_utilization)
-    _opt(args, "--max-num-seqs", m.max_num_seqs)
+    _opt(args, "--max-num-seqs", m.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS)
     _opt(args, "--max-num-batched-tokens", m.max_num_batched_tokens)
     _opt(args, "--speculative-config", m.speculative)
     _opt(args, "--kv-cache-dtype", m.kv_cache_dtype)

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from forge.config import EngineKind, ModelConfig
+from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 from forge.engine.client import Completion, RequestRejected
 from forge.engine.server import Engine, EngineError
 from forge.tokenizer import Tokenizer
@@ -51,7 +52,7 @@ def engine_kwargs(m: ModelConfig, model_path: str, seed: int | None) -> dict[str
         "revision": m.revision,
         "max_model_len": m.max_model_len,
         "gpu_memory_utilization": m.gpu_memory_utilization,
-        "max_num_seqs": m.max_num_seqs,
+        "max_num_seqs": m.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS,
         "max_num_batched_tokens": m.max_num_batched_tokens,
         "speculative_config": m.speculative,
         "kv_cache_dtype": m.kv_cache_dtype,

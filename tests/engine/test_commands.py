@@ -59,6 +59,7 @@ def test_vllm_command_minimal_and_trust_remote_code() -> None:
     assert "--trust-remote-code" in args
     for absent in ("--max-model-len", "--speculative-config", "--quantization", "--seed"):
         assert absent not in args
+    assert _after(args, "--max-num-seqs") == "512"  # forge's default, not vLLM's 1024
 
 
 def test_sglang_command() -> None:
