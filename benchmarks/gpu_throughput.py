@@ -73,12 +73,17 @@ def phase_datatrove(args: argparse.Namespace, data: Path, work: Path) -> dict:
     from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import ParquetWriter
+    from loguru import logger
 
-    marks = {"first": None, "last": None, "tokens": 0}
+    marks = {"ready": None, "last": None, "tokens": 0}
+
+    def server_ready(message) -> None:  # datatrove forwards the server's output lines
+        if marks["ready"] is None and "Application startup complete" in str(message):
+            marks["ready"] = time.perf_counter()
+
+    logger.add(server_ready, level="INFO")
 
     async def rollout(doc, generate):
-        now = time.perf_counter()
-        marks["first"] = marks["first"] or now
         result = await generate(
             {
                 "messages": [{"role": "user", "content": doc.text}],
@@ -109,7 +114,7 @@ def phase_datatrove(args: argparse.Namespace, data: Path, work: Path) -> dict:
     docs = list(JsonlReader(str(data.parent), glob_pattern=data.name, text_key="prompt", id_key="id")())
     t0 = time.perf_counter()
     runner.run(iter(docs), rank=0, world_size=1)
-    window = marks["last"] - marks["first"]
+    window = marks["last"] - marks["ready"]  # its rollouts start before the server is ready
     return {
         "output_tok_s": marks["tokens"] / window,
         "wall_s": window,

@@ -50,6 +50,10 @@ def choose_in_flight(
     fit = max(1, kv_tokens // expected_len)
     caps = {"max_num_seqs": max_num_seqs, "CUDA-graph batch limit": graph_cap, "forge's ceiling": MAX_AUTO_IN_FLIGHT}
     name, cap = min(((k, v) for k, v in caps.items() if v), key=lambda kv: kv[1])
-    limit = min(fit, cap)
+    running = min(fit, cap)
+    # queued requests wait in the engine's scheduler (no KV held), so a finished batch is
+    # refilled at once instead of one round trip per worker
+    limit = running + max(16, running // 2) if graph_cap else running
     why = f"KV cache {kv_tokens:,} tokens / ~{expected_len:,} tokens per sequence = {fit}"
-    return limit, why + (f", capped by the {name} {cap}" if fit > cap else "")
+    why += f", capped by the {name} {cap}" if fit > cap else ""
+    return limit, why + (f"; {running} running + {limit - running} queued in the engine" if limit > running else "")

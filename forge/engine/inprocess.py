@@ -47,6 +47,8 @@ def engine_kwargs(m: ModelConfig, model_path: str, seed: int | None) -> dict[str
         "pipeline_parallel_size": m.pp,
         "data_parallel_size": m.dp,
         "trust_remote_code": m.trust_remote_code,
+        # per-step stat logging costs throughput; offline LLM() turns it off too
+        "disable_log_stats": True,
     }
     optional = {
         "revision": m.revision,

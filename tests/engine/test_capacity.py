@@ -22,7 +22,7 @@ def test_in_flight_fits_the_kv_cache() -> None:
     assert choose_in_flight(None, 628_000, 1184, 256)[0] == 256  # max_num_seqs caps it
     # batches past the largest CUDA graph run eager: 532 in flight ran 28% slower than 512
     limit, why = choose_in_flight(None, 629_376, 1182, None, graph_cap=512)
-    assert limit == 512 and "capped by the CUDA-graph batch limit 512" in why
+    assert limit == 768 and "capped by the CUDA-graph batch limit 512" in why and "512 running + 256 queued" in why
     assert choose_in_flight(None, 10_000_000, 100, None)[0] == 1024
     assert choose_in_flight(48, 628_000, 1184, None) == (48, "run.max_in_flight")
     assert choose_in_flight(None, None, 1184, None)[0] == DEFAULT_IN_FLIGHT
