@@ -59,6 +59,17 @@ def _posts(out: Path) -> int:
     )
 
 
+def _start_until_answers(args: list[str], cwd: Path, out: Path, answers: int) -> subprocess.Popen:
+    """forge in its own process group, returned once the engine has answered `answers` requests."""
+    proc = subprocess.Popen(
+        args, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while (not (out / "logs").exists() or _posts(out) < answers) and time.time() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 def test_kill_at_random_moments_then_resume(tmp_path: Path, tiny_model: Path) -> None:
     n_docs = 150
     data = write_jsonl(
@@ -110,18 +121,8 @@ def test_engine_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: Path) ->
     n_docs = 120
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(n_docs)])
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        _args(data, out, 32),
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_until_answers(_args(data, out, 32), tmp_path, out, 20)
     try:
-        deadline = time.time() + 180
-        while (not (out / "logs").exists() or _posts(out) < 20) and time.time() < deadline:
-            time.sleep(0.2)
         first = _engine_pids(out)[0]
         os.kill(first, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=400)
@@ -142,17 +143,7 @@ def test_engine_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: Path) ->
 def test_ctrl_c_saves_rows_and_stops_the_engine(tmp_path: Path, tiny_model: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(150)])
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        _args(data, out, 32),
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 180
-    while (not (out / "logs").exists() or _posts(out) < 30) and time.time() < deadline:
-        time.sleep(0.1)
+    proc = _start_until_answers(_args(data, out, 32), tmp_path, out, 30)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -174,12 +165,7 @@ def test_engine_dead_for_good_fails_clearly_and_keeps_rows(tmp_path: Path, tiny_
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"explain idea {i}"} for i in range(120)])
     out = tmp_path / "out"
     args = _args(data, out, 32) + ["model.max_restarts=0"]
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 180
-    while (not (out / "logs").exists() or _posts(out) < 30) and time.time() < deadline:
-        time.sleep(0.1)
+    proc = _start_until_answers(args, tmp_path, out, 30)
     os.kill(_engine_pids(out)[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1

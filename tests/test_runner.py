@@ -86,31 +86,20 @@ def test_engine_400_422_quarantine_rows_and_run_goes_on(tmp_path: Path, cpu_serv
     """The real CPU engine answers 422 to top_k: every row is quarantined with its message."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}"} for i in range(5)])
     out = tmp_path / "out"
-    proc = forge_cli(
-        [
-            *endpoint_args(cpu_server),
-            f"dataset.name={data}",
-            "generation.top_k=5",
-            "generation.max_tokens=4",
-            f"output.dir={out}",
-        ],
-        cwd=tmp_path,
-    )
+    args = [
+        *endpoint_args(cpu_server),
+        f"dataset.name={data}",
+        "generation.top_k=5",
+        "generation.max_tokens=4",
+        f"output.dir={out}",
+    ]
+    proc = forge_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rejected = read_rows(out, "rejected")
     assert len(rejected) == 5 and not read_rows(out)
     assert all("HTTP 422" in r["reason"] and "top_k" in r["reason"] for r in rejected)
     # a re-run replays the rejection from the cache: nothing is sent again, nothing duplicated
-    proc = forge_cli(
-        [
-            *endpoint_args(cpu_server),
-            f"dataset.name={data}",
-            "generation.top_k=5",
-            "generation.max_tokens=4",
-            f"output.dir={out}",
-        ],
-        cwd=tmp_path,
-    )
+    proc = forge_cli(args, cwd=tmp_path)
     assert proc.returncode == 0 and len(read_rows(out, "rejected")) == 5
     assert read_stats(out)["sessions"][-1]["requests_sent"] == 0
 
