@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.logging import RichHandler
 
 from forge.cache import RequestCache
-from forge.config import ConfigError, EngineKind, ForgeConfig, OnChange
+from forge.config import ConfigError, EngineKind, ForgeConfig, ModelConfig, OnChange
 from forge.dataset import DatasetError, Source
-from forge.engine import ChatClient, EngineError, compile_cache, open_engine
+from forge.engine import ChatClient, Engine, EngineError, compile_cache, open_engine
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.inprocess import InProcessClient
 from forge.generate import Generator
@@ -44,7 +44,8 @@ from forge.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("forge")
 TINY = "forge://tiny-qwen3"
-GPU_ENGINES = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
+VLLM_ENGINES = (EngineKind.vllm, EngineKind.vllm_async)
+GPU_ENGINES = (*VLLM_ENGINES, EngineKind.sglang)
 
 
 def setup_logging(out_dir: Path) -> None:
@@ -139,6 +140,37 @@ class DocProgress:
             self.left[key] = n - 1
 
 
+async def start_engine(engine: Engine, m: ModelConfig) -> dict[str, Any]:
+    """Start it; vLLM compiles into the shared cache under its lock. Returns notes for stats."""
+    if m.engine not in VLLM_ENGINES:
+        await engine.start()
+        return {}
+    with compile_cache.locked(compile_cache.cache_dir(m.compile_cache_dir)) as warm:
+        await engine.start()
+    return {"compile_cache": "warm" if warm else "cold"}
+
+
+async def size_in_flight(cfg: ForgeConfig, engine: Engine, planner: Planner, fitter: LengthFitter) -> dict[str, Any]:
+    """run.max_in_flight, or what the engine's KV cache holds at the expected sequence length."""
+    m = cfg.model
+    kv_tokens = await engine.kv_capacity_tokens()
+    expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
+    seqs = m.max_num_seqs or (DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in VLLM_ENGINES else None)
+    in_flight, why = choose_in_flight(cfg.run.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap())
+    log.info("in-flight limit %d (%s)", in_flight, why)
+    return {"in_flight": in_flight, "in_flight_reason": why, "kv_cache_tokens": kv_tokens}
+
+
+def make_client(cfg: ForgeConfig, engine: Engine, tokenizer: Tokenizer | None, in_flight: int, gen: Generator) -> Any:
+    """HTTP for server engines; direct calls for the in-process one."""
+    if cfg.model.engine == EngineKind.vllm_async:
+        if tokenizer is None:
+            raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
+        return InProcessClient(engine, tokenizer, cfg.generation.extra_body.get("chat_template_kwargs"))
+    r = cfg.run
+    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry)
+
+
 async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
     out_dir = Path(cfg.output.dir)
     tasks = cfg.cluster.tasks
@@ -164,12 +196,7 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     gen: Generator | None = None
     notes: dict[str, Any] = {}
     try:
-        if m.engine in (EngineKind.vllm, EngineKind.vllm_async):
-            with compile_cache.locked(compile_cache.cache_dir(m.compile_cache_dir)) as warm:
-                notes["compile_cache"] = "warm" if warm else "cold"
-                await engine.start()
-        else:
-            await engine.start()
+        notes.update(await start_engine(engine, m))
         tokenizer = await tokenizer_job
         context = m.max_model_len or engine.reported_max_model_len or model_context(model_path)
         budget = context - cfg.generation.max_tokens if context else None
@@ -177,15 +204,7 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
             raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
         template_kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
         fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong, template_kwargs)
-        r = cfg.run
-        kv_tokens = await engine.kv_capacity_tokens()
-        expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
-        seqs = m.max_num_seqs or (
-            DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in (EngineKind.vllm, EngineKind.vllm_async) else None
-        )
-        in_flight, why = choose_in_flight(r.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap())
-        log.info("in-flight limit %d (%s)", in_flight, why)
-        notes.update(in_flight=in_flight, in_flight_reason=why, kv_cache_tokens=kv_tokens)
+        notes.update(await size_in_flight(cfg, engine, planner, fitter))
         identity = {
             "model": model_path if m.name_or_path == TINY else m.name_or_path,
             "revision": m.revision,
@@ -194,17 +213,12 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         row_fields = {"model": m.name_or_path, "revision": m.revision, "engine": m.engine.value}
         data = ChunkWriter(data_dir, task, DATA_SCHEMA, cfg.output.examples_per_chunk)
         rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
+        r = cfg.run
         async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
             bar = LiveProgress(label, scan.rows, finished_docs, r.progress, r.log_every_s)
+            in_flight = notes["in_flight"]
             gen = Generator(None, cache, data, rejected, row_fields, in_flight, DocProgress(scan.pending, bar))
-            if m.engine == EngineKind.vllm_async:
-                if tokenizer is None:
-                    raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
-                client: Any = InProcessClient(engine, tokenizer, template_kwargs)
-            else:
-                client = ChatClient(
-                    engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry
-                )
+            client = make_client(cfg, engine, tokenizer, in_flight, gen)
             async with client:
                 gen.client = client
                 gen.on_tokens = lambda n: bar.advance(tokens_out=n)
