@@ -76,6 +76,12 @@ def test_kill_and_resume_on_gpu(tmp_path: Path, engine: str) -> None:
     pairs = Counter(r["id"] for r in read_rows(out))
     assert len(pairs) == n and max(pairs.values()) == 1
     session = read_stats(out)["sessions"][-1]
+    # every row not in a shard was either replayed from the cache or sent once more
     assert session["requests_sent"] + session["cache_hits"] == n - partial
-    assert session["output_tokens_per_s_per_gpu"] > 0 and session["gpus"] == 1
-    print(f"{engine}: killed with {partial} rows written; resumed; {session['output_tokens_per_s']:.0f} tok/s")
+    assert session["gpus"] == 1
+    if session["requests_sent"]:  # a whole wave can finish (and be cached) before the kill
+        assert session["output_tokens_per_s_per_gpu"] > 0
+    print(
+        f"{engine}: {partial} rows in shards at the kill; resume sent {session['requests_sent']}, "
+        f"replayed {session['cache_hits']} from the cache"
+    )
