@@ -87,7 +87,7 @@ def request_body(messages: list[dict[str, str]], model: str, gen: GenerationConf
     return body
 
 
-def cache_identity(body: dict[str, Any], gen: GenerationConfig, identity: dict[str, Any]) -> dict[str, Any]:
+def cache_identity(body: dict[str, Any]) -> dict[str, Any]:
     """Body minus the served name (model identity is keyed explicitly), plus explicit nulls."""
     keyed = {k: v for k, v in body.items() if k != "model"}
     for name in ("temperature", "top_p", "top_k", "stop", "seed"):

@@ -148,5 +148,5 @@ class Planner:
                 if (key, rollout) in done:
                     continue
                 body = request_body(messages, served_model, gen, rollout)
-                ckey = request_key(cache_identity(body, gen, identity), identity, rollout)
+                ckey = request_key(cache_identity(body), identity, rollout)
                 yield WorkItem(key, rollout, body, ckey, truncated, metadata)

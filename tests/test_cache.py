@@ -10,7 +10,7 @@ IDENT = {"model": "m", "revision": None, "engine": "vllm"}
 
 def _key(gen: GenerationConfig, ident=IDENT, rollout: int = 0, msgs=MSGS) -> str:
     body = request_body(msgs, "served", gen, rollout)
-    return request_key(cache_identity(body, gen, ident), ident, rollout)
+    return request_key(cache_identity(body), ident, rollout)
 
 
 def test_key_changes_with_everything_that_shapes_an_answer() -> None:
