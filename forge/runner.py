@@ -182,6 +182,13 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
     finished_docs = scan.rows - len(scan.pending)
     log.info("%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units)
+    if scan.rows == 0:
+        log.warning(
+            "%s: the input has no rows (dataset.name=%s, dataset.max_examples=%s)",
+            label,
+            cfg.dataset.name,
+            cfg.dataset.max_examples,
+        )
     m = cfg.model
     gpus = m.tp * m.pp * m.dp if m.engine in GPU_ENGINES else 0
     if not scan.pending:
