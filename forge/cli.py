@@ -91,16 +91,46 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
-def _task(cfg: DictConfig) -> None:
-    from forge.runner import run_forge
+# Overrides that do not change what a sweep point computes: left out of its run dir name.
+NOT_IN_RUN_DIR = ("output.dir", "cluster", "sweep", "run.progress", "run.log_every_s")
 
+
+def sweep_point_dir(base: str, overrides: list[str]) -> str:
+    """A sweep point's own run dir: <output.dir>/<its overrides>, stable across re-runs."""
+    parts = []
+    for item in sorted(overrides):
+        key = item.split("=", 1)[0].lstrip("+~")
+        if any(key == k or key.startswith(k + ".") for k in NOT_IN_RUN_DIR):
+            continue
+        parts.append(re.sub(r"[^A-Za-z0-9._=,-]+", "_", item.lstrip("+~")))
+    return str(Path(base) / (",".join(parts) or "default"))
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from forge.config import Backend
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # every point gets its own run dir, or points would mix
+        cfg.output.dir = sweep_point_dir(cfg.output.dir, list(hc.overrides.task))
     try:
         typed = to_schema(cfg)
     except ConfigError as exc:
         print(f"forge: config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    code = run_forge(typed, cfg)
+    if typed.cluster.backend == Backend.slurm:
+        from forge.cluster.slurm import submit
+
+        code = submit(typed, cfg)
+    else:
+        from forge.runner import run_forge
+
+        code = run_forge(typed, cfg)
     if code:
+        if hc.mode == RunMode.MULTIRUN and typed.cluster.backend == Backend.slurm:
+            return  # one point's submission failed (reported above): go on with the others
         sys.exit(code)
 
 

@@ -183,19 +183,62 @@ class RunConfig:
     log_every_s: float = 30.0
 
 
+class Backend(str, Enum):
+    local = "local"  # every shard in this process, one after another
+    slurm = "slurm"  # a Slurm job array through submitit, plus monitor and finalize jobs
+
+
 @dataclass
 class ClusterConfig:
-    """Where tasks run.
+    """Where tasks run (forge/cluster/).
 
     Attributes:
-        name: `local` runs the tasks one after another in this process.
-        tasks: number of disjoint input shards (row i goes to shard i % tasks).
+        name: a label for this cluster config (shown in logs and job names).
+        backend: `local` or `slurm`.
+        tasks: number of disjoint input shards (row i goes to shard i % tasks); on Slurm, the
+            size of the job array.
         task_index: run only this shard; null = all shards.
+        workers: Slurm: most array tasks running at once (`--array=...%workers`); null = all.
+        nodes_per_task: nodes per task, > 1 for models spanning nodes (vLLM over Ray).
+        gpus_per_node: GPUs a node has; GPUs per task (tp * pp * dp) must fit in
+            nodes_per_task nodes.
+        partition, qos, account, constraint, exclude: the sbatch options of the same name.
+        time_min: time limit per task in minutes; a task requeues itself before it hits it.
+        cpus_per_gpu, mem_per_gpu_gb: resources per GPU for GPU engines.
+        cpus_per_task, mem_gb: resources of a task with no GPU (CPU engine, endpoint).
+        sbatch_extra: extra `#SBATCH --key=value` lines, `{key: value}`.
+        setup: shell lines run before each job (module load, source venv, exports).
+        signal_delay_s: USR2 arrives this long before the time limit: checkpoint and requeue.
+        max_requeues: requeues after time limits before a task is failed.
+        monitor_interval_s: how often the monitor job refreshes progress.json.
+        wait: block until the jobs end and report their outcome (benchmarks use it).
+        dry_run: write the sbatch scripts into the run dir and submit nothing.
     """
 
     name: str = "local"
+    backend: Backend = Backend.local
     tasks: int = 1
     task_index: int | None = None
+    workers: int | None = None
+    nodes_per_task: int = 1
+    gpus_per_node: int | None = None
+    partition: str | None = None
+    qos: str | None = None
+    account: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    time_min: int = 1440
+    cpus_per_gpu: int | None = None
+    mem_per_gpu_gb: int | None = None
+    cpus_per_task: int = 2
+    mem_gb: int | None = None
+    sbatch_extra: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    signal_delay_s: int = 120
+    max_requeues: int = 3
+    monitor_interval_s: float = 30.0
+    wait: bool = False
+    dry_run: bool = False
 
 
 @dataclass
@@ -261,14 +304,48 @@ def validate(cfg: ForgeConfig) -> None:
         raise ConfigError(f"dataset.max_examples: must be >= 0 (got {cfg.dataset.max_examples})")
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
-    c = cfg.cluster
-    _positive("cluster.tasks", c.tasks, allow_none=False)
-    if c.task_index is not None and not 0 <= c.task_index < c.tasks:
-        raise ConfigError(f"cluster.task_index: must be in [0, {c.tasks}) (got {c.task_index})")
+    validate_cluster(cfg)
     if m.api_key_env is not None and not m.api_key_env.replace("_", "").isalnum():
         raise ConfigError(
             "model.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
         )
+
+
+def gpus_per_task(cfg: ForgeConfig) -> int:
+    """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint."""
+    m = cfg.model
+    if m.engine in (EngineKind.transformers, EngineKind.endpoint):
+        return 0
+    return m.tp * m.pp * m.dp
+
+
+def validate_cluster(cfg: ForgeConfig) -> None:
+    c = cfg.cluster
+    _positive("cluster.tasks", c.tasks, allow_none=False)
+    if c.task_index is not None and not 0 <= c.task_index < c.tasks:
+        raise ConfigError(f"cluster.task_index: must be in [0, {c.tasks}) (got {c.task_index})")
+    _positive("cluster.workers", c.workers)
+    _positive("cluster.nodes_per_task", c.nodes_per_task, allow_none=False)
+    _positive("cluster.time_min", c.time_min, allow_none=False)
+    _positive("cluster.cpus_per_task", c.cpus_per_task, allow_none=False)
+    gpus = gpus_per_task(cfg)
+    if c.nodes_per_task > 1:
+        if c.backend != Backend.slurm:
+            raise ConfigError("cluster.nodes_per_task: tasks spanning nodes need cluster.backend=slurm")
+        if cfg.model.engine != EngineKind.vllm:
+            raise ConfigError("cluster.nodes_per_task: only model.engine=vllm spans nodes (vLLM over Ray)")
+        if gpus % c.nodes_per_task:
+            raise ConfigError(
+                f"cluster.nodes_per_task: {c.nodes_per_task} nodes cannot split tp*pp*dp={gpus} GPUs evenly"
+            )
+    if c.gpus_per_node is not None and gpus and gpus // c.nodes_per_task > c.gpus_per_node:
+        need = -(-gpus // c.gpus_per_node)
+        raise ConfigError(
+            f"cluster.nodes_per_task: tp*pp*dp={gpus} GPUs do not fit in {c.nodes_per_task} node(s) of "
+            f"{c.gpus_per_node} GPUs (cluster.gpus_per_node); set cluster.nodes_per_task={need}"
+        )
+    if c.backend == Backend.slurm and c.task_index is not None:
+        raise ConfigError("cluster.task_index: Slurm runs every unfinished shard; use cluster.backend=local")
 
 
 def slug(value: object) -> str:

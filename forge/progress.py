@@ -1,18 +1,63 @@
-"""Live progress: a rich bar (documents done / total, tokens/s, ETA) on a terminal, and a plain
-line in the log every run.log_every_s seconds (what Slurm logs and CI show)."""
+"""Live progress: a rich bar (documents done / total, tokens/s, ETA) on a terminal, a plain line in
+the log every run.log_every_s seconds (what Slurm logs and CI show), and progress/task_NNNNN.json,
+which the monitor (or `forge-status`) sums into the run's progress.json."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("forge.progress")
 console = Console(stderr=True)
+FILE_EVERY_S = 5.0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def task_progress_path(out_dir: Path, task: int) -> Path:
+    return out_dir / "progress" / f"task_{task:05d}.json"
+
+
+def aggregate_progress(out_dir: Path, states: dict[int, str] | None = None) -> dict[str, Any]:
+    """Sum the per-task files into <run dir>/progress.json (states: Slurm state per shard, if known)."""
+    tasks = []
+    for path in sorted((out_dir / "progress").glob("task_*.json")):
+        try:
+            tasks.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next refresh reads it
+    done = sum(t["done"] for t in tasks)
+    total = sum(t["total"] for t in tasks)
+    running = [t for t in tasks if t.get("status") == "running"]
+    rate = sum(t["docs_per_s"] for t in running)
+    summary: dict[str, Any] = {
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "done": done,
+        "total": total,
+        "percent": round(100.0 * done / total, 2) if total else None,
+        "output_tokens_per_s": sum(t["output_tokens_per_s"] for t in running),
+        "eta_s": (total - done) / rate if rate > 0 else None,
+        "tasks_reporting": len(tasks),
+        "tasks": {str(t["task"]): {k: t.get(k) for k in ("done", "total", "status")} for t in tasks},
+    }
+    if states:
+        for task, state in states.items():
+            summary["tasks"].setdefault(str(task), {})["slurm_state"] = state
+    _write_json(out_dir / "progress.json", summary)
+    return summary
 
 
 def _eta(seconds: float | None) -> str:
@@ -23,8 +68,13 @@ def _eta(seconds: float | None) -> str:
 
 
 class LiveProgress:
-    def __init__(self, label: str, total: int, done: int, enabled: bool, log_every_s: float) -> None:
+    def __init__(
+        self, label: str, total: int, done: int, enabled: bool, log_every_s: float, path: Path | None = None
+    ) -> None:
         self.label = label
+        self.path = path
+        self.task = int(path.stem.split("_")[-1]) if path else 0
+        self.status = "running"
         self.total = total
         self.done = done
         self.start_done = done
@@ -51,9 +101,11 @@ class LiveProgress:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._ticker:
             self._ticker.cancel()
+        self.status = "complete" if exc_type is None else "stopped"
+        self.write_file()
         if self.bar:
             self._refresh()
             self.bar.stop()
@@ -77,15 +129,42 @@ class LiveProgress:
         self.done += docs
         self.tokens_out += tokens_out
 
+    def write_file(self) -> None:
+        if self.path is None:
+            return
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        data = {
+            "task": self.task,
+            "status": self.status,
+            "done": self.done,
+            "total": self.total,
+            "docs_per_s": (self.done - self.start_done) / elapsed,
+            "output_tokens_per_s": self.tokens_out / elapsed,
+            "eta_s": self.eta_s(),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            _write_json(self.path, data)
+        except OSError as exc:  # progress is advisory; never stop the work for it
+            log.debug("progress file not written: %s", exc)
+
+    def finish(self, status: str) -> None:
+        self.status = status
+        self.write_file()
+
     def _refresh(self) -> None:
         if self.bar:
             self.bar.update(self._task, completed=self.done, tps=f"{self.tokens_per_s():,.0f}")
 
     async def _tick(self) -> None:
-        last_log = time.monotonic()
+        last_log = last_file = time.monotonic()
+        self.write_file()
         while True:
             await asyncio.sleep(0.5)
             self._refresh()
+            if time.monotonic() - last_file >= FILE_EVERY_S:
+                last_file = time.monotonic()
+                await asyncio.to_thread(self.write_file)
             if time.monotonic() - last_log >= self.log_every_s:
                 last_log = time.monotonic()
                 log.info("%s", self.line())

@@ -4,9 +4,12 @@ the generation and write stats. Every failure a user can cause ends in one clear
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -35,7 +38,7 @@ from forge.output import (
     move_aside,
 )
 from forge.plan import Planner
-from forge.progress import LiveProgress, console
+from forge.progress import LiveProgress, console, task_progress_path
 from forge.prompt import LengthFitter, load_template
 from forge.secrets import RedactingFilter, redact, register_secret_env
 from forge.stats import merge_stats, session_record, write_task_stats
@@ -48,7 +51,7 @@ VLLM_ENGINES = (EngineKind.vllm, EngineKind.vllm_async)
 GPU_ENGINES = (*VLLM_ENGINES, EngineKind.sglang)
 
 
-def setup_logging(out_dir: Path) -> None:
+def setup_logging(out_dir: Path, log_name: str = "forge.log") -> None:
     """Rich lines on the terminal, plain lines in <run dir>/forge.log, secrets masked in both."""
     root = logging.getLogger("forge")
     root.setLevel(logging.INFO)
@@ -61,7 +64,8 @@ def setup_logging(out_dir: Path) -> None:
     else:  # Slurm logs, CI, pipes: unwrapped plain lines
         term = logging.StreamHandler(sys.stderr)
         term.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    plain = logging.FileHandler(out_dir / "forge.log")
+    (out_dir / log_name).parent.mkdir(parents=True, exist_ok=True)
+    plain = logging.FileHandler(out_dir / log_name)
     plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     term.addFilter(lambda record: not getattr(record, "file_only", False))
     for h in (term, plain):
@@ -70,8 +74,8 @@ def setup_logging(out_dir: Path) -> None:
     root.propagate = False
 
 
-def save_config(raw: DictConfig, out_dir: Path) -> None:
-    data = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+def save_config(raw: DictConfig | dict, out_dir: Path) -> None:
+    data = raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(redact(data), sort_keys=False))
 
 
@@ -171,7 +175,36 @@ def make_client(cfg: ForgeConfig, engine: Engine, tokenizer: Tokenizer | None, i
     return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry)
 
 
+@contextlib.contextmanager
+def shard_lock(out_dir: Path, task: int):
+    """One process per shard: a second forge (or a stale Slurm task) on the same shard would
+    write duplicate rows, so it stops at once instead."""
+    path = out_dir / "state" / f"task_{task:05d}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            msg = f"shard {task} of {out_dir} is being run right now by {holder}; not starting it twice"
+            raise EngineError(msg) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+
+
 async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
+    with shard_lock(Path(cfg.output.dir), task):
+        return await _run_task(cfg, task, source, template, model_path)
+
+
+async def _run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
     out_dir = Path(cfg.output.dir)
     tasks = cfg.cluster.tasks
     label = f"task {task}" if tasks > 1 else "forge"
@@ -192,6 +225,7 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
     m = cfg.model
     gpus = m.tp * m.pp * m.dp if m.engine in GPU_ENGINES else 0
     if not scan.pending:
+        LiveProgress(label, scan.rows, scan.rows, False, 0, task_progress_path(out_dir, task)).finish("complete")
         write_task_stats(
             out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete")
         )
@@ -222,7 +256,9 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
         r = cfg.run
         async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
-            bar = LiveProgress(label, scan.rows, finished_docs, r.progress, r.log_every_s)
+            bar = LiveProgress(
+                label, scan.rows, finished_docs, r.progress, r.log_every_s, task_progress_path(out_dir, task)
+            )
             in_flight = notes["in_flight"]
             gen = Generator(None, cache, data, rejected, row_fields, in_flight, DocProgress(scan.pending, bar))
             client = make_client(cfg, engine, tokenizer, in_flight, gen)
@@ -247,6 +283,24 @@ async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | 
         record = session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status)
         write_task_stats(out_dir, task, scan.rows, {**record, **notes})
     return status
+
+
+def prepare_run(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, Any]]:
+    """Open the input and template, and check the run dir was made by the same settings
+    (or move it aside with output.on_change=fresh). Raises the errors run_forge reports."""
+    out_dir = Path(cfg.output.dir)
+    source = Source(cfg.dataset)
+    template = load_template(cfg.prompt)
+    wanted = manifest(cfg, source)
+    try:
+        check_manifest(out_dir, wanted)
+    except RunChanged:
+        if cfg.output.on_change != OnChange.fresh:
+            raise
+        moved = move_aside(out_dir)
+        log.warning("output.on_change=fresh: previous results moved to %s", moved)
+        check_manifest(out_dir, wanted)
+    return source, template, wanted
 
 
 def _run_async(coro: Any) -> Any:
@@ -275,27 +329,21 @@ def _merge_quietly(out_dir: Path) -> None:
             log.warning("could not write stats.json: %s", exc)
 
 
-def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
+def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.log", merge: bool = True) -> int:
+    """Run the shards of cfg (all, or cluster.task_index) here; returns the exit code.
+
+    A Slurm array task calls this for its own shard with its own log and merge=False: the
+    finalize job merges stats once every shard is done."""
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(out_dir)
+    setup_logging(out_dir, log_name)
     register_secret_env(cfg.model.api_key_env)
     log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
     t0 = time.monotonic()
     try:
-        save_config(raw, out_dir)
-        source = Source(cfg.dataset)
-        template = load_template(cfg.prompt)
-        wanted = manifest(cfg, source)
-        if cfg.output.on_change == OnChange.fresh:
-            try:
-                check_manifest(out_dir, wanted)
-            except RunChanged:
-                moved = move_aside(out_dir)
-                log.warning("output.on_change=fresh: previous results moved to %s", moved)
-                check_manifest(out_dir, wanted)
-        else:
-            check_manifest(out_dir, wanted)
+        if merge:
+            save_config(raw, out_dir)
+        source, template, wanted = prepare_run(cfg)
         model_path = resolve_model(cfg.model.name_or_path)
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
         for task in tasks:
@@ -309,18 +357,22 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig) -> int:
                 check_manifest(out_dir, wanted)
                 _run_async(run_task(cfg, task, source, template, model_path))
     except (ConfigError, DatasetError, RunChanged, EngineError) as exc:
-        _merge_quietly(out_dir)
+        if merge:
+            _merge_quietly(out_dir)
         log.error("%s", exc, extra={"file_only": True})
         print(f"forge: error: {exc}", file=sys.stderr)
-        print(f"forge: nothing finished was lost; log: {out_dir / 'forge.log'}", file=sys.stderr)
+        print(f"forge: nothing finished was lost; log: {out_dir / log_name}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged)) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        _merge_quietly(out_dir)
+        if merge:
+            _merge_quietly(out_dir)
         log.warning("interrupted", extra={"file_only": True})
         print("forge: interrupted: finished rows are saved; re-run the same command to resume", file=sys.stderr)
         return 130
-    stats = merge_stats(out_dir)
     log.info("done in %.1f s", time.monotonic() - t0)
+    if not merge:
+        return 0
+    stats = merge_stats(out_dir)
     print(
         f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
         f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "

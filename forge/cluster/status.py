@@ -1,0 +1,60 @@
+"""`forge-status RUN_DIR`: where a run stands: per shard its Slurm job and state, rows done, and for
+a failed shard the error and the log to read; then the monitor and finalize jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from forge.cluster.state import SlurmError, job_states, load_history, shard_reports
+from forge.progress import aggregate_progress
+
+
+def tasks_of(out: Path) -> int:
+    manifest = json.loads((out / "forge_run.json").read_text())
+    return int(manifest["sharding"]["tasks"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="forge-status", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    args = ap.parse_args(argv)
+    out = args.run_dir.resolve()
+    if not (out / "forge_run.json").exists():
+        print(f"forge-status: {out} is not a forge run dir (no forge_run.json)", file=sys.stderr)
+        return 2
+    tasks = tasks_of(out)
+    progress = aggregate_progress(out)
+    per_task = progress["tasks"]
+    try:
+        reports = shard_reports(out, tasks)
+        history = load_history(out)
+        last = history[-1] if history else None
+        side = job_states([j for j in (last.monitor_id, last.finalize_id) if j]) if last else {}
+    except SlurmError as exc:
+        print(f"forge-status: {exc}", file=sys.stderr)
+        return 1
+    pct = f" ({progress['percent']}%)" if progress["percent"] is not None else ""
+    print(f"{out}: {progress['done']}/{progress['total']} docs{pct} reported by {progress['tasks_reporting']} shard(s)")
+    for r in reports:
+        p = per_task.get(str(r.shard), {})
+        rows = f"{p.get('done', '?')}/{p.get('total', '?')}"
+        state = "complete" if r.complete else r.state
+        print(f"  shard {r.shard:>4}  job {r.job or '-':<12} {state:<14} {rows:>12} docs")
+        if r.error or (not r.complete and r.log and state not in ("RUNNING", "PENDING")):
+            print(f"              error: {r.error or 'see log'}\n              log:   {r.log}")
+    if last:
+        for name, jid in (("monitor", last.monitor_id), ("finalize", last.finalize_id)):
+            if jid:
+                print(f"  {name:<8} job {jid:<12} {side.get(jid, 'UNKNOWN')}")
+    complete = sum(r.complete for r in reports)
+    print(
+        f"{complete}/{tasks} shard(s) complete" + ("; stats: " + str(out / "stats.json") if complete == tasks else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
