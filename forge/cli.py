@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 import re
 import sys
@@ -91,19 +92,30 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
-# Overrides that do not change what a sweep point computes: left out of its run dir name.
-NOT_IN_RUN_DIR = ("output.dir", "cluster", "sweep", "run.progress", "run.log_every_s")
+def swept_keys(argv: list[str], sweeper_params: dict | None) -> set[str]:
+    """Keys a multirun varies: sweep syntax on the command line (`a=1,2`, `range(...)`) and the
+    grid of a `+sweep=...` config (hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = {str(k) for k in (sweeper_params or {})}
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # Hydra already accepted them; never fail a run on naming
+        return keys
+    return keys | {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
-def sweep_point_dir(base: str, overrides: list[str]) -> str:
-    """A sweep point's own run dir: <output.dir>/<its overrides>, stable across re-runs."""
+def sweep_point_dir(base: str, overrides: list[str], keys: set[str]) -> str:
+    """A sweep point's own run dir: <output.dir>/<key=value of each swept key>, stable across re-runs."""
     parts = []
     for item in sorted(overrides):
         key = item.split("=", 1)[0].lstrip("+~")
-        if any(key == k or key.startswith(k + ".") for k in NOT_IN_RUN_DIR):
-            continue
-        parts.append(re.sub(r"[^A-Za-z0-9._=,-]+", "_", item.lstrip("+~")))
-    return str(Path(base) / (",".join(parts) or "default"))
+        if key in keys and key != "output.dir":
+            parts.append(re.sub(r"[^A-Za-z0-9._=,-]+", "_", item.lstrip("+~")))
+    name = ",".join(parts) or "default"
+    if len(name) > 200:  # file names stop at 255 bytes
+        name = f"{name[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return str(Path(base) / name)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -114,7 +126,9 @@ def _task(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # every point gets its own run dir, or points would mix
-        cfg.output.dir = sweep_point_dir(cfg.output.dir, list(hc.overrides.task))
+        params = hc.sweeper.get("params")
+        keys = swept_keys(sys.argv[1:], OmegaConf.to_container(params) if params is not None else None)
+        cfg.output.dir = sweep_point_dir(cfg.output.dir, list(hc.overrides.task), keys)
     try:
         typed = to_schema(cfg)
     except ConfigError as exc:

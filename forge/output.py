@@ -57,6 +57,10 @@ class RunChanged(RuntimeError):
     """The output dir holds a run with other input, sharding or generation settings."""
 
 
+class OutputError(RuntimeError):
+    """A file in the run dir that forge cannot read; the message names it and what to do."""
+
+
 def shard_files(directory: Path, task: int | None = None) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -69,7 +73,16 @@ def shard_files(directory: Path, task: int | None = None) -> list[Path]:
 
 
 def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=columns))
+        except (pa.ArrowException, OSError) as exc:
+            raise OutputError(
+                f"{f}: not a readable Parquet shard ({exc}). forge writes shards atomically, so it was damaged "
+                f"afterwards; move it out of {f.parent} and re-run: its rows are generated again "
+                "(answers still in the request cache are not re-sent)"
+            ) from None
     return pa.concat_tables(tables) if tables else None
 
 

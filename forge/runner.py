@@ -31,6 +31,7 @@ from forge.output import (
     DATA_SCHEMA,
     REJECT_SCHEMA,
     ChunkWriter,
+    OutputError,
     RunChanged,
     check_manifest,
     check_task_input,
@@ -356,7 +357,7 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
                 log.warning("output.on_change=fresh: input changed; previous results moved to %s", moved)
                 check_manifest(out_dir, wanted)
                 _run_async(run_task(cfg, task, source, template, model_path))
-    except (ConfigError, DatasetError, RunChanged, EngineError) as exc:
+    except (ConfigError, DatasetError, RunChanged, EngineError, OutputError) as exc:
         if merge:
             _merge_quietly(out_dir)
         log.error("%s", exc, extra={"file_only": True})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
 
 MESSY = [
@@ -260,3 +261,17 @@ def test_offline_hub_dataset_error_is_clear(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "forge: error: dataset.name: cannot load 'nobody/no-such-dataset'" in proc.stderr
+
+
+def test_a_second_process_on_the_same_shard_is_refused(tmp_path: Path) -> None:
+    from forge.engine import EngineError
+    from forge.runner import shard_lock
+
+    with shard_lock(tmp_path, 3):
+        with pytest.raises(EngineError, match=r"shard 3 .* is being run right now by pid \d+"):
+            with shard_lock(tmp_path, 3):
+                pass
+        with shard_lock(tmp_path, 4):  # other shards are free
+            pass
+    with shard_lock(tmp_path, 3):  # released on exit
+        pass

@@ -76,7 +76,7 @@ def final_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        out = slurm_cmd(["sacct", "-n", "-X", "-P", "--array", "-j", ",".join(job_ids), "-o", "JobID,State"])
+        out = slurm_cmd(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobID,State"])
     except SlurmError:
         return {}  # no accounting: callers fall back to what the shard outputs say
     states = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from forge.cli import conf_dir, sweep_point_dir, to_schema
+from forge.cli import conf_dir, sweep_point_dir, swept_keys, to_schema
 from forge.cluster.ray import ray_launch_script
 from forge.cluster.slurm import render_sbatch, sbatch_params
 from forge.config import ConfigError, register_configs
@@ -92,12 +92,15 @@ def test_too_many_gpus_for_a_node_says_how_many_nodes() -> None:
         _cfg("model=qwen3_235b_a22b_thinking_2507_tp8", "cluster=slurm_h100", "model.tp=16")
 
 
-def test_sweep_points_get_stable_distinct_run_dirs() -> None:
-    a = sweep_point_dir("outputs/x", ["model.max_num_seqs=256", "model=qwen3_4b", "cluster=slurm_h100"])
-    b = sweep_point_dir("outputs/x", ["model=qwen3_4b", "model.max_num_seqs=512", "cluster.wait=true"])
-    assert a == "outputs/x/model.max_num_seqs=256,model=qwen3_4b"
-    assert b == "outputs/x/model.max_num_seqs=512,model=qwen3_4b"
-    assert sweep_point_dir("o", ["dataset.name=/data/a b.jsonl"]) == "o/dataset.name=_data_a_b.jsonl"
+def test_sweep_points_are_named_by_the_swept_keys_only() -> None:
+    argv = ["model=qwen3_4b", "model.max_num_seqs=256,512", "cluster=slurm_h100", "dataset.name=/d/x.jsonl"]
+    keys = swept_keys(argv, {"run.max_in_flight": "8,32"})
+    assert keys == {"model.max_num_seqs", "run.max_in_flight"}
+    point = ["model=qwen3_4b", "model.max_num_seqs=512", "cluster=slurm_h100", "run.max_in_flight=8"]
+    assert sweep_point_dir("outputs/x", point, keys) == "outputs/x/model.max_num_seqs=512,run.max_in_flight=8"
+    assert sweep_point_dir("o", ["dataset.name=/data/a b.jsonl"], {"dataset.name"}) == "o/dataset.name=_data_a_b.jsonl"
+    long = sweep_point_dir("o", ["dataset.name=" + "x" * 400], {"dataset.name"})
+    assert len(Path(long).name) < 255 and long != sweep_point_dir("o", ["dataset.name=" + "x" * 401], {"dataset.name"})
 
 
 def test_ray_launch_script_matches_golden_file() -> None:

@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# Bring up a private one-node Slurm cluster (with accounting) for forge's tests.
+#
+#   sudo bash .ci/slurm/up.sh          # idempotent: installs, configures, starts, waits for idle
+#   source .ci/slurm/env               # or: source "${FORGE_SLURM_DIR:-/var/lib/forge-slurm}/env"
+#
+# Everything (config, state, logs, munge key/socket, MariaDB data dir) lives under
+# $FORGE_SLURM_DIR (default /var/lib/forge-slurm) with its own ports, so it can live
+# beside another Slurm/munge/MariaDB on the machine. No systemd: daemons are started
+# directly and tracked by pid files. Stop with .ci/slurm/down.sh.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+
+T0=$(date +%s)
+[ "$(id -u)" = 0 ] || { echo "up.sh must run as root" >&2; exit 1; }
+
+# -------------------------------------------------------------- 1. packages
+PKGS=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Keep the packages' init scripts from starting the system-wide munge/mariadb/slurm
+  # services during the install (no-op where a policy-rc.d already exists, e.g. Docker).
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt_install() {
+    apt-get install -y -qq --no-install-recommends \
+      -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+      -o Dpkg::Use-Pty=0 "${missing[@]}"
+  }
+  aptlog=$(mktemp)
+  rc=0
+  # no package lists at all (fresh image): update first; stale lists: retry after update
+  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]; then
+    apt-get update -qq >>"$aptlog" 2>&1 || rc=$?
+  fi
+  if [ $rc = 0 ]; then apt_install >>"$aptlog" 2>&1 || rc=$?; fi
+  if [ $rc != 0 ]; then
+    log "apt-get install failed (rc=$rc); retrying after apt-get update"
+    rc=0
+    { apt-get update -qq && apt_install; } >>"$aptlog" 2>&1 || rc=$?
+  fi
+  if [ -n "$own_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  if [ $rc != 0 ]; then
+    tail -n 40 "$aptlog" >&2
+    echo "up.sh: apt-get install ${missing[*]} failed" >&2
+    exit 1
+  fi
+  rm -f "$aptlog"
+  log "installed in $(($(date +%s) - T0)) s"
+fi
+for u in munge mysql; do
+  id "$u" >/dev/null 2>&1 || { echo "up.sh: user $u missing after install" >&2; exit 1; }
+done
+
+# -------------------------------------------------------------- helpers
+# die_with_log MSG LOGFILE...: loud failure with the tail of the relevant logs.
+die_with_log() {
+  local msg=$1 f
+  shift
+  echo "up.sh: ERROR: $msg" >&2
+  for f in "$@"; do
+    echo "----- tail -n 40 $f -----" >&2
+    tail -n 40 "$f" >&2 2>/dev/null || echo "(no such file)" >&2
+  done
+  exit 1
+}
+
+# wait_daemon SECONDS PIDFILE COMM CMD...: poll CMD every 0.5 s; give up at once when the
+# daemon has died (or wrote no pid file within 15 s).
+wait_daemon() {
+  local start end pidfile=$2 comm=$3
+  start=$(date +%s)
+  end=$((start + $1))
+  shift 3
+  while ! "$@" >/dev/null 2>&1; do
+    if ! pid_alive "$pidfile" "$comm"; then
+      if [ -s "$pidfile" ] || [ $(($(date +%s) - start)) -ge 15 ]; then
+        echo "up.sh: $comm is not running (pid file $pidfile: '$(cat "$pidfile" 2>/dev/null)')" >&2
+        return 1
+      fi
+    fi
+    [ "$(date +%s)" -lt "$end" ] || return 1
+    sleep 0.5
+  done
+}
+
+# write_file PATH MODE OWNER < content; returns 0 if the file changed, 1 if identical.
+write_file() {
+  local path=$1 mode=$2 owner=$3 tmp
+  tmp=$(mktemp "$path.XXXXXX")
+  cat >"$tmp"
+  chmod "$mode" "$tmp"
+  chown "$owner" "$tmp"
+  if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
+    rm -f "$tmp"
+    return 1
+  fi
+  mv -f "$tmp" "$path"
+  return 0
+}
+
+# -------------------------------------------------------------- 2. layout + config
+HOST=$(hostname -s)
+install -d -m 755 -o root -g root "$D" "$ETC" "$LOG" "$RUN" "$D/state" "$D/spool"
+install -d -m 755 -o munge -g munge "$MUNGE_DIR"
+install -d -m 750 -o mysql -g mysql "$DB_DIR"
+chmod 755 "$DB_DIR" # root-run clients need the socket; data/ stays 0700
+
+if [ ! -s "$MUNGE_KEY" ]; then
+  log "generating munge key"
+  dd if=/dev/urandom bs=1 count=1024 of="$MUNGE_KEY" status=none
+fi
+chown munge:munge "$MUNGE_KEY"
+chmod 400 "$MUNGE_KEY"
+
+if [ ! -s "$ETC/db.pass" ]; then
+  (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ETC/db.pass")
+fi
+DB_PASS=$(cat "$ETC/db.pass")
+
+MEM_MB=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
+REAL_MEM=$((MEM_MB > 1024 ? MEM_MB - 512 : MEM_MB))
+
+slurm_conf_changed=0
+write_file "$SLURM_CONF_FILE" 644 root:root <<EOF && slurm_conf_changed=1 || true
+# Generated by forge .ci/slurm/up.sh -- edits are overwritten.
+ClusterName=$FORGE_SLURM_CLUSTER
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$FORGE_SLURMCTLD_PORT
+SlurmdPort=$FORGE_SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# socket: our own munged. cred_expire: also how long a requeued job waits before it
+# may start again (default 120 s).
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=$FORGE_SLURM_CRED_EXPIRE
+StateSaveLocation=$D/state
+SlurmdSpoolDir=$D/spool
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$CTLD_LOG
+SlurmdLogFile=$SLURMD_LOG
+SlurmctldDebug=info
+SlurmdDebug=info
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$FORGE_SLURMDBD_PORT
+# with auth/munge this names the munged socket used towards slurmdbd (else the default one)
+AccountingStoragePass=$MUNGE_SOCK
+JobCompType=jobcomp/none
+ReturnToService=2
+JobRequeue=1
+SchedulerType=sched/backfill
+# quick main/backfill passes (defaults: 60 s / 30 s); jobs whose dependency can never be
+# met are cancelled (22.05 reads kill_invalid_depend from DependencyParameters only)
+SchedulerParameters=sched_interval=2,bf_interval=1,sched_min_interval=100000
+DependencyParameters=kill_invalid_depend
+MinJobAge=30
+KillWait=2
+InactiveLimit=0
+OverTimeLimit=0
+Waittime=0
+SlurmctldTimeout=30
+SlurmdTimeout=30
+MessageTimeout=10
+BatchStartTimeout=10
+# CPUs/RealMemory below are what we declare, not what the 2-core box has.
+SlurmdParameters=config_overrides
+NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$FORGE_SLURM_CPUS RealMemory=$REAL_MEM State=UNKNOWN
+PartitionName=$FORGE_SLURM_PARTITION Nodes=$HOST Default=YES MaxTime=UNLIMITED State=UP OverSubscribe=NO
+EOF
+
+dbd_conf_changed=0
+write_file "$SLURMDBD_CONF_FILE" 600 root:root <<EOF && dbd_conf_changed=1 || true
+# Generated by forge .ci/slurm/up.sh -- edits are overwritten.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCK
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$FORGE_SLURMDBD_PORT
+SlurmUser=root
+PidFile=$DBD_PID
+LogFile=$DBD_LOG
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$FORGE_MARIADB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+
+export SLURM_CONF=$SLURM_CONF_FILE
+
+# -------------------------------------------------------------- 3. munged
+munge_ok() { munge -n --socket="$MUNGE_SOCK" | unmunge --socket="$MUNGE_SOCK"; }
+if pid_alive "$MUNGE_PID" munged && munge_ok >/dev/null 2>&1; then
+  log "munged already running"
+else
+  stop_pid "$MUNGE_PID" munged
+  log "starting munged"
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
+  # munged insists on owning its log file
+  [ -e "$MUNGE_LOG" ] && chown munge:munge "$MUNGE_LOG"
+  runuser -u munge -- /usr/sbin/munged \
+    --socket="$MUNGE_SOCK" --key-file="$MUNGE_KEY" --pid-file="$MUNGE_PID" \
+    --log-file="$MUNGE_LOG" --seed-file="$MUNGE_DIR/munged.seed" </dev/null >>"$LOG/munged.stderr" 2>&1 ||
+    die_with_log "munged failed to start" "$LOG/munged.stderr" "$MUNGE_LOG"
+  wait_daemon 20 "$MUNGE_PID" munged munge_ok || die_with_log "munged did not answer on $MUNGE_SOCK" "$MUNGE_LOG"
+fi
+
+# -------------------------------------------------------------- 4. mariadb
+db_ping() { mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping; }
+if pid_alive "$DB_PID" mariadbd && db_ping >/dev/null 2>&1; then
+  log "mariadb already running"
+else
+  stop_pid "$DB_PID" mariadbd
+  if [ ! -d "$DB_DATA/mysql" ]; then
+    log "initialising mariadb in $DB_DATA"
+    rm -rf "$DB_DATA"
+    mariadb-install-db --no-defaults --user=mysql --datadir="$DB_DATA" \
+      --auth-root-authentication-method=socket --skip-test-db >"$DB_DIR/install.log" 2>&1 ||
+      die_with_log "mariadb-install-db failed" "$DB_DIR/install.log"
+  fi
+  log "starting mariadb on 127.0.0.1:$FORGE_MARIADB_PORT"
+  rm -f "$DB_SOCK"
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB_DATA" \
+    --socket="$DB_SOCK" --port="$FORGE_MARIADB_PORT" --bind-address=127.0.0.1 \
+    --pid-file="$DB_PID" --log-error="$DB_LOG" --skip-name-resolve --skip-log-bin \
+    --innodb-buffer-pool-size=256M --innodb-log-file-size=64M \
+    --innodb-lock-wait-timeout=900 --innodb-flush-log-at-trx-commit=2 \
+    --max-connections=100 </dev/null >>"$LOG/mariadbd.stderr" 2>&1 &
+  wait_daemon 60 "$DB_PID" mariadbd db_ping || die_with_log "mariadb did not come up" "$DB_LOG" "$LOG/mariadbd.stderr"
+fi
+mariadb --no-defaults --socket="$DB_SOCK" -uroot <<EOF || die_with_log "creating slurm_acct_db failed" "$DB_LOG"
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+
+# -------------------------------------------------------------- 5. slurmdbd
+dbd_ok() { sacctmgr -n -P list cluster format=cluster; }
+if pid_alive "$DBD_PID" slurmdbd && [ $dbd_conf_changed = 0 ] && dbd_ok >/dev/null 2>&1; then
+  log "slurmdbd already running"
+else
+  stop_pid "$DBD_PID" slurmdbd
+  log "starting slurmdbd on 127.0.0.1:$FORGE_SLURMDBD_PORT"
+  /usr/sbin/slurmdbd </dev/null >>"$DBD_LOG" 2>&1 || die_with_log "slurmdbd failed to start" "$DBD_LOG"
+  # first start creates the tables: give it time
+  wait_daemon 120 "$DBD_PID" slurmdbd dbd_ok || die_with_log "slurmdbd did not answer (sacctmgr list cluster)" "$DBD_LOG" "$DB_LOG"
+fi
+if ! dbd_ok 2>/dev/null | grep -qx "$FORGE_SLURM_CLUSTER"; then
+  log "registering cluster $FORGE_SLURM_CLUSTER"
+  sacctmgr -i add cluster "$FORGE_SLURM_CLUSTER" >/dev/null || die_with_log "sacctmgr add cluster failed" "$DBD_LOG"
+fi
+
+# -------------------------------------------------------------- 6. slurmctld + slurmd
+ctld_ok() { scontrol ping | grep -q 'is UP'; }
+if pid_alive "$CTLD_PID" slurmctld && [ $slurm_conf_changed = 0 ] && ctld_ok >/dev/null 2>&1; then
+  log "slurmctld already running"
+else
+  stop_pid "$CTLD_PID" slurmctld
+  log "starting slurmctld on $HOST:$FORGE_SLURMCTLD_PORT"
+  /usr/sbin/slurmctld </dev/null >>"$CTLD_LOG" 2>&1 || die_with_log "slurmctld failed to start" "$CTLD_LOG"
+  wait_daemon 60 "$CTLD_PID" slurmctld ctld_ok || die_with_log "slurmctld did not come up" "$CTLD_LOG"
+  slurm_conf_changed=1 # slurmd must re-register with a restarted controller quickly
+fi
+slurmd_started=0 # epoch of our slurmd start, if this run started it
+if pid_alive "$SLURMD_PID" slurmd && [ $slurm_conf_changed = 0 ]; then
+  log "slurmd already running"
+else
+  slurmd_started=$(date +%s)
+  stop_pid "$SLURMD_PID" slurmd
+  log "starting slurmd (node $HOST, port $FORGE_SLURMD_PORT)"
+  /usr/sbin/slurmd -N "$HOST" </dev/null >>"$SLURMD_LOG" 2>&1 || die_with_log "slurmd failed to start" "$SLURMD_LOG"
+fi
+
+node_state() { sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -n1; }
+# the controller may still show the node idle from an earlier slurmd: wait for ours
+slurmd_registered() {
+  local t
+  t=$(scontrol show node "$HOST" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)
+  [ -n "$t" ] && [ "$(date -d "$t" +%s 2>/dev/null || echo 0)" -ge $((slurmd_started - 1)) ]
+}
+node_idle() {
+  slurmd_registered || return 1
+  case "$(node_state)" in
+    idle | mixed | allocated | completing) return 0 ;;
+  esac
+  return 1
+}
+t_slurmd=$(date +%s)
+deadline=$((t_slurmd + 60))
+until node_idle; do
+  if ! pid_alive "$SLURMD_PID" slurmd && [ $(($(date +%s) - t_slurmd)) -ge 5 ]; then
+    die_with_log "slurmd is not running" "$SLURMD_LOG"
+  fi
+  st=$(node_state)
+  case "$st" in
+    down* | drain* | fail*)
+      # left over from an earlier run (e.g. killed slurmd); ReturnToService=2 normally handles it
+      scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
+  esac
+  if [ "$(date +%s)" -ge "$deadline" ]; then
+    pid_alive "$SLURMD_PID" slurmd || echo "slurmd is not running" >&2
+    scontrol show node "$HOST" >&2 || true
+    die_with_log "node $HOST is '$st', not idle, after 60 s" "$SLURMD_LOG" "$CTLD_LOG"
+  fi
+  sleep 0.5
+done
+
+# -------------------------------------------------------------- 7. client env
+write_file "$ENV_FILE" 644 root:root <<EOF || true
+# Generated by forge .ci/slurm/up.sh: source me to talk to the forge-ci test cluster.
+export FORGE_SLURM_DIR=$D
+export SLURM_CONF=$SLURM_CONF_FILE
+export FORGE_SLURM_CLUSTER=$FORGE_SLURM_CLUSTER
+export FORGE_SLURM_PARTITION=$FORGE_SLURM_PARTITION
+export FORGE_SLURM_NODE=$HOST
+export FORGE_SLURM_CPUS=$FORGE_SLURM_CPUS
+export FORGE_MUNGE_SOCKET=$MUNGE_SOCK
+EOF
+cp -f "$ENV_FILE" "$REPO_ENV_FILE" 2>/dev/null || true
+
+log "cluster $FORGE_SLURM_CLUSTER up in $(($(date +%s) - T0)) s: $(sinfo -h -o '%P %a %D %T %c' | head -n1)"
+echo "# source $ENV_FILE (copy: $REPO_ENV_FILE):"
+grep '^export' "$ENV_FILE"

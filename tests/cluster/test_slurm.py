@@ -1,0 +1,262 @@
+"""forge on a real Slurm (marker `slurm`): the single-node cluster that .ci/slurm/up.sh starts.
+
+Each test submits with the real `forge` command, lets slurmctld/slurmd run the submitit jobs, and
+judges by the rows on disk (each (id, rollout) exactly once), the jobs' states in sacct and what
+`forge` / `forge-status` print. Most tasks talk to the session's shared CPU engine through
+`model.engine=endpoint`; the throttled array runs the CPU engine itself in every task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
+
+pytestmark = pytest.mark.slurm
+UNSETTLED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "UNKNOWN")
+ENV_FILE = Path(os.environ.get("FORGE_SLURM_DIR", "/var/lib/forge-slurm")) / "env"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_env() -> dict[str, str]:
+    """The test cluster's client settings (SLURM_CONF...), exported for forge and its jobs."""
+    if not ENV_FILE.exists():
+        pytest.fail(f"no test Slurm: {ENV_FILE} missing; start it with `sudo bash .ci/slurm/up.sh`")
+    env = {}
+    for line in ENV_FILE.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, value = line[len("export ") :].split("=", 1)
+            env[key] = value.strip("'\"")
+    os.environ.update(env)
+    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip(), f"test Slurm not answering: {proc.stderr}"
+    return env
+
+
+def _docs(tmp_path: Path, n: int, name: str = "d.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [{"id": f"doc{i}", "prompt": f"write about topic {i}"} for i in range(n)])
+
+
+def _slurm_args(data: Path, out: Path, tasks: int, *extra: str) -> list[str]:
+    return [
+        "cluster=slurm_ci",
+        f"cluster.tasks={tasks}",
+        f"dataset.name={data}",
+        "dataset.id_column=id",
+        f"output.dir={out}",
+        "output.examples_per_chunk=5",
+        "generation.max_tokens=16",
+        *extra,
+    ]
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "slurm" / "jobs.json").read_text())
+
+
+def _sacct(*job_ids: str, fields: str = "JobID,State") -> dict[str, list[str]]:
+    proc = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", fields], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+    return {r[0]: r[1:] for r in rows}
+
+
+def _requeues(job_id: str) -> int:
+    """Runs of the job that ended REQUEUED (`sacct -D` keeps every run of a requeued job)."""
+    proc = subprocess.run(
+        ["sacct", "-D", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=60
+    )
+    return sum(line.startswith("REQUEUED") for line in proc.stdout.splitlines())
+
+
+def _state(job_id: str) -> str:
+    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    for line in proc.stdout.splitlines():
+        jid, state = line.split("|")
+        if jid == job_id:
+            return state
+    return _sacct(job_id).get(job_id, ["UNKNOWN"])[0].split()[0]
+
+
+def _wait_ended(job_ids: list[str], timeout: float = 300) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while True:
+        states = {j: _state(j) for j in job_ids}
+        if not any(s in UNSETTLED for s in states.values()):
+            return states
+        assert time.time() < deadline, f"jobs still running after {timeout} s: {states}"
+        time.sleep(1)
+
+
+def _wait_until(predicate, timeout: float = 180, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _all_ids(sub: dict) -> list[str]:
+    return [*sub["jobs"].values(), sub["monitor_id"], sub["finalize_id"]]
+
+
+def _assert_exactly_once(out: Path, n_docs: int) -> None:
+    pairs = Counter((r["id"], r["rollout"]) for r in read_rows(out))
+    assert len(pairs) == n_docs, f"{n_docs - len(pairs)} rows lost"
+    assert max(pairs.values()) == 1, f"duplicated: {[k for k, v in pairs.items() if v > 1][:5]}"
+
+
+def _forge_status(out: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge.cluster.status", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _shard_files(out: Path, shard: int) -> list[Path]:
+    return sorted((out / "data").glob(f"{shard:05d}_*.parquet"))
+
+
+def test_throttled_array_on_the_cpu_engine_then_finalize(tmp_path: Path, tiny_model: Path) -> None:
+    n_docs = 12
+    out = tmp_path / "run"
+    args = _slurm_args(_docs(tmp_path, n_docs), out, 2, "cluster.workers=1", "cluster.mem_gb=3")
+    t0 = time.time()
+    proc = forge_cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - t0 < 60, "submission must not wait for the jobs"
+    sub = _history(out)[-1]
+    assert f"submitted array {sub['array_id']}" in proc.stdout and "forge-status" in proc.stdout
+    assert str(out) in proc.stdout
+    states = _wait_ended(_all_ids(sub), timeout=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    _assert_exactly_once(out, n_docs)
+    assert read_stats(out)["documents_written"] == n_docs  # written by the finalize job
+    assert (out / "slurm" / "finalized.json").exists()
+    # %1: the two tasks never overlapped
+    times = _sacct(*sub["jobs"].values(), fields="JobID,Start,End")
+    spans = sorted((datetime.fromisoformat(s), datetime.fromisoformat(e)) for s, e in times.values())
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["done"] == progress["total"] == n_docs
+    status = _forge_status(out)
+    assert "2/2 shard(s) complete" in status
+    # the same command again: nothing to submit
+    again = forge_cli(args, tmp_path, timeout=120)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert len(_history(out)) == 1
+
+
+def test_failing_shard_is_reported_and_its_dependents_never_run(tmp_path: Path, cpu_server: dict) -> None:
+    n_docs = 15
+    out = tmp_path / "run"
+    args = _slurm_args(_docs(tmp_path, n_docs), out, 3, *endpoint_args(cpu_server))
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "00001_00000.parquet").write_bytes(b"PAR1 torn by a failing disk")  # a real unreadable file
+    proc = forge_cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sub = _history(out)[-1]
+    states = _wait_ended(_all_ids(sub), timeout=300)
+    shard1 = sub["jobs"]["1"]
+    assert states[shard1] == "FAILED", states
+    assert states[sub["jobs"]["0"]] == states[sub["jobs"]["2"]] == "COMPLETED", states
+    assert states[sub["finalize_id"]] == "CANCELLED", states  # afterok never satisfied
+    assert _sacct(sub["finalize_id"], fields="JobID,Elapsed")[sub["finalize_id"]][0] == "00:00:00"
+    assert not list((out / "slurm").glob(f"{sub['finalize_id']}/*_log.out")), "finalize must never start"
+    assert states[sub["monitor_id"]] == "COMPLETED"
+    assert not (out / "stats.json").exists()
+    status = _forge_status(out)
+    assert f"job {shard1}" in status and "FAILED" in status and "00001_00000.parquet" in status
+    # the re-run says which shard failed, where its log is, and re-submits only that shard
+    again = forge_cli(args, tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"shard 1 (job {shard1}) ended FAILED" in again.stdout
+    assert "not a readable Parquet shard" in again.stdout and "log: " in again.stdout
+    assert list(_history(out)[-1]["jobs"]) == ["1"]
+    _wait_ended(_all_ids(_history(out)[-1]), timeout=300)
+    # moving the damaged file aside, as the message says, completes the run
+    (out / "data" / "00001_00000.parquet").rename(tmp_path / "damaged.parquet")
+    done = forge_cli([*args, "cluster.wait=true"], tmp_path, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _assert_exactly_once(out, n_docs)
+    assert read_stats(out)["documents_written"] == n_docs
+
+
+def test_requeued_and_preempted_tasks_resume_without_loss(tmp_path: Path, cpu_server: dict) -> None:
+    n_docs = 120
+    out = tmp_path / "run"
+    args = _slurm_args(_docs(tmp_path, n_docs), out, 2, *endpoint_args(cpu_server), "run.max_in_flight=2")
+    proc = forge_cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sub = _history(out)[-1]
+    job0, job1 = sub["jobs"]["0"], sub["jobs"]["1"]
+    _wait_until(lambda: len(_shard_files(out, 0)) >= 2 and len(_shard_files(out, 1)) >= 2, what="first chunks")
+    # an admin requeue (as on node failure) and a preemption notice (USR2, what submitit checkpoints on)
+    subprocess.run(["scontrol", "requeue", job0], check=True, timeout=60)
+    subprocess.run(["scancel", "--signal=USR2", job1], check=True, timeout=60)
+    states = _wait_ended(_all_ids(sub), timeout=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    _assert_exactly_once(out, n_docs)
+    assert _requeues(job0) >= 1 and _requeues(job1) >= 1  # each really went back to the queue
+    for shard in (0, 1):
+        sessions = json.loads((out / "stats" / f"task_{shard:05d}.json").read_text())["sessions"]
+        assert len(sessions) >= 2 and sessions[-1]["status"] == "complete", sessions
+        # the resumed session sent only what the first one had not answered
+        assert sum(s["requests_sent"] for s in sessions) <= n_docs // 2 + 2 * 2  # + in-flight at the stop
+    assert read_stats(out)["documents_written"] == n_docs
+
+
+def test_cancel_is_detected_and_the_rerun_resubmits_only_unfinished_shards(tmp_path: Path, cpu_server: dict) -> None:
+    n_docs = 80
+    out = tmp_path / "run"
+    args = _slurm_args(_docs(tmp_path, n_docs), out, 2, *endpoint_args(cpu_server), "run.max_in_flight=2")
+    assert forge_cli(args, tmp_path, timeout=120).returncode == 0
+    sub = _history(out)[-1]
+    _wait_until(lambda: len(_shard_files(out, 1)) >= 1, what="a chunk of shard 1")
+    # while it runs, the same command refuses to submit the run twice
+    twice = forge_cli(args, tmp_path, timeout=120)
+    assert twice.returncode == 1 and "already queued or running" in twice.stdout, twice.stdout
+    subprocess.run(["scancel", sub["jobs"]["1"]], check=True, timeout=60)
+    states = _wait_ended(_all_ids(sub), timeout=300)
+    assert states[sub["jobs"]["1"]] == "CANCELLED" and states[sub["jobs"]["0"]] == "COMPLETED", states
+    assert states[sub["finalize_id"]] == "CANCELLED"
+    assert "CANCELLED" in _forge_status(out)
+    again = forge_cli([*args, "cluster.wait=true"], tmp_path, timeout=400)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"shard 1 (job {sub['jobs']['1']}) ended CANCELLED" in again.stdout
+    assert "1 shard(s), 1 already complete" in again.stdout
+    assert list(_history(out)[-1]["jobs"]) == ["1"]
+    _assert_exactly_once(out, n_docs)
+
+
+def test_multirun_submits_every_point_without_blocking(tmp_path: Path, cpu_server: dict) -> None:
+    data = _docs(tmp_path, 10)
+    base = tmp_path / "sweep"
+    args = [a for a in _slurm_args(data, base, 1, *endpoint_args(cpu_server)) if not a.startswith("output.dir")]
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge.cli", "--multirun", "run.progress=false", f"output.dir={base}", *args,
+         "run.max_in_flight=2,4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.time() - t0 < 90
+    points = sorted(p.parent.parent for p in base.glob("*/slurm/jobs.json"))
+    assert [p.name for p in points] == ["run.max_in_flight=2", "run.max_in_flight=4"]
+    assert proc.stdout.count("submitted array") == 2
+    for point in points:
+        sub = _history(point)[-1]
+        assert set(_wait_ended(_all_ids(sub), timeout=300).values()) == {"COMPLETED"}
+        _assert_exactly_once(point, 10)
+        saved = yaml.safe_load((point / "config.yaml").read_text())
+        assert f"run.max_in_flight={saved['run']['max_in_flight']}" == point.name
