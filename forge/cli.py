@@ -134,6 +134,9 @@ def _task(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"forge: config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    from forge.card import record_command
+
+    record_command(Path(typed.output.dir), list(hc.overrides.task))
     if typed.cluster.backend == Backend.slurm:
         from forge.cluster.slurm import submit
 

@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.logging import RichHandler
 
 from forge.cache import RequestCache
+from forge.card import write_card
 from forge.config import ConfigError, EngineKind, ForgeConfig, ModelConfig, OnChange
 from forge.dataset import DatasetError, Source
 from forge.engine import ChatClient, Engine, EngineError, compile_cache, open_engine
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
+from forge.engine.commands import engine_version
 from forge.engine.inprocess import InProcessClient
 from forge.generate import Generator
 from forge.output import (
@@ -147,12 +149,13 @@ class DocProgress:
 
 async def start_engine(engine: Engine, m: ModelConfig) -> dict[str, Any]:
     """Start it; vLLM compiles into the shared cache under its lock. Returns notes for stats."""
+    notes: dict[str, Any] = {"engine_version": engine_version(m.engine)}
     if m.engine not in VLLM_ENGINES:
         await engine.start()
-        return {}
+        return notes
     with compile_cache.locked(compile_cache.cache_dir(m.compile_cache_dir)) as warm:
         await engine.start()
-    return {"compile_cache": "warm" if warm else "cold"}
+    return {**notes, "compile_cache": "warm" if warm else "cold"}
 
 
 async def size_in_flight(cfg: ForgeConfig, engine: Engine, planner: Planner, fitter: LengthFitter) -> dict[str, Any]:
@@ -374,9 +377,10 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
     if not merge:
         return 0
     stats = merge_stats(out_dir)
+    card = write_card(out_dir)
     print(
         f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
         f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
-        f"stats: {out_dir / 'stats.json'}"
+        f"stats: {out_dir / 'stats.json'}; card: {card}"
     )
     return 0

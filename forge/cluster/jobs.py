@@ -119,6 +119,7 @@ class FinalizeJob:
     """Runs after every shard succeeded: the run's stats.json and final progress."""
 
     def __call__(self, out_dir: str, tasks: int) -> dict[str, Any]:
+        from forge.card import write_card
         from forge.stats import merge_stats
 
         out = Path(out_dir)
@@ -126,6 +127,7 @@ class FinalizeJob:
         if missing:
             raise ShardFailed(f"finalize: shard(s) {missing} are not complete in {out}")
         stats = merge_stats(out)
+        write_card(out)
         aggregate_progress(out)
         done = {"finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_written": stats["rows_written"]}
         (out / "slurm" / "finalized.json").write_text(json.dumps(done, indent=1))

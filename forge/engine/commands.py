@@ -11,6 +11,19 @@ from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 
 
+def engine_version(kind: EngineKind) -> str | None:
+    """`vllm 0.26.0`-style version of the engine package forge runs (None for an endpoint)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"vllm": "vllm", "vllm_async": "vllm", "sglang": "sglang", "transformers": "transformers"}.get(kind.value)
+    if package is None:
+        return None
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:
+        return None
+
+
 def _flag(name: str) -> str:
     return "--" + name.lstrip("-").replace("_", "-")
 
