@@ -153,9 +153,13 @@ async def start_engine(engine: Engine, m: ModelConfig) -> dict[str, Any]:
     if m.engine not in VLLM_ENGINES:
         await engine.start()
         return notes
-    with compile_cache.locked(compile_cache.cache_dir(m.compile_cache_dir)) as warm:
+    path = compile_cache.cache_dir(m.compile_cache_dir)
+    with compile_cache.locked(path):
+        before = compile_cache.entries(path)
         await engine.start()
-    return {**notes, "compile_cache": "warm" if warm else "cold"}
+        compiled = compile_cache.entries(path) - before
+    # warm only if this start compiled nothing new (a new tp/dp or config compiles its own entry)
+    return {**notes, "compile_cache": "cold" if compiled or not before else "warm"}
 
 
 async def size_in_flight(cfg: ForgeConfig, engine: Engine, planner: Planner, fitter: LengthFitter) -> dict[str, Any]:
@@ -164,7 +168,7 @@ async def size_in_flight(cfg: ForgeConfig, engine: Engine, planner: Planner, fit
     kv_tokens = await engine.kv_capacity_tokens()
     expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
     seqs = m.max_num_seqs or (DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in VLLM_ENGINES else None)
-    in_flight, why = choose_in_flight(cfg.run.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap())
+    in_flight, why = choose_in_flight(cfg.run.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap(), m.dp)
     log.info("in-flight limit %d (%s)", in_flight, why)
     return {"in_flight": in_flight, "in_flight_reason": why, "kv_cache_tokens": kv_tokens}
 

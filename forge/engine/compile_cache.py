@@ -20,6 +20,12 @@ def cache_dir(configured: str | None) -> Path:
     return Path(configured).expanduser() if configured else default_cache_dir() / "vllm"
 
 
+def entries(path: Path) -> set[str]:
+    """The compiled graphs in the cache: one directory per model/config hash."""
+    compiled = path / "torch_compile_cache"
+    return {p.name for p in compiled.iterdir()} if compiled.is_dir() else set()
+
+
 def is_warm(path: Path) -> bool:
     compiled = path / "torch_compile_cache"
     return compiled.is_dir() and any(compiled.iterdir())

@@ -1,6 +1,6 @@
 from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_IN_FLIGHT, choose_in_flight, kv_tokens_from_metrics
-from forge.engine.compile_cache import cache_dir, is_warm, locked
+from forge.engine.compile_cache import cache_dir, entries, is_warm, locked
 from forge.engine.inprocess import engine_kwargs
 
 METRICS = """# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
@@ -26,6 +26,9 @@ def test_in_flight_fits_the_kv_cache() -> None:
     assert choose_in_flight(None, 10_000_000, 100, None)[0] == 1024
     assert choose_in_flight(48, 628_000, 1184, None) == (48, "run.max_in_flight")
     assert choose_in_flight(None, None, 1184, None)[0] == DEFAULT_IN_FLIGHT
+    # data parallel: every limit is per engine (dp=2 on 2 H200s: 1.81x tp=1 at 768, 2.00x at 1,536)
+    limit, why = choose_in_flight(None, 629_376, 1182, 512, graph_cap=512, engines=2)
+    assert limit == 1536 and "x 2 data-parallel engines" in why and "1024 running + 512 queued" in why
 
 
 def test_async_engine_kwargs_mirror_serve_flags() -> None:
@@ -56,4 +59,4 @@ def test_compile_cache_lock_and_warmth(tmp_path, monkeypatch) -> None:
 
         assert os.environ["VLLM_CACHE_ROOT"] == str(path)
     (path / "torch_compile_cache" / "abc").mkdir(parents=True)
-    assert is_warm(path)
+    assert is_warm(path) and entries(path) == {"abc"}
