@@ -15,16 +15,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from forge.output import write_json_atomic
+
 log = logging.getLogger("forge.progress")
 console = Console(stderr=True)
 FILE_EVERY_S = 5.0
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def task_progress_path(out_dir: Path, task: int) -> Path:
@@ -56,7 +51,7 @@ def aggregate_progress(out_dir: Path, states: dict[int, str] | None = None) -> d
     if states:
         for task, state in states.items():
             summary["tasks"].setdefault(str(task), {})["slurm_state"] = state
-    _write_json(out_dir / "progress.json", summary)
+    write_json_atomic(out_dir / "progress.json", summary)
     return summary
 
 
@@ -144,7 +139,7 @@ class LiveProgress:
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:
-            _write_json(self.path, data)
+            write_json_atomic(self.path, data)
         except OSError as exc:  # progress is advisory; never stop the work for it
             log.debug("progress file not written: %s", exc)
 

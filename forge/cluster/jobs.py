@@ -13,7 +13,6 @@ the nodes):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf
 
 from forge.cluster.state import ACTIVE, SlurmError, job_states, live_states, shard_complete
 from forge.config import ForgeConfig, register_configs, validate
+from forge.output import write_json_atomic
 from forge.progress import aggregate_progress
 
 log = logging.getLogger("forge.cluster")
@@ -130,6 +130,6 @@ class FinalizeJob:
         write_card(out)
         aggregate_progress(out)
         done = {"finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_written": stats["rows_written"]}
-        (out / "slurm" / "finalized.json").write_text(json.dumps(done, indent=1))
+        write_json_atomic(out / "slurm" / "finalized.json", done)
         print(f"forge: finalized {out}: {stats['rows_written']} rows; stats: {out / 'stats.json'}", flush=True)
         return done
