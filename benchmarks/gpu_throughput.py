@@ -355,6 +355,12 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--no-early-start", action="store_true", help="start each phase's process only when its turn comes")
     ap.add_argument("--work", default=None)
+    ap.add_argument(
+        "--write-prompts",
+        default=None,
+        metavar="JSONL",
+        help="only write the workload's prompts ({id, prompt} lines) to JSONL and exit (for `forge +sweep=...`)",
+    )
     ap.add_argument("--phase-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--go-file", default=None, help=argparse.SUPPRESS)
@@ -383,7 +389,12 @@ def main() -> None:
     if args.phase_only:
         run_one_phase(args, work, data)
     texts = make_texts(os.path.join(args.model, "tokenizer.json"), args.n, args.words)
+    if args.write_prompts:
+        data = Path(args.write_prompts)
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    if args.write_prompts:
+        print(f"{len(texts)} prompts in {data}")
+        return
     from importlib.metadata import version
 
     results: dict = {

@@ -97,7 +97,7 @@ def swept_keys(argv: list[str], sweeper_params: dict | None) -> set[str]:
     grid of a `+sweep=...` config (hydra.sweeper.params)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys = {str(k) for k in (sweeper_params or {})}
+    keys = {str(k).lstrip("+~") for k in (sweeper_params or {})}
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     except Exception:  # Hydra already accepted them; never fail a run on naming
@@ -118,14 +118,28 @@ def sweep_point_dir(base: str, overrides: list[str], keys: set[str]) -> str:
     return str(Path(base) / name)
 
 
+def _launch(typed: ForgeConfig, cfg: DictConfig) -> int:
+    """Run the shards here, or submit them to Slurm; returns the exit code."""
+    from forge.config import Backend
+
+    if typed.cluster.backend == Backend.slurm:
+        from forge.cluster.slurm import submit
+
+        return submit(typed, cfg)
+    from forge.runner import run_forge
+
+    return run_forge(typed, cfg)
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from forge.config import Backend
+    from forge import sweep
 
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # every point gets its own run dir, or points would mix
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:  # every point gets its own run dir, or points would mix
         params = hc.sweeper.get("params")
         keys = swept_keys(sys.argv[1:], OmegaConf.to_container(params) if params is not None else None)
         cfg.output.dir = sweep_point_dir(cfg.output.dir, list(hc.overrides.task), keys)
@@ -133,21 +147,18 @@ def _task(cfg: DictConfig) -> None:
         typed = to_schema(cfg)
     except ConfigError as exc:
         print(f"forge: config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        sweep.config_failed(Path(cfg.output.dir), list(hc.overrides.task), str(exc))
+        return
+    if multirun:  # skips settled points; one point's failure never ends the sweep (forge/sweep.py)
+        sweep.run_point(typed, list(hc.overrides.task), lambda: _launch(typed, cfg))
+        return
     from forge.card import record_command
 
     record_command(Path(typed.output.dir), list(hc.overrides.task))
-    if typed.cluster.backend == Backend.slurm:
-        from forge.cluster.slurm import submit
-
-        code = submit(typed, cfg)
-    else:
-        from forge.runner import run_forge
-
-        code = run_forge(typed, cfg)
+    code = _launch(typed, cfg)
     if code:
-        if hc.mode == RunMode.MULTIRUN and typed.cluster.backend == Backend.slurm:
-            return  # one point's submission failed (reported above): go on with the others
         sys.exit(code)
 
 
@@ -157,7 +168,14 @@ def main() -> None:
     if error:
         print(f"forge: config error: {error}", file=sys.stderr)
         sys.exit(2)
-    hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(_task)()
+    from forge import sweep
+
+    try:
+        hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(_task)()
+    finally:
+        code = sweep.report()  # a multirun's failures, listed once every point ran
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

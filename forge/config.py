@@ -113,6 +113,10 @@ class ModelConfig:
         api_key_env: NAME of the environment variable holding the API key (never the key).
         engine_args: extra engine command-line flags, `{flag_name: value}`.
         served_name: model name sent in requests; null = name_or_path.
+        speculative: vLLM's speculative config as a mapping (`{method: ngram, num_speculative_tokens: 3,
+            prompt_lookup_max: 3}`), or null. Typed Any and checked in validate(): OmegaConf 2.3 cannot
+            merge a dict override into a null typed-dict node, so `model.speculative={...}` on the
+            command line or in a sweep grid failed to compose.
         startup_timeout_s: how long to wait for the engine to answer /v1/models.
         max_restarts: engine restarts allowed per task after a crash.
         compile_cache_dir: torch.compile / CUDA-graph cache shared by tasks (locked while one
@@ -129,7 +133,7 @@ class ModelConfig:
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    speculative: dict[str, Any] | None = None
+    speculative: Any = None
     kv_cache_dtype: str | None = None
     quantization: str | None = None
     load_format: str | None = None
@@ -152,11 +156,24 @@ class OutputConfig:
         dir: the run directory: Parquet shards, request cache, stats.json, logs, config.
         examples_per_chunk: rows per Parquet shard file.
         on_change: what a re-run does when input, sharding or generation settings changed.
+        hub_repo: also publish to this Hub dataset repo (`user/name`) as chunks finish
+            (forge/hub.py); the token comes from HF_TOKEN or the saved login. null = local only.
+        private: create the Hub repo private (an existing repo keeps its visibility).
+        hub_commits_per_hour: most commits a run makes to hub_repo in any hour; each commit
+            batches every chunk finished since the last one. The Hub allows about 128 per repo
+            (more than that is warned about, and its 429s are waited out).
+        hub_max_retries, hub_backoff_s: retries of a Hub call on 429 / 412 / 5xx / connection
+            errors, the first after hub_backoff_s, doubling (Retry-After wins when sent).
     """
 
     dir: str = "outputs/default"
     examples_per_chunk: int = 500
     on_change: OnChange = OnChange.error
+    hub_repo: str | None = None
+    private: bool = True
+    hub_commits_per_hour: int = 60
+    hub_max_retries: int = 8
+    hub_backoff_s: float = 2.0
 
 
 @dataclass
@@ -242,6 +259,21 @@ class ClusterConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a multirun (`forge +sweep=NAME` or `--multirun`) treats points of an earlier run of
+    the same sweep (forge/sweep.py). Points that finished are always skipped: re-running one
+    would add an empty session to its stats and its throughput figures would be lost.
+
+    Attributes:
+        retry_failed: also re-run points that failed for a known reason (OOM, start-up
+            timeout, engine failure); off by default, because the same settings fail the same
+            way. Points that failed for another reason are always re-run.
+    """
+
+    retry_failed: bool = False
+
+
+@dataclass
 class ForgeConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -250,6 +282,7 @@ class ForgeConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:
@@ -275,6 +308,10 @@ def validate(cfg: ForgeConfig) -> None:
         _positive(f"model.{key}", getattr(m, key))
     if m.gpu_memory_utilization is not None and not 0 < m.gpu_memory_utilization <= 1:
         raise ConfigError(f"model.gpu_memory_utilization: must be in (0, 1] (got {m.gpu_memory_utilization})")
+    if m.speculative is not None and not isinstance(m.speculative, dict):
+        raise ConfigError(
+            f"model.speculative: must be a mapping ({{method: ngram, ...}}) or null (got {m.speculative!r})"
+        )
     if m.engine == EngineKind.endpoint and not m.endpoint_url:
         raise ConfigError("model.endpoint_url: required when model.engine=endpoint")
     if m.engine != EngineKind.endpoint and m.endpoint_url:
@@ -296,6 +333,7 @@ def validate(cfg: ForgeConfig) -> None:
             f"model.max_model_len={m.max_model_len}"
         )
     _positive("output.examples_per_chunk", cfg.output.examples_per_chunk, allow_none=False)
+    validate_hub(cfg.output)
     _positive("run.max_in_flight", cfg.run.max_in_flight)
     _positive("run.request_timeout_s", cfg.run.request_timeout_s, allow_none=False)
     if cfg.run.max_retries < 0:
@@ -309,6 +347,17 @@ def validate(cfg: ForgeConfig) -> None:
         raise ConfigError(
             "model.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
         )
+
+
+def validate_hub(o: OutputConfig) -> None:
+    if o.hub_repo is not None:
+        parts = o.hub_repo.split("/")
+        if len(parts) != 2 or not all(parts) or any(c.isspace() for c in o.hub_repo):
+            raise ConfigError(f"output.hub_repo: must be `user/name` or `org/name` (got {o.hub_repo!r})")
+    _positive("output.hub_commits_per_hour", o.hub_commits_per_hour, allow_none=False)
+    if o.hub_max_retries < 0:
+        raise ConfigError(f"output.hub_max_retries: must be >= 0 (got {o.hub_max_retries})")
+    _positive("output.hub_backoff_s", o.hub_backoff_s, allow_none=False)
 
 
 def gpus_per_task(cfg: ForgeConfig) -> int:

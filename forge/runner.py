@@ -29,6 +29,15 @@ from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.commands import engine_version
 from forge.engine.inprocess import InProcessClient
 from forge.generate import Generator
+from forge.hub import (
+    BackgroundPublisher,
+    HubError,
+    HubPublisher,
+    preflight,
+    publish_final,
+    repo_url,
+    target_from,
+)
 from forge.output import (
     DATA_SCHEMA,
     REJECT_SCHEMA,
@@ -348,29 +357,35 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
     register_secret_env(cfg.model.api_key_env)
     log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
     t0 = time.monotonic()
+    # a Slurm task (merge=False) never publishes: the monitor and finalize jobs do, once per run
+    hub = target_from(cfg.output) if merge else None
     try:
         if merge:
             save_config(raw, out_dir)
+        if hub:
+            preflight(hub)  # a bad token fails here, before any engine starts
         source, template, wanted = prepare_run(cfg)
         model_path = resolve_model(cfg.model.name_or_path)
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
-        for task in tasks:
-            try:
-                _run_async(run_task(cfg, task, source, template, model_path))
-            except RunChanged:
-                if cfg.output.on_change != OnChange.fresh:
-                    raise
-                moved = move_aside(out_dir)
-                log.warning("output.on_change=fresh: input changed; previous results moved to %s", moved)
-                check_manifest(out_dir, wanted)
-                _run_async(run_task(cfg, task, source, template, model_path))
-    except (ConfigError, DatasetError, RunChanged, EngineError, OutputError) as exc:
+        publishing = BackgroundPublisher(HubPublisher(out_dir, hub)) if hub else contextlib.nullcontext()
+        with publishing:
+            for task in tasks:
+                try:
+                    _run_async(run_task(cfg, task, source, template, model_path))
+                except RunChanged:
+                    if cfg.output.on_change != OnChange.fresh:
+                        raise
+                    moved = move_aside(out_dir)
+                    log.warning("output.on_change=fresh: input changed; previous results moved to %s", moved)
+                    check_manifest(out_dir, wanted)
+                    _run_async(run_task(cfg, task, source, template, model_path))
+    except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError) as exc:
         if merge:
             _merge_quietly(out_dir)
         log.error("%s", exc, extra={"file_only": True})
         print(f"forge: error: {exc}", file=sys.stderr)
         print(f"forge: nothing finished was lost; log: {out_dir / log_name}", file=sys.stderr)
-        return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged)) else 1
+        return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged, HubError)) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         if merge:
             _merge_quietly(out_dir)
@@ -381,10 +396,18 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
     if not merge:
         return 0
     stats = merge_stats(out_dir)
-    card = write_card(out_dir)
+    card = write_card(out_dir, hub.repo if hub else None)
     print(
         f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
         f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
         f"stats: {out_dir / 'stats.json'}; card: {card}"
     )
+    if hub:
+        try:
+            publish_final(out_dir, hub)
+        except HubError as exc:
+            log.error("%s", exc, extra={"file_only": True})
+            print(f"forge: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"forge: published to {repo_url(hub.repo)}")
     return 0

@@ -16,6 +16,7 @@ SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pou
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 MASK = "***"
 _extra_env: set[str] = set()
+_extra_values: set[str] = set()
 
 
 def register_secret_env(name: str | None) -> None:
@@ -24,8 +25,14 @@ def register_secret_env(name: str | None) -> None:
         _extra_env.add(name)
 
 
+def register_secret_value(value: str | None) -> None:
+    """Also mask this value (a token read from a file, e.g. the saved Hugging Face login)."""
+    if value:
+        _extra_values.add(value)
+
+
 def _live_values() -> list[str]:
-    values = [os.environ.get(n) for n in (*SECRET_ENV, *_extra_env)]
+    values = [os.environ.get(n) for n in (*SECRET_ENV, *_extra_env)] + sorted(_extra_values)
     return [v for v in values if v and len(v) >= 6]
 
 

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from forge.cluster.state import ACTIVE, SlurmError, job_states, live_states, shard_complete
 from forge.config import ForgeConfig, register_configs, validate
+from forge.hub import HubPublisher, publish_final, publish_progress
 from forge.output import write_json_atomic
 from forge.progress import aggregate_progress
 
@@ -78,6 +79,8 @@ class MonitorJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         jobs = {job: int(shard) for shard, job in shard_jobs.items()}
         misses = 0
+        hub = HubPublisher.for_run_dir(out)  # output.hub_repo: this job publishes while the array runs
+        last_done = None
         while True:
             try:
                 live = live_states([array_id])
@@ -102,6 +105,11 @@ class MonitorJob(submitit.helpers.Checkpointable):
                 waiting,
                 summary["output_tokens_per_s"],
             )
+            if hub:
+                try:
+                    last_done = publish_progress(hub, last_done)
+                except Exception as exc:  # finalize (or a re-run) uploads what is left
+                    log.warning("monitor: hub upload failed (%s); will try again", exc)
             if not any(st in ACTIVE for st in states.values()):
                 break
             time.sleep(interval)
@@ -127,8 +135,11 @@ class FinalizeJob:
         if missing:
             raise ShardFailed(f"finalize: shard(s) {missing} are not complete in {out}")
         stats = merge_stats(out)
-        write_card(out)
+        hub = HubPublisher.for_run_dir(out)
+        write_card(out, hub.target.repo if hub else None)
         aggregate_progress(out)
+        if hub:  # before finalized.json: a failed upload leaves finalize to be re-submitted
+            publish_final(out, hub.target)
         done = {"finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_written": stats["rows_written"]}
         write_json_atomic(out / "slurm" / "finalized.json", done)
         print(f"forge: finalized {out}: {stats['rows_written']} rows; stats: {out / 'stats.json'}", flush=True)

@@ -36,6 +36,7 @@ from forge.cluster.state import (
 )
 from forge.config import ConfigError, ForgeConfig, OnChange, gpus_per_task, slug
 from forge.dataset import DatasetError
+from forge.hub import HubError, preflight, target_from
 from forge.output import RunChanged
 from forge.progress import aggregate_progress
 
@@ -153,7 +154,10 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict) -> int:
         return 1
     try:
         prepare_run(cfg)
-    except (ConfigError, DatasetError, RunChanged) as exc:
+        hub = target_from(cfg.output)
+        if hub:
+            preflight(hub)  # a bad token fails now, not in a job after GPU hours
+    except (ConfigError, DatasetError, RunChanged, HubError) as exc:
         _say(f"error: {exc}")
         return 2
     pending = [s for s in range(c.tasks) if not shard_complete(out, s)]

@@ -260,3 +260,39 @@ def test_multirun_submits_every_point_without_blocking(tmp_path: Path, cpu_serve
         _assert_exactly_once(point, 10)
         saved = yaml.safe_load((point / "config.yaml").read_text())
         assert f"run.max_in_flight={saved['run']['max_in_flight']}" == point.name
+
+
+def test_hub_upload_from_the_monitor_and_finalize_jobs(tmp_path: Path, cpu_server: dict) -> None:
+    """On Slurm the array tasks never publish; the monitor job commits finished chunks while they
+    run and finalize commits the rest with the card. FakeHub is the Hub's TEST DOUBLE
+    (tests/fake_hub.py); the jobs reach it through the exported HF_ENDPOINT."""
+    from fake_hub import FakeHub
+
+    token = "hf_" + os.urandom(17).hex()
+    n_docs, repo = 30, "forge-tester/slurm-synth"
+    out = tmp_path / "run"
+    with FakeHub({token: "write"}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+        env["HF_HOME"] = str(tmp_path / "hf_home")
+        args = _slurm_args(_docs(tmp_path, n_docs), out, 2, *endpoint_args(cpu_server), "run.max_in_flight=2")
+        args += [
+            f"output.hub_repo={repo}",
+            "output.hub_commits_per_hour=3600",
+            "cluster.monitor_interval_s=1",
+            "cluster.wait=true",
+        ]
+        proc = forge_cli(args, tmp_path, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        files = hub.files(repo)
+        local = {f"data/{p.name}": p.read_bytes() for p in (out / "data").glob("*.parquet")}
+        assert {k: v for k, v in files.items() if k.startswith("data/")} == local
+        added = Counter(p for c in hub.commits for p in c["added"] if p.endswith(".parquet"))
+        assert set(added.values()) == {1}
+        times = [c["time"] for c in hub.commits]
+        assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False)), times
+        card = files["README.md"].decode()
+        assert "## Statistics" in card and f'load_dataset("{repo}"' in card
+        _assert_exactly_once(out, n_docs)
+        for path in out.rglob("*"):
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), f"token in {path}"
