@@ -59,6 +59,11 @@ def _samples(out_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _v(value: Any) -> str:
+    """A config value in the card: `value`, or "default" where it was left unset."""
+    return "default" if value is None else f"`{value}`"
+
+
 def _clip(text: str) -> str:
     text = redact_text(text)
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " …"
@@ -154,15 +159,16 @@ def render_card(out_dir: Path, hub_repo: str | None = None, progress: dict[str, 
         "",
         "| | |",
         "|---|---|",
-        f"| source dataset | `{ds['name']}` (config `{ds.get('config')}`, split `{ds.get('split')}`, "
-        f"revision `{ds.get('revision')}`), prompt column `{ds.get('prompt_column')}` |",
-        f"| model | `{model['name_or_path']}` (revision `{model.get('revision')}`) |",
+        f"| source dataset | `{ds['name']}` (config {_v(ds.get('config'))}, split {_v(ds.get('split'))}, "
+        f"revision {_v(ds.get('revision'))}), prompt column {_v(ds.get('prompt_column'))} |",
+        f"| model | `{model['name_or_path']}` (revision {_v(model.get('revision'))}) |",
         f"| engine | `{model['engine']}` ({engine_version or 'version not reported'}) |",
         f"| parallelism | tp {model['tp']}, pp {model['pp']}, dp {model['dp']}; "
         f"{cfg['cluster'].get('tasks', 1)} task(s) on `{cfg['cluster'].get('name')}` |",
         f"| speculative decoding | {json.dumps(model.get('speculative')) if model.get('speculative') else 'none'} |",
-        f"| engine settings | max_model_len {model.get('max_model_len')}, max_num_seqs {model.get('max_num_seqs')}, "
-        f"kv_cache_dtype {model.get('kv_cache_dtype')}, quantization {model.get('quantization')} |",
+        f"| engine settings | max_model_len {_v(model.get('max_model_len'))}, "
+        f"max_num_seqs {_v(model.get('max_num_seqs'))}, kv_cache_dtype {_v(model.get('kv_cache_dtype'))}, "
+        f"quantization {_v(model.get('quantization'))} |",
         f"| sampling | {', '.join(f'{k}={json.dumps(v)}' for k, v in gen.items())} |",
         f"| config hash | `{config_hash}` (sha256 of config.yaml) |",
         "",

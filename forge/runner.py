@@ -311,13 +311,19 @@ def prepare_run(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, Any]]:
     wanted = manifest(cfg, source)
     try:
         check_manifest(out_dir, wanted)
-    except RunChanged:
-        if cfg.output.on_change != OnChange.fresh:
-            raise
-        moved = move_aside(out_dir)
-        log.warning("output.on_change=fresh: previous results moved to %s", moved)
-        check_manifest(out_dir, wanted)
+    except RunChanged as exc:
+        start_fresh(cfg, wanted, "previous results", exc)
     return source, template, wanted
+
+
+def start_fresh(cfg: ForgeConfig, wanted: dict[str, Any], what: str, changed: RunChanged) -> None:
+    """output.on_change=fresh: move the changed run aside and start over; else raise `changed`."""
+    if cfg.output.on_change != OnChange.fresh:
+        raise changed
+    out_dir = Path(cfg.output.dir)
+    moved = move_aside(out_dir)
+    log.warning("output.on_change=fresh: %s moved to %s", what, moved)
+    check_manifest(out_dir, wanted)
 
 
 def _run_async(coro: Any) -> Any:
@@ -372,12 +378,8 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
             for task in tasks:
                 try:
                     _run_async(run_task(cfg, task, source, template, model_path))
-                except RunChanged:
-                    if cfg.output.on_change != OnChange.fresh:
-                        raise
-                    moved = move_aside(out_dir)
-                    log.warning("output.on_change=fresh: input changed; previous results moved to %s", moved)
-                    check_manifest(out_dir, wanted)
+                except RunChanged as exc:
+                    start_fresh(cfg, wanted, "input changed; previous results", exc)
                     _run_async(run_task(cfg, task, source, template, model_path))
     except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError) as exc:
         if merge:

@@ -63,6 +63,24 @@ def forge_args(data: Path, out: Path, repo: str, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture
+def make_repo(hub: FakeHub, monkeypatch: pytest.MonkeyPatch):
+    """In-process huggingface_hub pointed at the double (no Xet there); returns a repo maker."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", WRITE)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+    def make(name: str) -> str:
+        repo = f"{USER}/{name}"
+        HfApi(endpoint=hub.url, token=WRITE).create_repo(repo, repo_type="dataset")
+        return repo
+
+    return make
+
+
 def docs(tmp_path: Path, n: int) -> Path:
     return write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i:03d}", "prompt": f"Say {i} in words."} for i in range(n)])
 
@@ -119,17 +137,8 @@ def _shard(path: Path, ids: list[str]) -> None:
     pq.write_table(pa.table({"id": ids}), path)
 
 
-def test_publisher_retries_paces_and_never_commits_a_chunk_twice(
-    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from huggingface_hub import HfApi, constants
-
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_TOKEN", WRITE)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    repo = f"{USER}/unit"
-    HfApi(endpoint=hub.url, token=WRITE).create_repo(repo, repo_type="dataset")
+def test_publisher_retries_paces_and_never_commits_a_chunk_twice(hub: FakeHub, tmp_path: Path, make_repo) -> None:
+    repo = make_repo("unit")
     target = HubTarget(repo, commits_per_hour=7200, backoff_s=0.05)  # 0.5 s apart
     out = tmp_path / "run"
     _shard(out / "data" / "00000_00000.parquet", ["a", "b"])
@@ -154,18 +163,11 @@ def test_publisher_retries_paces_and_never_commits_a_chunk_twice(
 
 
 def test_upload_failure_after_the_run_keeps_the_data_and_says_rerun(
-    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: FakeHub, tmp_path: Path, make_repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from huggingface_hub import HfApi, constants
-
     from forge.hub import HubError, publish_final
 
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_TOKEN", WRITE)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    repo = f"{USER}/fails"
-    HfApi(endpoint=hub.url, token=WRITE).create_repo(repo, repo_type="dataset")
+    repo = make_repo("fails")
     out = tmp_path / "run"
     _shard(out / "data" / "00000_00000.parquet", ["a"])
     (out / "config.yaml").write_text("dataset: {}\n")
