@@ -226,6 +226,15 @@ def run_point(cfg: ForgeConfig, overrides: list[str], launch: Callable[[], int])
     from forge.secrets import redact
 
     point = Path(cfg.output.dir)
+    if cfg.output.hub_repo and not any(o.lstrip("+").startswith("output.hub_repo=") for o in overrides):
+        config_failed(
+            point,
+            overrides,
+            f"output.hub_repo: every point of this sweep would publish its chunks to {cfg.output.hub_repo}, "
+            "mixing their rows; sweep output.hub_repo along with the grid or publish a single run",
+        )
+        print(f"forge: sweep point {point}: refused, output.hub_repo is shared by every point", file=sys.stderr)
+        return _outcomes[-1]
     outcome = settled(point, cfg)
     if outcome:
         why = "finished earlier" if outcome.status == "finished" else f"failed earlier ({outcome.failure.cls.value})"

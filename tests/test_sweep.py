@@ -243,3 +243,15 @@ def test_slurm_sweep_classifies_from_task_logs_and_skips_on_rerun(tmp_path: Path
     assert again.returncode == 1, again.stdout + again.stderr
     assert "skipped, finished earlier" in again.stderr and "skipped, failed earlier (server_failure)" in again.stderr
     assert {p: (p / "slurm" / "jobs.json").read_text() for p in (ok, bad)} == jobs  # nothing submitted
+
+
+def test_a_sweep_refuses_to_publish_every_point_to_one_repo(tmp_path: Path) -> None:
+    from forge.sweep import run_point
+
+    cfg = to_schema(_compose("output.hub_repo=me/set", f"output.dir={tmp_path / 'p'}"))
+    launched = []
+    outcome = run_point(cfg, ["model.max_num_seqs=8"], lambda: launched.append(1) or 0)
+    assert not launched and outcome.status == "failed" and "output.hub_repo" in outcome.failure.line
+    # swept along with the grid, each point has its own repo: it runs
+    outcome = run_point(cfg, ["output.hub_repo=me/set", "model.max_num_seqs=8"], lambda: launched.append(1) or 2)
+    assert launched == [1]
