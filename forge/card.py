@@ -130,7 +130,9 @@ def render_card(out_dir: Path, hub_repo: str | None = None, progress: dict[str, 
     last = stats.get("last_sessions") or [{}]
     engine_version = next((s.get("engine_version") for s in last if s.get("engine_version")), None)
     rows, docs_in = stats["rows_written"], stats["documents_in"]
-    hub_source = not Path(str(ds["name"])).expanduser().exists() and "://" not in str(ds["name"])
+    name = str(ds["name"])  # a Hub id is `name` or `org/name`; anything else is a local path
+    hub_source = not Path(name).expanduser().exists() and "://" not in name
+    hub_source = hub_source and not name.startswith(("/", ".", "~")) and name.count("/") <= 1
     header = {
         "pretty_name": f"{Path(out_dir).name} (forge)",
         "tags": ["synthetic", "forge"],
