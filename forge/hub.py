@@ -306,6 +306,7 @@ class HubPublisher:
         newest = max((c.created_at.timestamp() for c in commits), default=None)
         if newest is not None and (not self.state["commits"] or newest > self.state["commits"][-1]):
             self.state["commits"].append(newest)
+        self._save_state()  # sync() reloads the state file: keep what the listing found
         self.reconciled = True
 
     def pending(self) -> dict[str, Path]:
