@@ -2,7 +2,7 @@
 
 Reads each point dir under RUNS_DIR (config.yaml, stats.json, command.json, sweep_point.json) and
 writes sweep.csv, sweep.md, one PNG per figure and, per model, a conf/model YAML holding the best
-point's `model:` section. Throughput is what stats.json measured from engine-ready to the last
+point's `model:` section. Throughput is what stats.json measured from the first request to the last
 answer (start-up excluded; it has its own column), summed over a point's tasks; per-GPU figures
 divide by the GPUs the tasks held (tp * pp * dp each), and a CPU-engine task counts as 1 device so
 CPU sweeps get figures too. Failed points keep their row, with the failure class and no figures.
@@ -201,7 +201,7 @@ def markdown(points: list[Point], name: str) -> str:
     lines = [
         f"## Sweep {name}: {len(points)} point(s), {sum(p.status == 'finished' for p in points)} finished",
         "",
-        "tok/s from engine-ready to the last answer (start-up excluded), summed over a point's tasks; per GPU = "
+        "tok/s from the first request to the last answer (start-up excluded), summed over a point's tasks; per GPU = "
         "over the GPUs the tasks held (tp x pp x dp each); **a CPU-engine task counts as 1 device**. "
         "GPU-days per 1B output tokens = 1e9 / (output tok/s per GPU) / 86400; GPUs for 1B output "
         "tokens/hour = 1e9 / 3600 / (output tok/s per GPU). Start-up: the slowest task's. * = best per model.",

@@ -10,6 +10,11 @@ answers share one transaction, and each caller resumes once its answer is on dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
+import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,65 @@ from typing import Any
 import aiosqlite
 import orjson
 import xxhash
+
+log = logging.getLogger("forge.cache")
+SIDE_FILES = ("-wal", "-shm", "-journal")
+FULL_CHECK_BYTES = 256 << 20
+DAMAGED = re.compile(r"not a database|malformed|no such table|no such column|corrupt", re.I)
+
+
+class CacheWriteError(OSError):
+    """The cache could not be written (disk full, read-only): the message names the file."""
+
+
+def _suspect_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".suspect")
+
+
+def check_cache(path: Path) -> Path | None:
+    """Check a request cache before any engine starts. A damaged one (overwritten header, torn
+    pages, not a database) is moved aside with its -wal/-shm files and its path returned: the run
+    goes on without it (rows in shards count as done; only the missing ones are generated again).
+
+    A cache up to FULL_CHECK_BYTES (or one a run found damaged mid-way) gets sqlite's quick_check;
+    a larger one its header, schema and first and last rows, so a resume never spends minutes here.
+    """
+    if not path.exists():
+        return None
+    marker = _suspect_marker(path)
+    full = marker.exists() or path.stat().st_size <= FULL_CHECK_BYTES
+    problem = None
+    try:
+        # read-write, as the run will open it (the shard lock keeps other writers out)
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            result = db.execute("PRAGMA quick_check").fetchone() if full else ("ok",)
+            if not result or result[0] != "ok":
+                problem = f"quick_check says {result[0] if result else 'nothing'}"
+            else:
+                db.execute("SELECT key, value FROM answers ORDER BY rowid LIMIT 1").fetchall()
+                db.execute("SELECT key, value FROM answers ORDER BY rowid DESC LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if not DAMAGED.search(str(exc)):  # locked, unreadable, disk I/O: not the file's fault
+            raise CacheWriteError(f"{path}: cannot open the request cache: {exc}") from None
+        problem = str(exc)
+    if problem is None:
+        marker.unlink(missing_ok=True)
+        return None
+    marker.unlink(missing_ok=True)
+    dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(dest)
+    for suffix in SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.replace(dest.with_name(dest.name + suffix))
+    log.warning(
+        "request cache %s is damaged (%s); moved it to %s and going on without it: rows already in "
+        "shards count as done, the missing ones are generated again",
+        path,
+        problem,
+        dest,
+    )
+    return dest
 
 
 def request_key(body: dict[str, Any], identity: dict[str, Any], rollout: int) -> str:
@@ -37,20 +101,30 @@ class RequestCache:
     async def __aenter__(self) -> RequestCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = await aiosqlite.connect(self.path)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=NORMAL")
-        await self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        await self.db.commit()
+        try:
+            await self.db.execute("PRAGMA journal_mode=WAL")
+            await self.db.execute("PRAGMA synchronous=NORMAL")
+            await self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            await self.db.commit()
+        except sqlite3.Error as exc:
+            # close, or aiosqlite's worker thread keeps the process alive after the error
+            await self.db.close()
+            self.db = None
+            raise CacheWriteError(f"{self.path}: cannot open the request cache: {exc}") from None
         self._writer = asyncio.create_task(self._write_loop())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
         self._wake.set()
-        if self._writer:
-            await self._writer
-        if self.db:
-            await self.db.close()
+        try:
+            if self._writer:  # a write error already reached every caller waiting on it
+                await asyncio.gather(self._writer, return_exceptions=True)
+        finally:
+            if self.db:  # always: aiosqlite's thread would keep the process alive
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.close()
+                self.db = None
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         keys = list(keys)
@@ -59,10 +133,25 @@ class RequestCache:
         for start in range(0, len(keys), 500):
             part = keys[start : start + 500]
             marks = ",".join("?" * len(part))
-            async with self.db.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", part) as cur:
-                async for key, value in cur:
-                    found[key] = orjson.loads(value)
+            try:
+                async with self.db.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", part) as cur:
+                    async for key, value in cur:
+                        found[key] = orjson.loads(value)
+            except sqlite3.DatabaseError as exc:
+                raise self._failed("read", exc) from None
         return found
+
+    def _failed(self, what: str, exc: sqlite3.Error) -> CacheWriteError:
+        """One line for a cache that fails mid-run; a damaged one is checked in full next time
+        (and moved aside), so the same command goes on."""
+        if DAMAGED.search(str(exc)):
+            with contextlib.suppress(OSError):
+                _suspect_marker(self.path).touch()
+            return CacheWriteError(
+                f"{self.path}: the request cache is damaged ({exc}); re-run the same command: it is checked "
+                "and moved aside, and the rows not in shards are generated again"
+            )
+        return CacheWriteError(f"{self.path}: cannot {what} the request cache: {exc}")
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         """Returns once the answer is committed."""
@@ -84,15 +173,23 @@ class RequestCache:
                     )
                     await self.db.commit()
                 except Exception as exc:  # surface to every waiter, then stop
+                    if isinstance(exc, sqlite3.Error):
+                        exc = self._failed("write", exc)
                     for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
-                    raise
+                    raise exc from None
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
             if self._closing and not self._pending:
                 return
+
+    async def any(self) -> bool:
+        """Whether any answer is cached (cheap, unlike count() on a big cache)."""
+        assert self.db is not None
+        async with self.db.execute("SELECT 1 FROM answers LIMIT 1") as cur:
+            return await cur.fetchone() is not None
 
     async def count(self) -> int:
         assert self.db is not None

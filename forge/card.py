@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from forge.output import shard_files, write_json_atomic
-from forge.secrets import redact, redact_text
+from forge.secrets import redact, redact_override, redact_text
 
 SAMPLE_ROWS = 3
 SAMPLE_CHARS = 400
@@ -24,7 +24,7 @@ SAMPLE_CHARS = 400
 
 def record_command(out_dir: Path, overrides: list[str]) -> None:
     """Save the overrides that reproduce this run (shown in the card)."""
-    write_json_atomic(out_dir / "command.json", {"overrides": redact(list(overrides))})
+    write_json_atomic(out_dir / "command.json", {"overrides": [redact_override(o) for o in overrides]})
 
 
 def reproduce_command(out_dir: Path) -> str:

@@ -118,17 +118,41 @@ def sweep_point_dir(base: str, overrides: list[str], keys: set[str]) -> str:
     return str(Path(base) / name)
 
 
-def _launch(typed: ForgeConfig, cfg: DictConfig) -> int:
-    """Run the shards here, or submit them to Slurm; returns the exit code."""
+def _given(argv: list[str], key: str) -> bool:
+    """Whether the command line sets `key` (`key=...`, `+key=...`, `++key=...`, swept or not)."""
+    return any(not a.startswith(("-", "~")) and "=" in a and a.split("=", 1)[0].lstrip("+") == key for a in argv)
+
+
+def sweep_base_dir(argv: list[str], output_dir: str, sweep_dir: str) -> tuple[str, str | None]:
+    """Where a multirun's points go (each in `<base>/<point name>`), and a note to print, if any.
+
+    output.dir names the base; `hydra.sweep.dir=X` on the command line moves it to X, unless
+    output.dir is on the command line too: then output.dir wins and the note says X is ignored.
+    """
+    if not _given(argv, "hydra.sweep.dir"):
+        return output_dir, None
+    if _given(argv, "output.dir"):
+        return output_dir, (
+            f"forge: hydra.sweep.dir={sweep_dir} is ignored: output.dir={output_dir} names where the sweep points go"
+        )
+    return sweep_dir, None
+
+
+_noted: list[str] = []  # the sweep-dir note, printed once: Hydra runs every point in this process
+
+
+def _launch(typed: ForgeConfig, cfg: DictConfig, overrides: list[str]) -> int:
+    """Run the shards here, or submit them to Slurm; returns the exit code. The overrides go
+    into command.json once the run is accepted (a refused command writes nothing)."""
     from forge.config import Backend
 
     if typed.cluster.backend == Backend.slurm:
         from forge.cluster.slurm import submit
 
-        return submit(typed, cfg)
+        return submit(typed, cfg, overrides)
     from forge.runner import run_forge
 
-    return run_forge(typed, cfg)
+    return run_forge(typed, cfg, overrides=overrides)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -142,7 +166,11 @@ def _task(cfg: DictConfig) -> None:
     if multirun:  # every point gets its own run dir, or points would mix
         params = hc.sweeper.get("params")
         keys = swept_keys(sys.argv[1:], OmegaConf.to_container(params) if params is not None else None)
-        cfg.output.dir = sweep_point_dir(cfg.output.dir, list(hc.overrides.task), keys)
+        base, note = sweep_base_dir(sys.argv[1:], cfg.output.dir, str(hc.sweep.dir))
+        if note and not _noted:
+            _noted.append(note)
+            print(note, file=sys.stderr)
+        cfg.output.dir = sweep_point_dir(base, list(hc.overrides.task), keys)
     try:
         typed = to_schema(cfg)
     except ConfigError as exc:
@@ -152,17 +180,20 @@ def _task(cfg: DictConfig) -> None:
         sweep.config_failed(Path(cfg.output.dir), list(hc.overrides.task), str(exc))
         return
     if multirun:  # skips settled points; one point's failure never ends the sweep (forge/sweep.py)
-        sweep.run_point(typed, list(hc.overrides.task), lambda: _launch(typed, cfg))
+        overrides = list(hc.overrides.task)
+        sweep.run_point(typed, overrides, lambda: _launch(typed, cfg, overrides))
         return
-    from forge.card import record_command
-
-    record_command(Path(typed.output.dir), list(hc.overrides.task))
-    code = _launch(typed, cfg)
+    code = _launch(typed, cfg, list(hc.overrides.task))
     if code:
         sys.exit(code)
 
 
 def main() -> None:
+    from forge.secrets import guard_std_streams, register_override_secrets
+
+    # before anything can print: secret values on the command line are masked in every stream
+    register_override_secrets(sys.argv[1:])
+    guard_std_streams()
     register_configs()
     error = precheck(sys.argv[1:])
     if error:

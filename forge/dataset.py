@@ -2,8 +2,10 @@
 `save_to_disk` directories. Config: conf/dataset.
 
 Rows stream (nothing is held in memory) and carry their position, so a task reads only its
-shard (position % tasks). A row that cannot be parsed (bad JSON line, bad encoding) becomes a
-row with an `error`, to be quarantined with its file and line, never dropped or fatal.
+shard (position % tasks). A row that cannot be parsed (bad JSON line, bad encoding, a CSV line
+with more or fewer fields than the header) becomes a row with an `error`, to be quarantined with
+its file and line, never dropped or fatal. A compressed file that breaks off (truncated .jsonl.gz)
+is read up to the break, which becomes one error row.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import glob
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ from forge.config import DatasetConfig
 
 SAMPLE_PREFIX = "forge://"
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".arrow", ".jsonl.gz", ".json.gz")
+# what gzip raises on a truncated or damaged stream (gzip.BadGzipFile is an OSError)
+GZIP_ERRORS = (EOFError, zlib.error, OSError)
+# csv's default field limit (128 KiB) would refuse a whole file over one long document
+CSV_FIELD_LIMIT = 1 << 30
 
 
 class DatasetError(ValueError):
@@ -47,10 +54,15 @@ def _suffix(path: str) -> str:
     return Path(path).suffix
 
 
+def _broken(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
-    opener = gzip.open if path.endswith(".gz") else open
+    gz = path.endswith(".gz")
+    opener = gzip.open if gz else open
     with opener(path, "rb") as fh:
-        head = fh.read(1)
+        head = fh.read(1)  # a gzip file damaged from its first byte raises here: the run stops naming it
         while head and head.isspace():
             head = fh.read(1)
         fh.seek(0)
@@ -59,6 +71,12 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
                 items = json.load(io.TextIOWrapper(fh, encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise DatasetError(f"{path}: not valid JSON: {exc}") from exc
+            except GZIP_ERRORS as exc:
+                if not gz:
+                    raise
+                raise DatasetError(
+                    f"{path}: the file is truncated or corrupt ({_broken(exc)}); a JSON array cannot be read in part"
+                ) from exc
             for i, item in enumerate(items):
                 yield (
                     (item if isinstance(item, dict) else None),
@@ -66,7 +84,27 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
                     (None if isinstance(item, dict) else f"item is {type(item).__name__}, not an object"),
                 )
             return
-        for lineno, raw in enumerate(fh, start=1):
+        lines = iter(fh)
+        lineno = 0
+        while True:
+            try:
+                raw = next(lines)
+                if gz and not raw.endswith(b"\n"):
+                    # an unterminated last line counts only if the stream then ends cleanly
+                    next(lines, None)
+            except StopIteration:
+                return
+            except GZIP_ERRORS as exc:
+                if not gz:
+                    raise
+                yield (
+                    None,
+                    f"{path}:{lineno + 1}",
+                    f"file is truncated or corrupt from this line on ({_broken(exc)}); "
+                    "the rest of the file could not be read",
+                )
+                return
+            lineno += 1
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -120,14 +158,26 @@ def _read_arrow(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any],
                 row += 1
 
 
-def _read_csv(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
+def _read_csv(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
+    """Rows by header name; a line with more or fewer fields than the header is an error row
+    (csv.DictReader would drop the extra fields, or fill the missing ones with None)."""
     delimiter = "\t" if path.endswith(".tsv") else ","
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(path, newline="", encoding="utf-8-sig", errors="strict") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        _require_columns(path, reader.fieldnames or [], columns)
+        reader = csv.reader(fh, delimiter=delimiter)
         try:
-            for item in reader:
-                yield item, f"{path}:line {reader.line_num}", None
+            names = next(reader, None) or []
+            _require_columns(path, names, columns)
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line
+                where = f"{path}:line {reader.line_num}"
+                if len(fields) != len(names):
+                    plural = "s" if len(fields) != 1 else ""
+                    yield None, where, f"line has {len(fields)} field{plural}; the header has {len(names)}"
+                    continue
+                yield dict(zip(names, fields, strict=True)), where, None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DatasetError(f"{path}: unreadable CSV near line {reader.line_num}: {exc}") from exc
 
@@ -248,7 +298,10 @@ class Source:
         limit = self.cfg.max_examples
         streams = [self._file_rows(f) for f in self.files] if self.files else [self._hf_rows()]
         if self.files and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
-            self._check_json_keys(self.files[0])
+            try:
+                self._check_json_keys(self.files[0])
+            except (OSError, EOFError, zlib.error) as exc:  # e.g. a gzip file damaged from its first byte
+                raise DatasetError(f"{self.files[0]}: cannot read: {exc}") from exc
         index = 0
         for path, stream in zip(self.files or [self.cfg.name], streams, strict=True):
             try:
@@ -260,5 +313,5 @@ class Source:
                     index += 1
             except DatasetError:
                 raise
-            except (OSError, ValueError, EOFError) as exc:  # corrupt parquet/arrow/gzip, unreadable file
+            except (OSError, ValueError, EOFError, zlib.error) as exc:  # corrupt parquet/arrow/gzip, unreadable file
                 raise DatasetError(f"{path}: cannot read: {exc}") from exc

@@ -20,12 +20,15 @@ from typing import Any
 
 from forge.cache import RequestCache
 from forge.config import GenerationConfig
-from forge.engine import ChatClient, RequestFailed, RequestRejected
+from forge.engine import ChatClient, EngineError, RequestFailed, RequestRejected
 from forge.engine.client import Completion
 from forge.output import ChunkWriter
 
 log = logging.getLogger("forge.generate")
 LOOKUP_BATCH = 256
+# this many requests failing in a row (retries used up, none answered between) means the engine
+# is gone, not that rows are bad: stop rather than quarantine every row left
+FAILED_IN_A_ROW = 16
 
 
 @dataclass
@@ -40,7 +43,7 @@ class WorkItem:
 
 @dataclass
 class Reject:
-    key: str
+    id: str  # the row id, or @file:line when the row has no usable id
     rollout: int
     stage: str
     reason: str
@@ -65,6 +68,7 @@ class SessionStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated: int = 0
+    content_null: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
     first_send: float | None = None
     last_answer: float | None = None
@@ -117,6 +121,7 @@ class Generator:
         self.stats = SessionStats()
         self.on_row_done = on_row_done or (lambda key, whole=False: None)
         self.on_tokens = lambda n: None
+        self._failed_in_a_row = 0
 
     @staticmethod
     def empty_stats() -> SessionStats:
@@ -136,6 +141,27 @@ class Generator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def replay(self, plan: Iterable[WorkItem | Reject]) -> list[tuple[str, int]]:
+        """Before any engine starts: settle rejects and cached answers in plan order, up to the
+        first item that must be sent. Returns the (id, rollout) pairs settled (rollout -1: the
+        whole row). Nothing is planned twice: the caller takes these out of what the engine gets."""
+        settled: list[tuple[str, int]] = []
+        for batch in _batched(plan, LOOKUP_BATCH):
+            items = [x for x in batch if isinstance(x, WorkItem)]
+            hits = await self.cache.get_many(it.cache_key for it in items) if items else {}
+            for x in batch:
+                if isinstance(x, Reject):
+                    await self._reject(x)
+                    settled.append((x.id, x.rollout))
+                    continue
+                hit = hits.get(x.cache_key)
+                if hit is None:
+                    return settled
+                self.stats.cache_hits += 1
+                await self._settle(x, hit, from_cache=True)
+                settled.append((x.key, x.rollout))
+        return settled
 
     async def _feed(self, plan: Iterable[WorkItem | Reject], queue: asyncio.Queue, n_workers: int) -> None:
         for batch in _batched(plan, LOOKUP_BATCH):
@@ -168,7 +194,14 @@ class Generator:
                 answer = {"error": {"status": exc.status, "message": exc.message}}
             except RequestFailed as exc:
                 await self._reject(Reject(item.key, item.rollout, "request", str(exc), retryable=True))
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= max(FAILED_IN_A_ROW, self.max_in_flight):
+                    raise EngineError(
+                        f"the engine stopped answering: {self._failed_in_a_row} requests in a row failed after "
+                        f"their retries (last: {exc}); re-run the same command once it is back (those rows are retried)"
+                    ) from None
                 continue
+            self._failed_in_a_row = 0
             self.stats.last_answer = time.monotonic()
             await self.cache.put(item.cache_key, answer)
             await self._settle(item, answer, from_cache=False)
@@ -188,12 +221,17 @@ class Generator:
             self.on_tokens(c.completion_tokens)
         s.finish_reasons[c.finish_reason] += 1
         s.truncated += item.truncated
+        if c.content_null:
+            s.content_null += 1
+            if s.content_null == 1:
+                log.warning("row %s: the answer's content is null; written as '' with content_null=true", item.key)
         await self.data.add(
             {
                 "id": item.key,
                 "rollout": item.rollout,
                 "messages": item.body["messages"],
                 "text": c.text,
+                "content_null": c.content_null,
                 "reasoning": c.reasoning,
                 "finish_reason": c.finish_reason,
                 "length_stopped": c.finish_reason == "length",
@@ -209,7 +247,7 @@ class Generator:
     async def _reject(self, r: Reject) -> None:
         self.stats.rejected[r.stage] += 1
         await self.rejected.add(r.row())
-        self.on_row_done(r.key, r.rollout < 0)
+        self.on_row_done(r.id, r.rollout < 0)
 
 
 def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:

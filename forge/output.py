@@ -9,6 +9,7 @@ renamed, so a kill leaves whole shards or none. What is done is read back from t
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -27,6 +28,7 @@ DATA_SCHEMA = pa.schema(
         ("rollout", pa.int32()),
         ("messages", pa.list_(MESSAGE)),
         ("text", pa.string()),
+        ("content_null", pa.bool_()),  # the engine answered with content null (text is "")
         ("reasoning", pa.string()),
         ("finish_reason", pa.string()),
         ("length_stopped", pa.bool_()),
@@ -41,7 +43,7 @@ DATA_SCHEMA = pa.schema(
 )
 REJECT_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),  # the row's id, or @file:line when it has no usable id
+        ("id", pa.string()),  # the row's id, or @file:line when it has no usable id
         ("rollout", pa.int32()),  # -1: the whole row (all rollouts)
         ("stage", pa.string()),  # input | prompt | request
         ("reason", pa.string()),
@@ -58,7 +60,39 @@ class RunChanged(RuntimeError):
 
 
 class OutputError(RuntimeError):
-    """A file in the run dir that forge cannot read; the message names it and what to do."""
+    """A file in the run dir that forge cannot read or write; the message names it and what to do."""
+
+
+def write_failed(path: Path, exc: OSError) -> OutputError:
+    """One line for a failed write: the path, the cause, and that a re-run picks up from there."""
+    why = exc.strerror or str(exc)
+    full = exc.errno == errno.ENOSPC or "No space left" in str(exc)
+    hint = "free some space" if full else "fix that"
+    return OutputError(f"cannot write {path}: {why}; {hint} and re-run the same command to resume")
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """output.dir must be a directory forge can create and write: checked before any engine
+    starts, creating nothing (a refused command leaves no trace)."""
+    existing = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        where = "" if existing == out_dir else f" ({existing} is in the way of {out_dir})"
+        raise OutputError(f"output.dir: {existing} is a file, not a directory{where}; pick another output.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        statvfs = os.statvfs(existing)
+        why = "a read-only file system" if statvfs.f_flag & os.ST_RDONLY else "not writable by this user"
+        raise OutputError(f"output.dir: cannot write to {existing}: {why}; pick another output.dir")
+
+
+def create_output_dir(out_dir: Path) -> None:
+    """Create output.dir for an accepted run; one line naming it if that fails."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OutputError(f"output.dir: cannot create {out_dir}: {why}; pick another output.dir") from None
 
 
 def shard_files(directory: Path, task: int | None = None) -> list[Path]:
@@ -72,11 +106,24 @@ def shard_files(directory: Path, task: int | None = None) -> list[Path]:
     return out
 
 
+# rejected/ shards written before forge 0.1 named the row `key`; read them as `id`
+OLD_NAMES = {"id": "key"}
+# data/ columns added since the first release; older shards read them as null
+ADDED_COLUMNS = {"content_null": pa.bool_()}
+
+
 def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, columns=columns))
+            names = pq.read_schema(f).names
+            old = {c: OLD_NAMES[c] for c in columns if c not in names and OLD_NAMES.get(c) in names}
+            added = [c for c in columns if c not in names and c in ADDED_COLUMNS]
+            wanted = [old.get(c, c) for c in columns if c not in added]
+            table = pq.read_table(f, columns=wanted).rename_columns([c for c in columns if c not in added])
+            for c in added:  # shards from before the column existed: null
+                table = table.append_column(c, pa.nulls(table.num_rows, ADDED_COLUMNS[c]))
+            tables.append(table.select(columns))
         except (pa.ArrowException, OSError) as exc:
             raise OutputError(
                 f"{f}: not a readable Parquet shard ({exc}). forge writes shards atomically, so it was damaged "
@@ -87,18 +134,28 @@ def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:
 
 
 def write_atomic(path: Path, table: pa.Table) -> None:
+    """Temp file, fsync, rename: a kill leaves the whole shard or none. A failed write (disk
+    full) removes its temp file and raises OutputError naming the shard."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
 
 
 def clean_temp_files(directory: Path) -> None:
@@ -151,9 +208,9 @@ def done_keys(data_dir: Path, rejected_dir: Path, task: int, retry_failed: bool)
     if table is not None:
         done.update(zip(table.column("id").to_pylist(), table.column("rollout").to_pylist(), strict=True))
     whole: set[str] = set()
-    table = read_columns(shard_files(rejected_dir, task), ["key", "rollout", "retryable"])
+    table = read_columns(shard_files(rejected_dir, task), ["id", "rollout", "retryable"])
     if table is not None:
-        columns = [table.column(c).to_pylist() for c in ("key", "rollout", "retryable")]
+        columns = [table.column(c).to_pylist() for c in ("id", "rollout", "retryable")]
         for key, rollout, retryable in zip(*columns, strict=True):
             if retryable and retry_failed:
                 continue
@@ -164,20 +221,42 @@ def done_keys(data_dir: Path, rejected_dir: Path, task: int, retry_failed: bool)
     return done, whole
 
 
+def produced_anything(out_dir: Path, task: int | None = None) -> bool:
+    """Whether the run dir holds rows (written or quarantined) of `task` (or of any task)."""
+    return bool(shard_files(out_dir / "data", task) or shard_files(out_dir / "rejected", task))
+
+
 def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Record the run's settings on first use; on a re-run, refuse to mix with other settings."""
+    """On a re-run, refuse to mix results made with other settings. Writes nothing: the
+    settings are pinned by record_manifest once the input has been read. A run that produced
+    no row pins nothing, so a corrected command after a typo is accepted."""
     path = out_dir / "forge_run.json"
     if not path.exists():
-        write_json_atomic(path, manifest)
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: unreadable ({exc}); move it away to accept the current settings") from None
     changes = _diff(old, json.loads(json.dumps(manifest, default=str)))
-    if changes:
+    if changes and produced_anything(out_dir):
         shown = "; ".join(changes[:5]) + ("; ..." if len(changes) > 5 else "")
         raise RunChanged(
             f"{out_dir} holds a run with other settings ({shown}). Re-run with output.on_change=fresh to "
             "move the old results aside and start over (cached answers are reused), or pick another output.dir."
         )
+
+
+def record_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Pin the run's settings (first accepted run, or one replacing settings that produced nothing)."""
+    path = out_dir / "forge_run.json"
+    wanted = json.loads(json.dumps(manifest, default=str))
+    if path.exists():
+        try:
+            if json.loads(path.read_text()) == wanted:
+                return
+        except (OSError, ValueError):
+            pass
+    write_json_atomic(path, wanted)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -190,18 +269,23 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def check_task_input(out_dir: Path, task: int, fingerprint: dict[str, Any]) -> None:
+    """Refuse a changed input under a task that already produced rows; else record it."""
     path = out_dir / "state" / f"task_{task:05d}.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != fingerprint:
+    if path.exists() and produced_anything(out_dir, task):
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old is not None and old != fingerprint:
             raise RunChanged(
                 f"the input of task {task} changed since {out_dir} was started "
                 f"({old.get('rows')} rows then, {fingerprint.get('rows')} now, or their content differs). "
                 "Re-run with output.on_change=fresh to start over (cached answers are reused), "
                 "or pick another output.dir."
             )
-    else:
-        write_json_atomic(path, fingerprint)
+        if old == fingerprint:
+            return
+    write_json_atomic(path, fingerprint)
 
 
 def move_aside(out_dir: Path) -> Path | None:
@@ -215,3 +299,35 @@ def move_aside(out_dir: Path) -> Path | None:
     for name in present:
         shutil.move(str(out_dir / name), str(dest / name))
     return dest
+
+
+def prune_rejected(rejected_dir: Path, data_dir: Path, task: int) -> int:
+    """Drop rows quarantined as retryable that a later session answered, so rejected/ and
+    stats.json agree. Each shard is rewritten atomically under its own name (emptied, never
+    deleted, so a published copy is replaced too). Returns the rows dropped."""
+    files = shard_files(rejected_dir, task)
+    if not files:
+        return 0
+    written = read_columns(shard_files(data_dir, task), ["id", "rollout"])
+    if written is None:
+        return 0
+    answered = set(zip(written.column("id").to_pylist(), written.column("rollout").to_pylist(), strict=True))
+    dropped = 0
+    for f in files:
+        table = read_columns([f], [n for n in REJECT_SCHEMA.names])
+        if table is None or not table.num_rows:
+            continue
+        keep = [
+            not (retry and (key, rollout) in answered)
+            for key, rollout, retry in zip(
+                table.column("id").to_pylist(),
+                table.column("rollout").to_pylist(),
+                table.column("retryable").to_pylist(),
+                strict=True,
+            )
+        ]
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        write_atomic(f, table.filter(pa.array(keep)).cast(REJECT_SCHEMA))
+    return dropped

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from forge.output import write_json_atomic
+from forge.output import OutputError, write_json_atomic
 
 log = logging.getLogger("forge.progress")
 console = Console(stderr=True)
@@ -106,6 +106,12 @@ class LiveProgress:
             self.bar.stop()
         log.info("%s", self.line())
 
+    def restart_clock(self) -> None:
+        """Rates and ETA count from here (generation starts after the engine is up)."""
+        self.t0 = time.monotonic()
+        self.start_done = self.done
+        self.tokens_out = 0
+
     def tokens_per_s(self) -> float:
         return self.tokens_out / max(time.monotonic() - self.t0, 1e-9)
 
@@ -140,7 +146,7 @@ class LiveProgress:
         }
         try:
             write_json_atomic(self.path, data)
-        except OSError as exc:  # progress is advisory; never stop the work for it
+        except (OSError, OutputError) as exc:  # progress is advisory; never stop the work for it
             log.debug("progress file not written: %s", exc)
 
     def finish(self, status: str) -> None:

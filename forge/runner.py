@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -20,8 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from rich.logging import RichHandler
 
-from forge.cache import RequestCache
-from forge.card import write_card
+from forge.cache import CacheWriteError, RequestCache, check_cache
+from forge.card import record_command, write_card
 from forge.config import ConfigError, EngineKind, ForgeConfig, ModelConfig, OnChange
 from forge.dataset import DatasetError, Source
 from forge.engine import ChatClient, Engine, EngineError, compile_cache, open_engine
@@ -45,14 +46,18 @@ from forge.output import (
     OutputError,
     RunChanged,
     check_manifest,
+    check_output_dir,
     check_task_input,
+    create_output_dir,
     done_keys,
     move_aside,
+    prune_rejected,
+    record_manifest,
 )
-from forge.plan import Planner
+from forge.plan import Planner, Scan
 from forge.progress import LiveProgress, console, task_progress_path
 from forge.prompt import LengthFitter, load_template
-from forge.secrets import RedactingFilter, redact, register_secret_env
+from forge.secrets import RedactingFilter, redact, register_config_secrets, register_secret_env
 from forge.stats import merge_stats, session_record, write_task_stats
 from forge.tiny_model import ensure_tiny_model
 from forge.tokenizer import Tokenizer, load_tokenizer
@@ -63,8 +68,17 @@ VLLM_ENGINES = (EngineKind.vllm, EngineKind.vllm_async)
 GPU_ENGINES = (*VLLM_ENGINES, EngineKind.sglang)
 
 
-def setup_logging(out_dir: Path, log_name: str = "forge.log") -> None:
-    """Rich lines on the terminal, plain lines in <run dir>/forge.log, secrets masked in both."""
+class RunLogHandler(logging.FileHandler):
+    """<run dir>/forge.log. A write that fails (disk full) is dropped silently: the failure that
+    caused it is reported once, as one line, not as a logging traceback per record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+
+def setup_logging(out_dir: Path | None = None, log_name: str = "forge.log") -> None:
+    """Rich lines on the terminal; with out_dir, also plain lines in <run dir>/forge.log (added
+    only once the run is accepted, so a refused command writes nothing). Secrets masked in both."""
     root = logging.getLogger("forge")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
@@ -76,14 +90,22 @@ def setup_logging(out_dir: Path, log_name: str = "forge.log") -> None:
     else:  # Slurm logs, CI, pipes: unwrapped plain lines
         term = logging.StreamHandler(sys.stderr)
         term.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    (out_dir / log_name).parent.mkdir(parents=True, exist_ok=True)
-    plain = logging.FileHandler(out_dir / log_name)
-    plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     term.addFilter(lambda record: not getattr(record, "file_only", False))
-    for h in (term, plain):
-        h.addFilter(RedactingFilter())
-        root.addHandler(h)
+    term.addFilter(RedactingFilter())
+    root.addHandler(term)
     root.propagate = False
+    if out_dir is not None:
+        attach_run_log(out_dir, log_name)
+
+
+def attach_run_log(out_dir: Path, log_name: str = "forge.log") -> Path:
+    path = out_dir / log_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = RunLogHandler(path)
+    plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    plain.addFilter(RedactingFilter())
+    logging.getLogger("forge").addHandler(plain)
+    return path
 
 
 def save_config(raw: DictConfig | dict, out_dir: Path) -> None:
@@ -216,12 +238,65 @@ def shard_lock(out_dir: Path, task: int):
             fh.truncate(0)
 
 
-async def run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
+async def run_task(
+    cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str, wanted: dict[str, Any]
+) -> str:
     with shard_lock(Path(cfg.output.dir), task):
-        return await _run_task(cfg, task, source, template, model_path)
+        return await _run_task(cfg, task, source, template, model_path, wanted)
 
 
-async def _run_task(cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str) -> str:
+def budget_for(cfg: ForgeConfig, context: int | None) -> int | None:
+    budget = context - cfg.generation.max_tokens if context else None
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
+    return budget
+
+
+def make_fitter(cfg: ForgeConfig, tokenizer: Tokenizer | None, reported: int | None, model_path: str) -> LengthFitter:
+    """The prompt-length fitter: the context is model.max_model_len, else what the engine
+    reports, else the model's config.json."""
+    context = cfg.model.max_model_len or reported or model_context(model_path)
+    template_kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
+    return LengthFitter(tokenizer, budget_for(cfg, context), cfg.prompt.on_overlong, template_kwargs)
+
+
+async def replay_cached(
+    cfg: ForgeConfig,
+    gen: Generator,
+    planner: Planner,
+    scan: Scan,
+    done: set[tuple[str, int]],
+    tokenizer: Tokenizer | None,
+    engine: Engine,
+    identity: dict[str, Any],
+    model_path: str,
+) -> None:
+    """Answers cached but not in shards (a deleted shard, a kill between cache and shard) are
+    written before any engine starts; if that leaves nothing to send, no engine starts at all."""
+    fitter = make_fitter(cfg, tokenizer, None, model_path)
+    settled = await gen.replay(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
+    settle_replayed(settled, scan.pending, done)
+    if not scan.pending:
+        log.info("every remaining row was replayed from the request cache; no engine started")
+
+
+def settle_replayed(settled: list[tuple[str, int]], pending: dict[str, int], done: set[tuple[str, int]]) -> None:
+    """Take rows settled from the cache (or rejected) before the engine started out of `pending`."""
+    for key, rollout in settled:
+        if key not in pending:
+            continue
+        if rollout < 0:
+            del pending[key]
+            continue
+        done.add((key, rollout))
+        pending[key] -= 1
+        if pending[key] <= 0:
+            del pending[key]
+
+
+async def _run_task(
+    cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str, wanted: dict[str, Any]
+) -> str:
     out_dir = Path(cfg.output.dir)
     tasks = cfg.cluster.tasks
     label = f"task {task}" if tasks > 1 else "forge"
@@ -229,7 +304,11 @@ async def _run_task(cfg: ForgeConfig, task: int, source: Source, template: str |
     done, whole = done_keys(data_dir, rej_dir, task, cfg.run.retry_failed)
     planner = Planner(cfg, source, task, tasks, template)
     scan = planner.scan(done, whole)
+    # the input reads with these settings: only now are they pinned (a typo pins nothing)
+    record_manifest(out_dir, wanted)
     check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
+    cache_path = out_dir / "cache" / f"task_{task:05d}.sqlite"
+    check_cache(cache_path)  # a damaged cache is moved aside before any engine starts
     finished_docs = scan.rows - len(scan.pending)
     log.info("%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units)
     if scan.rows == 0:
@@ -242,6 +321,7 @@ async def _run_task(cfg: ForgeConfig, task: int, source: Source, template: str |
     m = cfg.model
     gpus = m.tp * m.pp * m.dp if m.engine in GPU_ENGINES else 0
     if not scan.pending:
+        prune_rejected(rej_dir, data_dir, task)
         LiveProgress(label, scan.rows, scan.rows, False, 0, task_progress_path(out_dir, task)).finish("complete")
         write_task_stats(
             out_dir, task, scan.rows, session_record(Generator.empty_stats(), None, None, 0, gpus, "complete")
@@ -253,60 +333,81 @@ async def _run_task(cfg: ForgeConfig, task: int, source: Source, template: str |
     status = "failed"
     gen: Generator | None = None
     notes: dict[str, Any] = {}
+    identity = {
+        "model": model_path if m.name_or_path == TINY else m.name_or_path,
+        "revision": m.revision,
+        "engine": m.engine.value,
+    }
+    row_fields = {"model": m.name_or_path, "revision": m.revision, "engine": m.engine.value}
+    r = cfg.run
     try:
-        notes.update(await start_engine(engine, m))
-        tokenizer = await tokenizer_job
-        context = m.max_model_len or engine.reported_max_model_len or model_context(model_path)
-        budget = context - cfg.generation.max_tokens if context else None
-        if budget is not None and budget <= 0:
-            raise ConfigError(f"generation.max_tokens: {cfg.generation.max_tokens} >= the context of {context} tokens")
-        template_kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
-        fitter = LengthFitter(tokenizer, budget, cfg.prompt.on_overlong, template_kwargs)
-        notes.update(await size_in_flight(cfg, engine, planner, fitter))
-        identity = {
-            "model": model_path if m.name_or_path == TINY else m.name_or_path,
-            "revision": m.revision,
-            "engine": m.engine.value,
-        }
-        row_fields = {"model": m.name_or_path, "revision": m.revision, "engine": m.engine.value}
         data = ChunkWriter(data_dir, task, DATA_SCHEMA, cfg.output.examples_per_chunk)
         rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
-        r = cfg.run
-        async with RequestCache(out_dir / "cache" / f"task_{task:05d}.sqlite") as cache:
+        async with RequestCache(cache_path) as cache:
             bar = LiveProgress(
                 label, scan.rows, finished_docs, r.progress, r.log_every_s, task_progress_path(out_dir, task)
             )
-            in_flight = notes["in_flight"]
-            gen = Generator(None, cache, data, rejected, row_fields, in_flight, DocProgress(scan.pending, bar))
-            client = make_client(cfg, engine, tokenizer, in_flight, gen)
-            async with client:
-                gen.client = client
-                gen.on_tokens = lambda n: bar.advance(tokens_out=n)
-                try:
-                    with bar:
-                        await gen.run(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
-                    status = "complete"
-                except asyncio.CancelledError:
-                    status = "interrupted"
-                    raise
-                finally:
-                    await data.flush()
-                    await rejected.flush()
+            gen = Generator(None, cache, data, rejected, row_fields, 1, DocProgress(scan.pending, bar))
+            try:
+                with bar:
+                    if await cache.any():
+                        tokenizer = await tokenizer_job
+                        await replay_cached(cfg, gen, planner, scan, done, tokenizer, engine, identity, model_path)
+                    if scan.pending:
+                        notes.update(await start_engine(engine, m))
+                        fitter = make_fitter(cfg, await tokenizer_job, engine.reported_max_model_len, model_path)
+                        notes.update(await size_in_flight(cfg, engine, planner, fitter))
+                        gen.max_in_flight = notes["in_flight"]
+                        client = make_client(cfg, engine, fitter.tok, gen.max_in_flight, gen)
+                        bar.restart_clock()
+                        async with client:
+                            gen.client = client
+                            gen.on_tokens = lambda n: bar.advance(tokens_out=n)
+                            await gen.run(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
+                status = "complete"
+            except asyncio.CancelledError:
+                status = "interrupted"
+                raise
+            finally:
+                await _flush_all(data, rejected)
+        prune_rejected(rej_dir, data_dir, task)
     finally:
         if not tokenizer_job.done():
             tokenizer_job.cancel()
         await engine.stop()
         stats = gen.stats if gen else Generator.empty_stats()
         record = session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status)
-        write_task_stats(out_dir, task, scan.rows, {**record, **notes})
+        try:
+            write_task_stats(out_dir, task, scan.rows, {**record, **notes})
+        except (OSError, OutputError) as exc:  # never mask the error being reported
+            log.warning("stats of task %d not written: %s", task, exc)
     return status
+
+
+async def _flush_all(*writers: ChunkWriter) -> None:
+    """Write what is buffered in every writer; the first failure is raised after trying them all
+    (unless an error is already on its way: then it wins, and this one is only logged)."""
+    first: BaseException | None = None
+    for w in writers:
+        try:
+            await w.flush()
+        except (OSError, OutputError) as exc:
+            first = first or exc
+    if first is not None:
+        if sys.exc_info()[1] is not None:
+            log.warning("%s", first)
+        else:
+            raise first
 
 
 def prepare_run(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, Any]]:
     """Open the input and template, and check the run dir was made by the same settings
-    (or move it aside with output.on_change=fresh). Raises the errors run_forge reports."""
+    (or move it aside with output.on_change=fresh). Writes nothing: a refused command leaves
+    the run dir as it was. Raises the errors run_forge reports."""
     out_dir = Path(cfg.output.dir)
     source = Source(cfg.dataset)
+    if source.files:  # a missing column or an unreadable local file stops us here, not mid-run
+        next(iter(source.rows()), None)
     template = load_template(cfg.prompt)
     wanted = manifest(cfg, source)
     try:
@@ -352,44 +453,69 @@ def _merge_quietly(out_dir: Path) -> None:
             log.warning("could not write stats.json: %s", exc)
 
 
-def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.log", merge: bool = True) -> int:
+def run_forge(
+    cfg: ForgeConfig,
+    raw: DictConfig | dict,
+    log_name: str = "forge.log",
+    merge: bool = True,
+    overrides: list[str] | None = None,
+) -> int:
     """Run the shards of cfg (all, or cluster.task_index) here; returns the exit code.
 
-    A Slurm array task calls this for its own shard with its own log and merge=False: the
-    finalize job merges stats once every shard is done."""
+    Nothing is written into the run dir until the run is accepted (output dir usable, input
+    and template readable, settings match what the dir holds). A Slurm array task calls this
+    for its own shard with its own log and merge=False: the finalize job merges stats once
+    every shard is done. `overrides`, when given, are recorded in command.json (the card's
+    reproducing command)."""
     out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(out_dir, log_name)
+    setup_logging()
     register_secret_env(cfg.model.api_key_env)
-    log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
+    register_config_secrets(raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True))
+    register_config_secrets(dataclasses.asdict(cfg))  # a Slurm job's raw config holds env references
     t0 = time.monotonic()
     # a Slurm task (merge=False) never publishes: the monitor and finalize jobs do, once per run
     hub = target_from(cfg.output) if merge else None
+    accepted = False
     try:
-        if merge:
-            save_config(raw, out_dir)
+        check_output_dir(out_dir)
+        source, template, wanted = prepare_run(cfg)
         if hub:
             preflight(hub)  # a bad token fails here, before any engine starts
-        source, template, wanted = prepare_run(cfg)
+        create_output_dir(out_dir)
+        accepted = True
+        attach_run_log(out_dir, log_name)
+        log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
+        if merge:
+            save_config(raw, out_dir)
+            if overrides is not None:
+                record_command(out_dir, overrides)
         model_path = resolve_model(cfg.model.name_or_path)
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
         publishing = BackgroundPublisher(HubPublisher(out_dir, hub)) if hub else contextlib.nullcontext()
         with publishing:
             for task in tasks:
                 try:
-                    _run_async(run_task(cfg, task, source, template, model_path))
+                    _run_async(run_task(cfg, task, source, template, model_path, wanted))
                 except RunChanged as exc:
                     start_fresh(cfg, wanted, "input changed; previous results", exc)
-                    _run_async(run_task(cfg, task, source, template, model_path))
-    except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError) as exc:
-        if merge:
+                    _run_async(run_task(cfg, task, source, template, model_path, wanted))
+    except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError, OSError) as exc:
+        if merge and accepted:
             _merge_quietly(out_dir)
-        log.error("%s", exc, extra={"file_only": True})
-        print(f"forge: error: {exc}", file=sys.stderr)
-        print(f"forge: nothing finished was lost; log: {out_dir / log_name}", file=sys.stderr)
-        return 2 if isinstance(exc, (ConfigError, DatasetError, RunChanged, HubError)) else 1
+        message = _one_line(exc)
+        log.error("%s", message, extra={"file_only": True})
+        head, _, details = message.partition("\n")  # e.g. the engine log's last lines
+        print(f"forge: error: {head}", file=sys.stderr)
+        if accepted:
+            print(f"forge: nothing finished was lost; log: {out_dir / log_name}", file=sys.stderr)
+        else:
+            print(f"forge: nothing was started and nothing in {out_dir} was changed", file=sys.stderr)
+        if details:
+            print("\n".join(f"  | {line}" for line in details.splitlines()), file=sys.stderr)
+        user_error = (ConfigError, DatasetError, RunChanged, HubError)
+        return 2 if isinstance(exc, user_error) or (isinstance(exc, OutputError) and not accepted) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        if merge:
+        if merge and accepted:
             _merge_quietly(out_dir)
         log.warning("interrupted", extra={"file_only": True})
         print("forge: interrupted: finished rows are saved; re-run the same command to resume", file=sys.stderr)
@@ -397,8 +523,13 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
     log.info("done in %.1f s", time.monotonic() - t0)
     if not merge:
         return 0
-    stats = merge_stats(out_dir)
-    card = write_card(out_dir, hub.repo if hub else None)
+    try:
+        stats = merge_stats(out_dir)
+        card = write_card(out_dir, hub.repo if hub else None)
+    except (OSError, OutputError) as exc:
+        print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"forge: every row is in {out_dir / 'data'}; re-run the same command to write the rest", file=sys.stderr)
+        return 1
     print(
         f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
         f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
@@ -413,3 +544,18 @@ def run_forge(cfg: ForgeConfig, raw: DictConfig | dict, log_name: str = "forge.l
             return 1
         print(f"forge: published to {repo_url(hub.repo)}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: forge's own messages as they are; an OSError with its path and
+    cause (`cannot write /x/y: No space left on device`), and what to do."""
+    if isinstance(exc, OSError) and not isinstance(exc, CacheWriteError):
+        what = f"{exc.filename}: " if exc.filename else ""
+        full = exc.errno == errno.ENOSPC
+        hint = "free some space and re-run the same command to resume" if full else "re-run the same command to resume"
+        text = f"{what}{exc.strerror or exc}; {hint}"
+    else:
+        text = str(exc)
+        if isinstance(exc, CacheWriteError) and "full" in text:
+            text += "; free some space and re-run the same command to resume"
+    return text

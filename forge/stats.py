@@ -5,6 +5,7 @@ measured from engine-ready to the last answer (start-up excluded, reported on it
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,14 +16,16 @@ import pyarrow.compute as pc
 from forge.generate import SessionStats
 from forge.output import read_columns, shard_files, write_json_atomic
 
+log = logging.getLogger("forge.stats")
+
 
 def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
     """Documents, rows, tokens and finish reasons of what is on disk."""
     data = read_columns(
         shard_files(out_dir / "data", task),
-        ["id", "finish_reason", "length_stopped", "truncated", "prompt_tokens", "completion_tokens"],
+        ["id", "finish_reason", "length_stopped", "truncated", "content_null", "prompt_tokens", "completion_tokens"],
     )
-    rej = read_columns(shard_files(out_dir / "rejected", task), ["key", "rollout", "stage", "retryable"])
+    rej = read_columns(shard_files(out_dir / "rejected", task), ["id", "rollout", "stage", "retryable"])
     out: dict[str, Any] = {"rows_written": 0, "documents_written": 0, "tokens_in": 0, "tokens_out": 0}
     if data is not None:
         out["rows_written"] = data.num_rows
@@ -32,13 +35,14 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         out["finish_reasons"] = dict(Counter(data.column("finish_reason").to_pylist()))
         out["length_stopped"] = int(pc.sum(data.column("length_stopped")).as_py() or 0)
         out["truncated_rows"] = int(pc.sum(data.column("truncated")).as_py() or 0)
+        out["content_null_rows"] = int(pc.sum(data.column("content_null")).as_py() or 0)
         written_ids = set(data.column("id").to_pylist())
     else:
-        out.update(finish_reasons={}, length_stopped=0, truncated_rows=0)
+        out.update(finish_reasons={}, length_stopped=0, truncated_rows=0, content_null_rows=0)
         written_ids = set()
     rejected: dict[tuple[str, int], tuple[str, bool]] = {}
     if rej is not None:
-        cols = [rej.column(c).to_pylist() for c in ("key", "rollout", "stage", "retryable")]
+        cols = [rej.column(c).to_pylist() for c in ("id", "rollout", "stage", "retryable")]
         for key, rollout, stage, retryable in zip(*cols, strict=True):
             rejected[(key, rollout)] = (stage, retryable)
     by_stage: Counter = Counter()
@@ -60,10 +64,12 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
 def session_record(
     s: SessionStats, startup_s: float | None, ready_at: float | None, restarts: int, gpus: int, status: str
 ) -> dict[str, Any]:
-    """This invocation's numbers; throughput counts from engine-ready to the last answer."""
+    """This invocation's numbers. Throughput counts from the first request sent to the last
+    answer: engine start-up and tokenizer loading are not generation (start-up has its own field)."""
     window = None
-    if ready_at is not None and s.last_answer is not None:
-        window = max(s.last_answer - ready_at, 1e-9)
+    start = s.first_send if s.first_send is not None else ready_at
+    if start is not None and s.last_answer is not None:
+        window = max(s.last_answer - start, 1e-9)
     tps_out = s.completion_tokens / window if window else None
     return {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -77,6 +83,7 @@ def session_record(
         "tokens_in": s.prompt_tokens,
         "tokens_out": s.completion_tokens,
         "finish_reasons": dict(s.finish_reasons),
+        "content_null": s.content_null,
         "engine_startup_s": startup_s,
         "engine_restarts": restarts,
         "generation_s": window,
@@ -87,9 +94,22 @@ def session_record(
     }
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A per-task stats file; a damaged one (a disk that filled, a hand edit) loses only its session
+    history: the totals are always recounted from the shards."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s is damaged (%s); its session history starts again (totals come from the shards)", path, exc)
+        return {}
+
+
 def write_task_stats(out_dir: Path, task: int, documents_in: int, session: dict[str, Any]) -> dict[str, Any]:
     path = out_dir / "stats" / f"task_{task:05d}.json"
-    sessions = json.loads(path.read_text()).get("sessions", []) if path.exists() else []
+    sessions = _read_json(path).get("sessions", [])
     sessions.append(session)
     stats = {"task": task, "documents_in": documents_in, **shard_totals(out_dir, task), "sessions": sessions}
     write_json_atomic(path, stats)
@@ -98,7 +118,7 @@ def write_task_stats(out_dir: Path, task: int, documents_in: int, session: dict[
 
 def merge_stats(out_dir: Path) -> dict[str, Any]:
     """stats.json for the whole run: shard totals over all tasks + per-task session summaries."""
-    tasks = [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("task_*.json"))]
+    tasks = [t for p in sorted((out_dir / "stats").glob("task_*.json")) if (t := _read_json(p)).get("task") is not None]
     totals = shard_totals(out_dir, None)
     sessions = [dict(s, task=t["task"]) for t in tasks for s in t.get("sessions", [])]
     last = [t["sessions"][-1] for t in tasks if t.get("sessions")]

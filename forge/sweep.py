@@ -222,8 +222,7 @@ def run_point(cfg: ForgeConfig, overrides: list[str], launch: Callable[[], int])
     """Run one sweep point with `launch` (run_forge or the Slurm submission) unless it is settled;
     record and return its outcome. Never exits: the next point runs whatever happened here,
     except after Ctrl-C, which stops the sweep."""
-    from forge.card import record_command
-    from forge.secrets import redact
+    from forge.secrets import redact_override
 
     point = Path(cfg.output.dir)
     if cfg.output.hub_repo and not any(o.lstrip("+").startswith("output.hub_repo=") for o in overrides):
@@ -241,7 +240,6 @@ def run_point(cfg: ForgeConfig, overrides: list[str], launch: Callable[[], int])
         print(f"forge: sweep point {point}: skipped, {why}", file=sys.stderr)
         _outcomes.append(outcome)
         return outcome
-    record_command(point, overrides)
     before = log_sizes(point)
     try:
         code = launch()
@@ -261,7 +259,7 @@ def run_point(cfg: ForgeConfig, overrides: list[str], launch: Callable[[], int])
     else:
         failure = crash or (_submission_failure(point, before, code) if submitted else classify(point, before))
         outcome = Outcome(str(point), "failed", failure)
-    _write_record(point, outcome, redact(list(overrides)), code)
+    _write_record(point, outcome, [redact_override(o) for o in overrides], code)
     _outcomes.append(outcome)
     if code == 130:
         raise SystemExit(130)

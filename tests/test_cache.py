@@ -1,6 +1,9 @@
 import asyncio
+from pathlib import Path
 
-from forge.cache import RequestCache, request_key
+import pytest
+
+from forge.cache import RequestCache, check_cache, request_key
 from forge.config import GenerationConfig
 from forge.generate import cache_identity, request_body
 
@@ -48,3 +51,57 @@ def test_group_commit_and_reopen(tmp_path) -> None:
 
     found, count = asyncio.run(go())
     assert count == 50 and found["k7"] == {"v": 7} and "k55" not in found
+
+
+def _filled_cache(path: Path, n: int = 200) -> None:
+    async def fill() -> None:
+        async with RequestCache(path) as cache:
+            for i in range(n):
+                await cache.put(f"k{i}", {"text": "x" * 200})
+
+    asyncio.run(fill())
+
+
+def test_check_cache_keeps_a_healthy_cache(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    _filled_cache(path)
+    assert check_cache(path) is None and path.exists()
+    assert check_cache(tmp_path / "absent.sqlite") is None
+
+
+@pytest.mark.parametrize("damage", ["header", "torn"])
+def test_check_cache_moves_a_damaged_cache_aside(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "c.sqlite"
+    _filled_cache(path)
+    blob = bytearray(path.read_bytes())
+    if damage == "header":
+        blob[:100] = b"\x00" * 100
+    else:  # a page in the middle overwritten
+        blob[4096 * 2 : 4096 * 3] = b"\xff" * 4096
+    path.write_bytes(bytes(blob))
+    for side in ("-wal", "-shm"):
+        Path(str(path) + side).unlink(missing_ok=True)
+    moved = check_cache(path)
+    if damage == "torn" and moved is None:
+        pytest.skip("the overwritten page held no b-tree page sqlite checks")
+    assert moved is not None and moved.exists() and not path.exists()
+
+    async def reopen() -> int:  # the run goes on with a fresh cache, and ends (no hang)
+        async with RequestCache(path) as cache:
+            return await cache.count()
+
+    assert asyncio.run(asyncio.wait_for(reopen(), 10)) == 0
+
+
+def test_a_big_cache_gets_a_light_check_unless_a_run_found_it_damaged(tmp_path: Path, monkeypatch) -> None:
+    import forge.cache
+
+    path = tmp_path / "c.sqlite"
+    _filled_cache(path)
+    monkeypatch.setattr(forge.cache, "FULL_CHECK_BYTES", 0)  # every cache counts as big
+    marker = path.with_name(path.name + ".suspect")
+    marker.touch()  # a run hit an error that looked like damage: the next check is in full
+    assert check_cache(path) is None and not marker.exists()
+    with open(path, "r+b") as fh:
+        fh.write(b"\x00" * 100)
+    assert check_cache(path) is not None and not path.exists()  # the light check still sees a bad header

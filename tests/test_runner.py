@@ -66,13 +66,13 @@ def test_prompt_formats_and_every_bad_row_quarantined(tmp_path: Path, cpu_server
     for r in rows.values():
         assert r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 and r["engine"] == "endpoint"
         assert r["length_stopped"] == (r["finish_reason"] == "length")
-    rejected = {r["key"]: r for r in read_rows(out, "rejected")}
+    rejected = {r["id"]: r for r in read_rows(out, "rejected")}
     reasons = {k: r["reason"] for k, r in rejected.items()}
     assert "prompt is null" in reasons["c"] and "prompt is empty" in reasons["d"]
     assert "prompt has type int" in reasons["e"] and "'wizard' is not one of" in reasons["f"]
     assert "prompt has type dict" in reasons["g"]
     dup = next(r for k, r in rejected.items() if "duplicate id 'a'" in r["reason"])
-    assert dup["key"].startswith("@") and "messy.jsonl:8" in dup["source"]
+    assert dup["id"].startswith("@") and "messy.jsonl:8" in dup["source"]
     assert any("id (id) is missing" in r for r in reasons.values())
     assert any("messy.jsonl:12" in r and "not valid JSON" in r for r in reasons.values())
     assert "prompt holds invalid Unicode" in reasons["j"] and "\\ud800" in rejected["j"]["prompt"]

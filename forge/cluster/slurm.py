@@ -13,6 +13,7 @@ running (two tasks on one shard would duplicate rows).
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -39,6 +40,7 @@ from forge.dataset import DatasetError
 from forge.hub import HubError, preflight, target_from
 from forge.output import RunChanged
 from forge.progress import aggregate_progress
+from forge.secrets import lift_secrets
 
 ROLES = ("shards", "monitor", "finalize")
 
@@ -103,6 +105,9 @@ def job_payload(cfg: ForgeConfig, raw: DictConfig | dict) -> dict[str, Any]:
     data = raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     data = dict(data)
     data["output"] = {**data["output"], "dir": cfg.output.dir, "on_change": OnChange.error.value}
+    # secrets travel in the environment sbatch passes on, never in submitit's pickles
+    data, env = lift_secrets(data)
+    os.environ.update(env)
     return data
 
 
@@ -127,8 +132,9 @@ def report_unfinished(out: Path, tasks: int) -> list[str]:
     return lines
 
 
-def submit(cfg: ForgeConfig, raw: DictConfig | dict) -> int:
+def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None = None) -> int:
     """Submit the unfinished shards of the run and return at once (or wait with cluster.wait)."""
+    from forge.card import record_command
     from forge.runner import prepare_run, save_config
 
     out = Path(cfg.output.dir).resolve()
@@ -166,6 +172,8 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict) -> int:
         return 0
     payload = job_payload(cfg, raw)
     save_config(payload, out)
+    if overrides is not None:
+        record_command(out, overrides)
     folder = out / "slurm" / "%j"
     try:
         sub = _submit_jobs(cfg, out, folder, payload, pending)

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from forge.engine.server import Engine
+from forge.engine.server import Engine, EngineError
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
@@ -43,6 +43,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    content_null: bool = False  # the engine sent `content: null` (or none): text is "" but not an answer
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -72,12 +73,14 @@ def parse_completion(data: dict[str, Any]) -> Completion:
     message = choice.get("message") or {}
     usage = data.get("usage") or {}
     reasoning = message.get("reasoning_content") or message.get("reasoning")
+    content = message.get("content")
     return Completion(
-        text=message.get("content") or "",
+        text=content or "",
         reasoning=reasoning or None,
         finish_reason=choice.get("finish_reason") or "unknown",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
+        content_null=content is None,
     )
 
 
@@ -139,6 +142,12 @@ class ChatClient:
                             return parse_completion(orjson.loads(raw))
                         except (ValueError, KeyError, IndexError, TypeError):
                             reason = f"malformed 200 response: {raw[:200]!r}"
+                    elif resp.status in (401, 403):  # the key, not the row: every row would fail
+                        why = error_message(raw.decode(errors="replace"))
+                        raise EngineError(
+                            f"{self.engine.base_url} refused the API key (HTTP {resp.status}: {why}); check "
+                            "model.api_key_env and re-run the same command: no row was quarantined for it"
+                        )
                     elif resp.status in RETRYABLE_STATUS:
                         reason = f"HTTP {resp.status}: {error_message(raw.decode(errors='replace'))}"
                         retry_after = resp.headers.get("Retry-After")

@@ -5,10 +5,55 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
+
+TESTED_VLLM = "0.26.0"  # the vLLM release forge is validated with on the GPU (benchmarks/RESULTS.md)
+
+
+def engine_executable(name: str) -> str:
+    """An engine's console script (`vllm`, `transformers`) from forge's own environment first:
+    the folder of sys.executable (a venv's bin/, where the venv's python is a symlink: not
+    resolved), then the interpreter's scripts dir, then PATH. So `.venv/bin/forge` run from cron,
+    a Slurm script or pipx, with the venv not activated, starts the engine installed beside it.
+    The bare name when none is found: running it then fails with FileNotFoundError naming it."""
+    folders = [str(Path(sys.executable).parent)] if sys.executable else []
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in folders:
+        folders.append(scripts)
+    for folder in folders:
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    return shutil.which(name) or name
+
+
+_VLLM_HINT = (
+    f"install the version forge is tested with: pip install 'forge[vllm]' (vllm=={TESTED_VLLM}), needs a CUDA GPU"
+)
+_MISSING = {  # engine kind -> (what is missing, how to install it)
+    "vllm": ("vLLM", _VLLM_HINT),
+    "vllm_async": ("vLLM", _VLLM_HINT),
+    "sglang": ("SGLang", "pip install 'forge[sglang]' (forge's SGLang path is unit-tested only)"),
+    "transformers": ("transformers", "it is one of forge's own dependencies: `pip install -e .` reinstalls it"),
+}
+
+
+def missing_engine_message(kind: EngineKind, exe: str | None) -> str:
+    """One line for an engine that is not installed where forge runs: what is missing, in which
+    environment (its python: pip must be that python's), and what installs it. `exe` is what could
+    not be run (FileNotFoundError.filename), or for vllm_async the module that could not be imported."""
+    what, how = _MISSING.get(kind.value, (kind.value, "install it"))
+    verb = "import" if kind == EngineKind.vllm_async else "run"
+    name = exe or {"vllm_async": "vllm"}.get(kind.value, kind.value)
+    return (
+        f"model.engine={kind.value}: cannot {verb} {name!r}: {what} is not installed in this environment "
+        f"({sys.executable or 'python'}); {how}"
+    )
 
 
 def engine_version(kind: EngineKind) -> str | None:
@@ -50,7 +95,7 @@ def _opt(args: list[str], flag: str, value: Any) -> None:
 
 def vllm_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
     """`vllm serve` with every conf/model knob that vLLM understands."""
-    args = ["vllm", "serve", model_path, "--host", "127.0.0.1", "--port", str(port)]
+    args = [engine_executable("vllm"), "serve", model_path, "--host", "127.0.0.1", "--port", str(port)]
     args += ["--served-model-name", m.served_name or m.name_or_path]
     args += ["--tensor-parallel-size", str(m.tp), "--pipeline-parallel-size", str(m.pp)]
     args += ["--data-parallel-size", str(m.dp)]
@@ -94,8 +139,8 @@ def sglang_command(m: ModelConfig, model_path: str, port: int, seed: int | None 
 
 def transformers_command(m: ModelConfig, model_path: str, port: int, seed: int | None = None) -> list[str]:
     """`transformers serve` on CPU with continuous batching (one request at a time otherwise)."""
-    exe = shutil.which("transformers") or "transformers"
-    args = [exe, "serve", model_path, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    args = [engine_executable("transformers"), "serve", model_path, "--device", "cpu"]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
     args.append("--continuous-batching")
     _opt(args, "--default-seed", seed)
     if m.trust_remote_code:

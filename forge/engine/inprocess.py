@@ -16,6 +16,7 @@ from typing import Any
 from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 from forge.engine.client import Completion, RequestRejected
+from forge.engine.commands import missing_engine_message
 from forge.engine.server import Engine, EngineError
 from forge.tokenizer import Tokenizer
 
@@ -83,7 +84,11 @@ class VllmInProcess(Engine):
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name != "vllm":
+                raise EngineError(f"model.engine=vllm_async: cannot import vllm ({exc})") from exc
+            raise EngineError(missing_engine_message(EngineKind.vllm_async, "vllm")) from None
+        except ImportError as exc:  # a broken install (a torch mismatch, say): its own words
             raise EngineError(f"model.engine=vllm_async: cannot import vllm ({exc})") from exc
         try:
             args = AsyncEngineArgs(**engine_kwargs(self.model, self.model_path, self.seed))

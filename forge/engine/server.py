@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -18,7 +22,8 @@ from typing import Any
 import aiohttp
 
 from forge.config import EngineKind, ModelConfig
-from forge.engine.commands import build_command
+from forge.engine.commands import build_command, missing_engine_message
+from forge.secrets import redact_command, redact_text
 
 log = logging.getLogger("forge.engine")
 _PR_SET_PDEATHSIG = 1
@@ -43,6 +48,28 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def pump_log(stream: Any, path: Path) -> None:
+    """Copy the engine's output into its log line by line, secrets masked (an engine may print
+    its own arguments, an API key among them). Keeps draining even when the log cannot be
+    written (disk full), so the engine never blocks on a full pipe."""
+    try:
+        out = open(path, "ab")
+    except OSError:
+        out = None
+    with stream:
+        for raw in iter(stream.readline, b""):
+            if out is None:
+                continue
+            try:
+                out.write(redact_text(raw.decode("utf-8", "replace")).encode())
+                out.flush()
+            except OSError:
+                out.close()
+                out = None
+    if out is not None:
+        out.close()
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -129,18 +156,23 @@ class Engine:
 
 
 class Endpoint(Engine):
-    """A server someone else runs; the key is read from the env var named by model.api_key_env."""
+    """A server someone else runs; the key is read from the env var named by model.api_key_env.
+    A local server usually needs none: with that variable unset, requests carry no Authorization."""
 
     kind = EngineKind.endpoint
 
     def __init__(self, model: ModelConfig) -> None:
         super().__init__(model, model.served_name or model.name_or_path)
         self.base_url = normalize_base_url(model.endpoint_url or "")
-        if model.api_key_env:
-            key = os.environ.get(model.api_key_env)
-            if not key:
-                raise EngineError(f"model.api_key_env names ${model.api_key_env}, which is not set in the environment")
+        key = os.environ.get(model.api_key_env) if model.api_key_env else None
+        if key:
             self.api_key = key
+        elif model.api_key_env:
+            log.info(
+                "$%s (model.api_key_env) is not set: sending requests to %s without an Authorization header",
+                model.api_key_env,
+                self.base_url,
+            )
 
     async def start(self) -> None:
         t0 = time.monotonic()
@@ -173,6 +205,7 @@ class LocalServer(Engine):
         self.proc: subprocess.Popen | None = None
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
+        self._pump: threading.Thread | None = None
         self.command: list[str] = []
 
     def _env(self) -> dict[str, str]:
@@ -186,38 +219,55 @@ class LocalServer(Engine):
             env["HF_HUB_CACHE"] = str(cache)
         return env
 
+    def is_ready(self) -> bool:
+        """Not ready the moment the process is gone: a request refused by a dead engine then waits
+        for the restart instead of spending its retries (and its row) before the supervisor looks."""
+        if self._fatal is None and self.proc is not None and not self._stopping and self.proc.poll() is not None:
+            self._ready.clear()
+        return super().is_ready()
+
     def _spawn(self) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self.command = build_command(self.model, self.model_path, port, self.seed)
+        exe = self.command[0]
+        if not (os.path.isfile(exe) or shutil.which(exe)):
+            raise FileNotFoundError(2, "No such file", exe)
+        shown = redact_command(self.command)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:
-            logfile.write(f"\n=== forge: starting {' '.join(self.command)}\n".encode())
-            logfile.flush()
-            parent = os.getpid()
-            self.proc = subprocess.Popen(
-                self.command,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._env(),
-                preexec_fn=lambda: _die_with_parent(parent),
-            )
-        log.info("engine pid %d: %s", self.proc.pid, " ".join(self.command))
+            logfile.write(f"\n=== forge: starting {shown}\n".encode())
+        parent = os.getpid()
+        # the guard leads the engine's process group and takes all of it down if forge dies
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forge.engine.guard", "--", *self.command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**self._env(), "FORGE_PARENT_PID": str(parent)},
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+        self._pump = threading.Thread(target=pump_log, args=(self.proc.stdout, self.log_path), daemon=True)
+        self._pump.start()
+        log.info("engine pid %d: %s", self.proc.pid, shown)
 
     async def start(self) -> None:
         t0 = time.monotonic()
         log.info("starting %s engine for %s (log: %s)", self.kind.value, self.model_path, self.log_path)
+        if self.kind == EngineKind.sglang and importlib.util.find_spec("sglang") is None:
+            raise EngineError(missing_engine_message(self.kind, "sglang"))
         try:
             self._spawn()
         except FileNotFoundError as exc:
-            raise EngineError(f"model.engine={self.kind.value}: cannot run {exc.filename!r}; is it installed?") from exc
+            raise EngineError(missing_engine_message(self.kind, str(exc.filename))) from None
         deadline = t0 + self.model.startup_timeout_s
         next_note = t0 + 30
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while True:
                 code = self.proc.poll()
                 if code is not None:
+                    if self._pump:  # its last lines are the reason
+                        await asyncio.to_thread(self._pump.join, 5)
                     raise EngineError(
                         f"{self.kind.value} engine exited with code {code} during start-up; "
                         f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"

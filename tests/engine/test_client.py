@@ -9,6 +9,7 @@ from aiohttp import web
 
 from forge.config import EngineKind, ModelConfig
 from forge.engine import ChatClient, RequestFailed, RequestRejected
+from forge.engine.client import Completion, parse_completion
 from forge.engine.server import Endpoint, EngineError
 
 OK = {
@@ -69,7 +70,7 @@ async def _run(script, body=None, retries=3, timeout=5.0, key_env=None, n=1):
                     *(client.complete(body or {"model": "m", "messages": []}) for _ in range(n))
                 )
                 result = results[0]
-            except (RequestRejected, RequestFailed) as exc:
+            except (RequestRejected, RequestFailed, EngineError) as exc:
                 result = exc
         return result, fake, retried, engine
     finally:
@@ -80,6 +81,33 @@ def test_success_parses_reasoning_and_reported_context() -> None:
     result, fake, retried, engine = asyncio.run(_run([]))
     assert (result.text, result.reasoning, result.finish_reason, result.completion_tokens) == ("hi", "think", "stop", 1)
     assert engine.reported_max_model_len == 4096 and retried == []
+
+
+@pytest.mark.parametrize(
+    "message, text, null",
+    [
+        ({"content": None}, "", True),
+        ({"role": "assistant"}, "", True),  # content absent
+        (None, "", True),  # the whole message null
+        ({"content": ""}, "", False),  # an empty answer is an answer, not a null
+        ({"content": "hi"}, "hi", False),
+    ],
+)
+def test_null_or_absent_content_is_flagged(message, text, null) -> None:
+    c = parse_completion({"choices": [{"message": message, "finish_reason": "stop"}], "usage": {}})
+    assert (c.text, c.content_null) == (text, null)
+    assert Completion(**c.to_json()) == c  # the flag survives the request cache round trip
+
+
+def test_answers_cached_before_the_flag_existed_still_load() -> None:
+    old = {"text": "x", "reasoning": None, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+    assert Completion(**old).content_null is False
+
+
+def test_content_null_over_http_is_flagged_not_retried() -> None:
+    body = {"choices": [{"message": {"role": "assistant", "content": None}, "finish_reason": "stop"}], "usage": {}}
+    result, fake, retried, _ = asyncio.run(_run([(200, json.dumps(body), {"Content-Type": "application/json"})]))
+    assert result.text == "" and result.content_null and fake.calls == 1 and retried == []
 
 
 @pytest.mark.parametrize(
@@ -127,12 +155,29 @@ def test_api_key_from_named_env_var(monkeypatch) -> None:
     assert fake.auth == ["Bearer sk-test-secret-123456789"]
 
 
-def test_missing_key_env_is_clear(monkeypatch) -> None:
+def test_unset_key_env_sends_no_key_and_says_so(monkeypatch, caplog) -> None:
+    """A local server usually needs no key: an unset model.api_key_env is logged, not fatal."""
     monkeypatch.delenv("FORGE_NOPE_KEY", raising=False)
-    with pytest.raises(EngineError, match=r"\$FORGE_NOPE_KEY, which is not set"):
-        Endpoint(ModelConfig(engine=EngineKind.endpoint, endpoint_url="http://x", api_key_env="FORGE_NOPE_KEY"))
+    with caplog.at_level("INFO", logger="forge.engine"):
+        engine = Endpoint(
+            ModelConfig(engine=EngineKind.endpoint, endpoint_url="http://x", api_key_env="FORGE_NOPE_KEY")
+        )
+    assert engine.api_key is None
+    assert "$FORGE_NOPE_KEY" in caplog.text and "without an Authorization header" in caplog.text
+    monkeypatch.setenv("FORGE_NOPE_KEY", "sk-set")
+    assert (
+        Endpoint(ModelConfig(engine=EngineKind.endpoint, endpoint_url="http://x", api_key_env="FORGE_NOPE_KEY")).api_key
+        == "sk-set"
+    )
 
 
 def test_one_keep_alive_pool_not_a_connection_per_request() -> None:
     result, fake, _, _ = asyncio.run(_run([], n=60))
     assert fake.calls == 60 and len(fake.peers) <= 4  # the pool is sized to max_in_flight=4
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_the_run_instead_of_quarantining_every_row(status) -> None:
+    result, fake, retried, _ = asyncio.run(_run([(status, json.dumps({"error": {"message": "bad key"}}), {})]))
+    assert isinstance(result, EngineError) and f"HTTP {status}: bad key" in str(result) and "api_key_env" in str(result)
+    assert fake.calls == 1 and retried == []

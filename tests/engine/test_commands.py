@@ -1,7 +1,15 @@
 import json
+import os
+import re
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from conftest import REPO
 
 from forge.config import EngineKind, ModelConfig
-from forge.engine.commands import build_command, extra_args
+from forge.engine.commands import TESTED_VLLM, build_command, engine_executable, extra_args, missing_engine_message
 from forge.engine.server import normalize_base_url
 
 
@@ -28,7 +36,8 @@ def test_vllm_command_carries_every_knob() -> None:
         engine_args={"enable_prefix_caching": True, "swap_space": 0},
     )
     args = build_command(m, "Qwen/Qwen3-4B", 8123, seed=7)
-    assert args[:3] == ["vllm", "serve", "Qwen/Qwen3-4B"]
+    assert Path(args[0]).name == "vllm" and args[1:3] == ["serve", "Qwen/Qwen3-4B"]
+    assert args[0] == engine_executable("vllm")  # forge's own environment's vllm, else PATH's
     expected = {
         "--port": "8123",
         "--host": "127.0.0.1",
@@ -94,6 +103,7 @@ def test_sglang_command() -> None:
 def test_transformers_command_uses_continuous_batching() -> None:
     m = ModelConfig(engine_args={"cb-num-blocks": 128, "cb_max_batch_tokens": 512})
     args = build_command(m, "/models/tiny", 5000)
+    assert Path(args[0]).name == "transformers" and os.path.isabs(args[0])  # a dependency of forge: found
     assert args[1:3] == ["serve", "/models/tiny"]
     assert "--continuous-batching" in args and _after(args, "--device") == "cpu"
     assert _after(args, "--cb-num-blocks") == "128" and _after(args, "--cb-max-batch-tokens") == "512"
@@ -109,3 +119,63 @@ def test_extra_args_and_base_url() -> None:
     ]
     for url in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/"):
         assert normalize_base_url(url) == "http://h:8000"
+
+
+def _script(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_engine_executable_prefers_forges_own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv's bin/python is a symlink to the base interpreter: its folder, not the target's, is
+    the venv's bin/, where pip put the engine's console script. Then the scripts dir, then PATH."""
+    venv_bin, scripts, on_path = tmp_path / "venv" / "bin", tmp_path / "scripts", tmp_path / "path"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(scripts) if name == "scripts" else None)
+    monkeypatch.setenv("PATH", str(on_path))
+    for folder in (venv_bin, scripts, on_path):
+        _script(folder, "vllm")
+    assert engine_executable("vllm") == str(venv_bin / "vllm")
+    (venv_bin / "vllm").unlink()
+    assert engine_executable("vllm") == str(scripts / "vllm")
+    (scripts / "vllm").unlink()
+    assert engine_executable("vllm") == str(on_path / "vllm")
+    (on_path / "vllm").chmod(0o644)  # not executable: not an engine to run
+    assert engine_executable("vllm") == "vllm"  # Popen then fails naming it (missing_engine_message)
+    m = ModelConfig(name_or_path="m", engine=EngineKind.vllm)
+    _script(venv_bin, "vllm")
+    assert build_command(m, "m", 1)[0] == str(venv_bin / "vllm")
+    _script(venv_bin, "transformers")
+    assert build_command(ModelConfig(), "/models/tiny", 1)[0] == str(venv_bin / "transformers")
+
+
+def test_missing_engine_message() -> None:
+    vllm = missing_engine_message(EngineKind.vllm, "vllm")
+    assert vllm == (
+        f"model.engine=vllm: cannot run 'vllm': vLLM is not installed in this environment ({sys.executable}); "
+        f"install the version forge is tested with: pip install 'forge[vllm]' (vllm=={TESTED_VLLM}), needs a CUDA GPU"
+    )
+    inproc = missing_engine_message(EngineKind.vllm_async, None)
+    assert inproc.startswith("model.engine=vllm_async: cannot import 'vllm': vLLM is not installed")
+    assert inproc.endswith(vllm.split("; ", 1)[1])
+    sglang = missing_engine_message(EngineKind.sglang, sys.executable)
+    assert "SGLang is not installed" in sglang and "pip install 'forge[sglang]'" in sglang
+    assert "unit-tested only" in sglang
+    cpu = missing_engine_message(EngineKind.transformers, "/somewhere/bin/transformers")
+    assert cpu.startswith("model.engine=transformers: cannot run '/somewhere/bin/transformers': transformers is")
+    assert "`pip install -e .` reinstalls it" in cpu
+    for line in (vllm, inproc, sglang, cpu):
+        assert "\n" not in line and f"({sys.executable})" in line
+
+
+def test_vllm_extra_pins_the_tested_release() -> None:
+    """pyproject's `forge[vllm]` installs the release the message names (and RESULTS.md measured)."""
+    text = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^vllm = \["vllm==([^"]+)"\]$', text, re.M).group(1) == TESTED_VLLM
+    assert re.search(r'^sglang = \["sglang[^"]*"\]$', text, re.M)
+    assert f"vLLM {TESTED_VLLM}" in (REPO / "benchmarks" / "RESULTS.md").read_text()

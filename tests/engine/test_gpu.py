@@ -6,6 +6,7 @@ pytest -m gpu tests/engine/test_gpu.py` (the device README in benchmarks/RESULTS
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -37,10 +38,24 @@ def _gpu_processes() -> list[str]:
     return [line for line in out.stdout.split() if line.strip()]
 
 
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path} (forge exit code {proc.poll()})")
+
+
 @pytest.mark.skipif(not _gpu_ready(), reason="needs a GPU, vllm and FORGE_GPU_MODEL")
 @pytest.mark.parametrize("engine", ["vllm_async", "vllm"])
 def test_kill_and_resume_on_gpu(tmp_path: Path, engine: str) -> None:
-    n = 400
+    """More rows than fit in flight (3,000 with a 512-sequence engine, 512 tokens each), SIGKILL
+    at a random moment after engine-ready: the kill must land mid-run (asserted), and the
+    re-run must finish every row exactly once, re-sending nothing that was answered."""
+    n = int(os.environ.get("FORGE_GPU_ROWS", "3000"))
+    seed = int(os.environ.get("FORGE_GPU_KILL_SEED", str(random.randrange(1 << 30))))
+    delay = random.Random(seed).uniform(8.0, 30.0)
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"g{i}", "prompt": f"write a story number {i}"} for i in range(n)])
     out = tmp_path / "out"
     args = [
@@ -56,32 +71,36 @@ def test_kill_and_resume_on_gpu(tmp_path: Path, engine: str) -> None:
         "+generation.extra_body.ignore_eos=true",
         "generation.temperature=0.8",
         f"output.dir={out}",
-        "output.examples_per_chunk=20",
+        "output.examples_per_chunk=50",
         "run.progress=false",
     ]
     proc = subprocess.Popen(
         args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 400
-    while not list((out / "data").glob("*.parquet")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert proc.poll() is None, "finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        _wait_for(out / "forge.log", "engine ready", proc, 600)
+        time.sleep(delay)
+        assert proc.poll() is None, f"forge finished {delay:.1f} s after engine-ready, before the kill"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     time.sleep(5)
-    assert not _gpu_processes(), "engine processes outlived a SIGKILLed forge"
+    left = _gpu_processes()
+    tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,etimes,args", "--forest"], capture_output=True, text=True)
+    assert not left, f"engine processes {left} outlived a SIGKILLed forge:\n{tree.stdout[-4000:]}"
     partial = len(read_rows(out))
-    final = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert partial < n, f"the kill {delay:.1f} s after engine-ready left no row unfinished (seed {seed})"
+    final = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
     pairs = Counter(r["id"] for r in read_rows(out))
     assert len(pairs) == n and max(pairs.values()) == 1
     session = read_stats(out)["sessions"][-1]
     # every row not in a shard was either replayed from the cache or sent once more
     assert session["requests_sent"] + session["cache_hits"] == n - partial
+    assert session["requests_sent"] > 0 and session["output_tokens_per_s_per_gpu"] > 0
     assert session["gpus"] == 1
-    if session["requests_sent"]:  # a whole wave can finish (and be cached) before the kill
-        assert session["output_tokens_per_s_per_gpu"] > 0
     print(
-        f"{engine}: {partial} rows in shards at the kill; resume sent {session['requests_sent']}, "
-        f"replayed {session['cache_hits']} from the cache"
+        f"{engine}: killed {delay:.1f} s after engine-ready (seed {seed}): {partial}/{n} rows in shards; "
+        f"resume sent {session['requests_sent']}, replayed {session['cache_hits']} from the cache"
     )
