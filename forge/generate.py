@@ -122,6 +122,8 @@ class Generator:
         self.on_row_done = on_row_done or (lambda key, whole=False: None)
         self.on_tokens = lambda n: None
         self._failed_in_a_row = 0
+        self._answered = 0  # answers (not refusals) received in this session
+        self._refusals: list[tuple[int, str]] = []
 
     @staticmethod
     def empty_stats() -> SessionStats:
@@ -191,6 +193,9 @@ class Generator:
             try:
                 answer: dict[str, Any] = (await self.client.complete(item.body)).to_json()
             except RequestRejected as exc:
+                if not self._answered:  # nothing answered yet: maybe the config, not the row
+                    await self._reject_before_any_answer(item, exc)
+                    continue
                 answer = {"error": {"status": exc.status, "message": exc.message}}
             except RequestFailed as exc:
                 await self._reject(Reject(item.key, item.rollout, "request", str(exc), retryable=True))
@@ -202,9 +207,25 @@ class Generator:
                     ) from None
                 continue
             self._failed_in_a_row = 0
+            self._answered += "error" not in answer
             self.stats.last_answer = time.monotonic()
             await self.cache.put(item.cache_key, answer)
             await self._settle(item, answer, from_cache=False)
+
+    async def _reject_before_any_answer(self, item: WorkItem, exc: RequestRejected) -> None:
+        """A 4xx before the engine answered anything in this session is quarantined as retryable
+        and not cached: if every request is refused the same way (a wrong model name, a field the
+        engine does not take), the config is at fault, the run stops, and the fixed re-run sends
+        those rows again instead of keeping them rejected for good."""
+        reason = f"engine rejected the request (HTTP {exc.status}): {exc.message}"
+        await self._reject(Reject(item.key, item.rollout, "request", reason, retryable=True))
+        self._refusals.append((exc.status, exc.message))
+        if len(self._refusals) >= FAILED_IN_A_ROW and len(set(self._refusals)) == 1:
+            raise EngineError(
+                f"the engine refused the first {len(self._refusals)} requests alike (HTTP {exc.status}: "
+                f"{exc.message}); check model.name_or_path / model.served_name and generation.*, then re-run "
+                "the same command (those rows are sent again)"
+            )
 
     async def _settle(self, item: WorkItem, answer: dict[str, Any], from_cache: bool) -> None:
         if "error" in answer:

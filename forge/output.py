@@ -222,8 +222,13 @@ def done_keys(data_dir: Path, rejected_dir: Path, task: int, retry_failed: bool)
 
 
 def produced_anything(out_dir: Path, task: int | None = None) -> bool:
-    """Whether the run dir holds rows (written or quarantined) of `task` (or of any task)."""
-    return bool(shard_files(out_dir / "data", task) or shard_files(out_dir / "rejected", task))
+    """Whether the run dir holds rows of `task` (or of any task) made with its settings: written
+    rows, or rows quarantined for good. Rows quarantined only for a transient or config-caused
+    failure (retryable) are sent again anyway, so they pin nothing."""
+    if shard_files(out_dir / "data", task):
+        return True
+    rejected = read_columns(shard_files(out_dir / "rejected", task), ["retryable"])
+    return rejected is not None and not all(rejected.column("retryable").to_pylist())
 
 
 def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:

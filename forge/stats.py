@@ -87,6 +87,9 @@ def session_record(
         "engine_startup_s": startup_s,
         "engine_restarts": restarts,
         "generation_s": window,
+        "first_request_after_ready_s": (
+            s.first_send - ready_at if s.first_send is not None and ready_at is not None else None
+        ),
         "output_tokens_per_s": tps_out,
         "input_tokens_per_s": s.prompt_tokens / window if window else None,
         "gpus": gpus,

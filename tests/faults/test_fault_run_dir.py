@@ -216,3 +216,20 @@ def test_endpoint_without_its_key_sends_no_authorization(tmp_path: Path, cpu_ser
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FORGE_UNSET_KEY_VAR" in proc.stderr and "without an Authorization header" in proc.stderr
     assert len(rows_of(out)) == 4
+
+
+def test_a_wrong_model_name_stops_the_run_and_pins_nothing(tmp_path: Path, cpu_server: dict, tiny_model: Path) -> None:
+    """Every request refused alike (HTTP 400: the endpoint serves another model) is the config's
+    fault, not 40 bad rows: forge stops after 16, keeps those rows retryable, and the corrected
+    command (another model.name_or_path) is accepted and sends them again."""
+    ids = [f"r{i}" for i in range(40)]
+    data, out = _input(tmp_path, 40), tmp_path / "out"
+    wrong = [*_args(cpu_server, data, out), "model.name_or_path=not/the-served-model", f"model.tokenizer={tiny_model}"]
+    proc = forge_cli([*wrong, "run.max_in_flight=4"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "refused the first 16 requests alike (HTTP 400" in error_line(proc.stderr)
+    assert all(r["retryable"] for r in rows_of(out, "rejected"))
+    proc = forge_cli([*_args(cpu_server, data, out), "run.max_in_flight=4"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_exactly_once(out, ids, rejected_ok=False)
+    assert rows_of(out, "rejected") == []
