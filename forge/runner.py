@@ -238,6 +238,24 @@ def shard_lock(out_dir: Path, task: int):
             fh.truncate(0)
 
 
+def check_not_running(out_dir: Path) -> None:
+    """Refuse, before anything is written, a run dir that another forge is running right now
+    (its shard lock is held): its config.yaml and card must keep describing that run."""
+    for path in sorted((out_dir / "state").glob("task_*.lock")):
+        try:
+            fh = open(path)
+        except OSError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = fh.read().strip() or "another process"
+                raise EngineError(
+                    f"{out_dir} is being run right now by {holder}; not starting a second run in it"
+                ) from None
+
+
 async def run_task(
     cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str, wanted: dict[str, Any]
 ) -> str:
@@ -478,6 +496,8 @@ def run_forge(
     accepted = False
     try:
         check_output_dir(out_dir)
+        if cfg.cluster.task_index is None:  # a Slurm task holds only its own shard's lock
+            check_not_running(out_dir)
         source, template, wanted = prepare_run(cfg)
         if hub:
             preflight(hub)  # a bad token fails here, before any engine starts
@@ -509,7 +529,7 @@ def run_forge(
         if accepted:
             print(f"forge: nothing finished was lost; log: {out_dir / log_name}", file=sys.stderr)
         else:
-            print(f"forge: nothing was started and nothing in {out_dir} was changed", file=sys.stderr)
+            print(f"forge: nothing finished was lost; nothing started, nothing in {out_dir} changed", file=sys.stderr)
         if details:
             print("\n".join(f"  | {line}" for line in details.splitlines()), file=sys.stderr)
         user_error = (ConfigError, DatasetError, RunChanged, HubError)

@@ -331,15 +331,20 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path: Path, faults: F
     data, ids, prompts = _inputs(tmp_path, n)
     out = tmp_path / "out"
     args = _endpoint_args(faults, tiny_model, data, out)
-    faults.delay_s = 0.15  # >= 100 * 0.15 / IN_FLIGHT = 3.75 s: still running when the second starts
+    faults.delay_s = 0.3  # 100 * 0.3 / IN_FLIGHT = 7.5 s: still running while two more are refused
     first = forges(args, tmp_path, "first")
     _until(lambda: len(_shards(out)) >= 1, 60, "a first shard", first)
+    record = {name: (out / name).read_bytes() for name in ("config.yaml", "command.json")}
     second = forge_cli(args, cwd=tmp_path, env=ENV, timeout=120)
+    # the same dir with other settings while the first has rows in flight: refused before writing
+    other = forge_cli([*args, "generation.max_tokens=5"], cwd=tmp_path, env=ENV, timeout=120)
     assert first.running, "the first run ended before the second one was started"
-    assert second.returncode not in (0, 130), second.stderr[-3000:]
-    _assert_failed(second.stderr, "shard 0", str(out))
+    for proc in (second, other):
+        assert proc.returncode not in (0, 130), proc.stderr[-3000:]
+        _assert_failed(proc.stderr, "being run right now", str(out))
+    assert {name: (out / name).read_bytes() for name in record} == record, "a refused run rewrote the record"
     assert first.wait(120) == 0, first.stderr[-3000:]
     assert_exactly_once(out, ids, rejected_ok=False)
     assert all(n_ == 1 for n_ in faults.counts().values()) and len(faults.counts()) == n
     assert read_stats(out)["rows_written"] == n
-    assert_no_secret(out, SECRETS, first.stdout, first.stderr, second.stdout, second.stderr)
+    assert_no_secret(out, SECRETS, first.stdout, first.stderr, second.stdout, second.stderr, other.stderr)
