@@ -110,7 +110,7 @@ class RequestCache:
             # close, or aiosqlite's worker thread keeps the process alive after the error
             await self.db.close()
             self.db = None
-            raise CacheWriteError(f"{self.path}: cannot open the request cache: {exc}") from None
+            raise self._failed("open", exc) from None
         self._writer = asyncio.create_task(self._write_loop())
         return self
 
@@ -151,6 +151,8 @@ class RequestCache:
                 f"{self.path}: the request cache is damaged ({exc}); re-run the same command: it is checked "
                 "and moved aside, and the rows not in shards are generated again"
             )
+        if "full" in str(exc):  # sqlite's words for ENOSPC
+            return CacheWriteError(f"cannot write {self.path}: No space left on device ({exc})")
         return CacheWriteError(f"{self.path}: cannot {what} the request cache: {exc}")
 
     async def put(self, key: str, value: dict[str, Any]) -> None:

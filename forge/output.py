@@ -307,32 +307,31 @@ def move_aside(out_dir: Path) -> Path | None:
 
 
 def prune_rejected(rejected_dir: Path, data_dir: Path, task: int) -> int:
-    """Drop rows quarantined as retryable that a later session answered, so rejected/ and
-    stats.json agree. Each shard is rewritten atomically under its own name (emptied, never
+    """Drop rows quarantined as retryable that a later session answered, or quarantined again
+    (only the latest entry of a row stays), so rejected/ holds each row at most once and agrees
+    with stats.json. Each shard is rewritten atomically under its own name (emptied, never
     deleted, so a published copy is replaced too). Returns the rows dropped."""
     files = shard_files(rejected_dir, task)
     if not files:
         return 0
     written = read_columns(shard_files(data_dir, task), ["id", "rollout"])
-    if written is None:
-        return 0
-    answered = set(zip(written.column("id").to_pylist(), written.column("rollout").to_pylist(), strict=True))
+    answered = (
+        set(zip(written.column("id").to_pylist(), written.column("rollout").to_pylist(), strict=True))
+        if written is not None
+        else set()
+    )
+    tables = [read_columns([f], list(REJECT_SCHEMA.names)) for f in files]
+    keys = [list(zip(t.column("id").to_pylist(), t.column("rollout").to_pylist(), strict=True)) for t in tables]
+    last = {key: (i, j) for i, rows in enumerate(keys) for j, key in enumerate(rows)}
     dropped = 0
-    for f in files:
-        table = read_columns([f], [n for n in REJECT_SCHEMA.names])
-        if table is None or not table.num_rows:
-            continue
+    for i, (f, table, rows) in enumerate(zip(files, tables, keys, strict=True)):
+        retryable = table.column("retryable").to_pylist()
         keep = [
-            not (retry and (key, rollout) in answered)
-            for key, rollout, retry in zip(
-                table.column("id").to_pylist(),
-                table.column("rollout").to_pylist(),
-                table.column("retryable").to_pylist(),
-                strict=True,
-            )
+            not (retry and (key in answered or last[key] != (i, j)))
+            for j, (key, retry) in enumerate(zip(rows, retryable, strict=True))
         ]
         if all(keep):
             continue
         dropped += keep.count(False)
-        write_atomic(f, table.filter(pa.array(keep)).cast(REJECT_SCHEMA))
+        write_atomic(f, table.filter(pa.array(keep, pa.bool_())).cast(REJECT_SCHEMA))
     return dropped

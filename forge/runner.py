@@ -388,11 +388,14 @@ async def _run_task(
                 raise
             finally:
                 await _flush_all(data, rejected)
-        prune_rejected(rej_dir, data_dir, task)
     finally:
         if not tokenizer_job.done():
             tokenizer_job.cancel()
         await engine.stop()
+        try:  # also after a failure: rejected/ never holds a row twice or one since answered
+            prune_rejected(rej_dir, data_dir, task)
+        except (OSError, OutputError) as exc:
+            log.warning("rejected/ of task %d not tidied: %s", task, exc)
         stats = gen.stats if gen else Generator.empty_stats()
         record = session_record(stats, engine.startup_s, engine.ready_at, engine.restarts, gpus, status)
         try:
@@ -576,6 +579,6 @@ def _one_line(exc: BaseException) -> str:
         text = f"{what}{exc.strerror or exc}; {hint}"
     else:
         text = str(exc)
-        if isinstance(exc, CacheWriteError) and "full" in text:
+        if isinstance(exc, CacheWriteError) and "No space left" in text:
             text += "; free some space and re-run the same command to resume"
     return text

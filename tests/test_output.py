@@ -83,3 +83,12 @@ def test_rejected_shards_of_older_runs_name_the_row_key(tmp_path: Path) -> None:
     assert read_columns([data / "00000_00000.parquet"], ["id", "content_null"]).to_pylist() == [
         {"id": "q", "content_null": None}
     ]
+
+
+def test_a_row_quarantined_again_stays_once(tmp_path: Path) -> None:
+    data, rej = tmp_path / "data", tmp_path / "rejected"
+    rej.mkdir()
+    write_atomic(rej / "00000_00000.parquet", pa.Table.from_pylist([_reject("a", 0, True)], schema=REJECT_SCHEMA))
+    write_atomic(rej / "00000_00001.parquet", pa.Table.from_pylist([_reject("a", 0, True)], schema=REJECT_SCHEMA))
+    assert prune_rejected(rej, data, 0) == 1
+    assert [len(pq.read_table(f)) for f in sorted(rej.iterdir())] == [0, 1]

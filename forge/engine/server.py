@@ -4,6 +4,7 @@ crash, and never outlive forge (own process group, killed with it; SIGKILL on pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -54,22 +55,22 @@ def pump_log(stream: Any, path: Path) -> None:
     """Copy the engine's output into its log line by line, secrets masked (an engine may print
     its own arguments, an API key among them). Keeps draining even when the log cannot be
     written (disk full), so the engine never blocks on a full pipe."""
-    try:
-        out = open(path, "ab")
-    except OSError:
-        out = None
+    out = None
+    with contextlib.suppress(OSError):
+        out = open(path, "ab", buffering=0)
     with stream:
         for raw in iter(stream.readline, b""):
             if out is None:
                 continue
             try:
                 out.write(redact_text(raw.decode("utf-8", "replace")).encode())
-                out.flush()
             except OSError:
-                out.close()
+                with contextlib.suppress(OSError):
+                    out.close()
                 out = None
     if out is not None:
-        out.close()
+        with contextlib.suppress(OSError):
+            out.close()
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
