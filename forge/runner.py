@@ -224,9 +224,7 @@ def shard_lock(out_dir: Path, task: int):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            msg = f"shard {task} of {out_dir} is being run right now by {holder}; not starting it twice"
+            msg = f"shard {task} of {out_dir} is being run right now by {_lock_holder(fh)}; not starting it twice"
             raise EngineError(msg) from None
         fh.seek(0)
         fh.truncate()
@@ -236,6 +234,12 @@ def shard_lock(out_dir: Path, task: int):
             yield
         finally:
             fh.truncate(0)
+
+
+def _lock_holder(fh: Any) -> str:
+    """`pid N on HOST`, as the holder of a shard lock wrote it into the lock file."""
+    fh.seek(0)
+    return fh.read().strip() or "another process"
 
 
 def check_not_running(out_dir: Path) -> None:
@@ -250,9 +254,8 @@ def check_not_running(out_dir: Path) -> None:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = fh.read().strip() or "another process"
                 raise EngineError(
-                    f"{out_dir} is being run right now by {holder}; not starting a second run in it"
+                    f"{out_dir} is being run right now by {_lock_holder(fh)}; not starting a second run in it"
                 ) from None
 
 
@@ -326,7 +329,7 @@ async def _run_task(
     record_manifest(out_dir, wanted)
     check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
     cache_path = out_dir / "cache" / f"task_{task:05d}.sqlite"
-    check_cache(cache_path)  # a damaged cache is moved aside before any engine starts
+    await asyncio.to_thread(check_cache, cache_path)  # a damaged cache is moved aside before any engine starts
     finished_docs = scan.rows - len(scan.pending)
     log.info("%s: %d documents, %d already done, %d requests to go", label, scan.rows, finished_docs, scan.units)
     if scan.rows == 0:
