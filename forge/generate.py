@@ -218,11 +218,13 @@ class Generator:
         engine does not take), the config is at fault, the run stops, and the fixed re-run sends
         those rows again instead of keeping them rejected for good."""
         reason = f"engine rejected the request (HTTP {exc.status}): {exc.message}"
-        await self._reject(Reject(item.key, item.rollout, "request", reason, retryable=True))
         self._refusals.append((exc.status, exc.message))
-        if len(self._refusals) >= FAILED_IN_A_ROW and len(set(self._refusals)) == 1:
+        # counted before the await below, so exactly one worker sees the threshold reached
+        stop = len(self._refusals) == FAILED_IN_A_ROW and len(set(self._refusals)) == 1
+        await self._reject(Reject(item.key, item.rollout, "request", reason, retryable=True))
+        if stop:
             raise EngineError(
-                f"the engine refused the first {len(self._refusals)} requests alike (HTTP {exc.status}: "
+                f"the engine refused the first {FAILED_IN_A_ROW} requests alike (HTTP {exc.status}: "
                 f"{exc.message}); check model.name_or_path / model.served_name and generation.*, then re-run "
                 "the same command (those rows are sent again)"
             )
