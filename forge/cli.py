@@ -68,6 +68,22 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.replace("Set the environment variable HYDRA_FULL_ERROR=1", "").split())
 
 
+# values that are expressions, never Hydra syntax: `+curate.pools.x='meta_correctness >= 0.8'` reaches
+# us without the shell's quotes, and `>=` or spaces are not valid in an unquoted Hydra value
+EXPRESSION_OVERRIDE = re.compile(r"^(\+{0,2}curate\.pools\.[A-Za-z0-9_.-]+)=(.*)$", re.S)
+
+
+def quote_expressions(arg: str) -> str:
+    """Quote the value of a pool-expression override for Hydra (unless it is quoted already)."""
+    m = EXPRESSION_OVERRIDE.match(arg)
+    if not m:
+        return arg
+    key, value = m.groups()
+    if len(value) >= 2 and value[0] in "'\"" and value[-1] == value[0]:
+        return arg
+    return key + '="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def precheck(argv: list[str]) -> str | None:
     """Compose plain `forge key=value ...` invocations once; return the error line, if any."""
     if any(a.startswith("-") for a in argv):
@@ -194,6 +210,7 @@ def main() -> None:
     # before anything can print: secret values on the command line are masked in every stream
     register_override_secrets(sys.argv[1:])
     guard_std_streams()
+    sys.argv[1:] = [quote_expressions(a) for a in sys.argv[1:]]
     register_configs()
     error = precheck(sys.argv[1:])
     if error:

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from forge.curate.config import CurateConfig
+
 
 class ConfigError(ValueError):
     """A config value that composes but cannot work; the message starts with the key."""
@@ -38,6 +40,34 @@ class OnChange(str, Enum):
 
 
 @dataclass
+class SourceSpec:
+    """One source of a weighted mix (dataset.sources), or the single dataset itself.
+
+    Attributes:
+        name: Hub dataset id, local file, glob or directory (a forge run dir reads its data/).
+        label: short name in stats, the card and each row's `source.dataset`; null = name.
+        weight: share of the mix before temperature (p_i ∝ weight^(1/temperature)); > 0.
+        max_rows: read at most this many rows of this source; null = all.
+        format: auto | messages | sharegpt | prompt_response | harmony | text (how rows become chats).
+        columns: field map, `{role: column}`: messages, conversations, prompt, response, text,
+            system, reasoning, id (the source's own id, kept in `source.id`).
+        meta: `meta_*` maps, `{correctness: {column: c, map: {...}}, difficulty_bin: {column: d,
+            bins: [...]}, domain: {column: s} or {value: math}}` (forge/curate/normalize.py).
+    """
+
+    name: str = "???"
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    label: str | None = None
+    weight: float = 1.0
+    max_rows: int | None = None
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DatasetConfig:
     """Where documents come from.
 
@@ -51,6 +81,12 @@ class DatasetConfig:
         id_column: column with a unique id per row; default: the row's position.
         max_examples: read at most this many rows (before sharding); null = all.
         keep_columns: input columns copied into each output row's `metadata` (JSON).
+        format, columns, meta: curate only: the shape of this dataset's rows (see SourceSpec).
+        sources: curate only: a weighted mix; when set, name/format/columns/meta above are unused.
+        target_rows, target_tokens: size the mix to this many rows (or about this many tokens,
+            counted as characters / 4); null = every row of every source once (weights unused).
+        temperature: p_i ∝ weight_i^(1/temperature); 1 keeps the weights, larger flattens them.
+        seed: which rows the mix samples; the same seed gives the same rows.
     """
 
     name: str = "forge://sample"
@@ -61,6 +97,15 @@ class DatasetConfig:
     id_column: str | None = None
     max_examples: int | None = None
     keep_columns: list[str] = field(default_factory=list)
+    # curate (forge pipeline=curate): the single dataset's shape, or a weighted mix of sources
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    sources: list[SourceSpec] = field(default_factory=list)
+    target_rows: int | None = None
+    target_tokens: int | None = None
+    temperature: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -273,8 +318,28 @@ class SweepConfig:
     retry_failed: bool = False
 
 
+class Stage(str, Enum):
+    generate = "generate"  # prompts -> engine -> completions (forge/generate.py)
+    curate = "curate"  # normalize, filter, pool (forge/curate/)
+
+
+@dataclass
+class PipelineConfig:
+    """Which stage this run is (conf/pipeline/): each is one module or package of forge/ that
+    transforms rows; reading, sharding, output, resume, stats, card, cluster and Hub are the
+    runner's. Any forge run dir is a valid dataset.name for the next stage.
+
+    Attributes:
+        stage: generate | curate.
+    """
+
+    stage: Stage = Stage.generate
+
+
 @dataclass
 class ForgeConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -290,6 +355,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="forge_schema", node=ForgeConfig)
     if not OmegaConf.has_resolver("slug"):
         OmegaConf.register_new_resolver("slug", slug)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
 
 
 def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
@@ -395,6 +462,13 @@ def validate_cluster(cfg: ForgeConfig) -> None:
         )
     if c.backend == Backend.slurm and c.task_index is not None:
         raise ConfigError("cluster.task_index: Slurm runs every unfinished shard; use cluster.backend=local")
+
+
+def run_name(stage: object, model: object, dataset: object) -> str:
+    """The default run dir's name: `<model>__<dataset>` for generation, `<stage>__<dataset>` else."""
+    name = str(getattr(stage, "value", stage))
+    first = slug(model) if name == Stage.generate.value else name
+    return f"{first}__{slug(dataset)}"
 
 
 def slug(value: object) -> str:

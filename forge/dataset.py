@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from forge.config import DatasetConfig
 
 SAMPLE_PREFIX = "forge://"
@@ -29,6 +31,7 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".arr
 GZIP_ERRORS = (EOFError, zlib.error, OSError)
 # csv's default field limit (128 KiB) would refuse a whole file over one long document
 CSV_FIELD_LIMIT = 1 << 30
+_NOT_PARSED = object()
 
 
 class DatasetError(ValueError):
@@ -111,7 +114,12 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark
             try:
-                item = json.loads(raw.decode("utf-8"))
+                item = orjson.loads(raw)
+            except orjson.JSONDecodeError:  # stdlib json: NaN literals, and its precise error messages
+                item = _NOT_PARSED
+            try:
+                if item is _NOT_PARSED:
+                    item = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 yield None, where, f"line is not UTF-8: {exc.reason} at byte {exc.start}"
                 continue
@@ -124,6 +132,12 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
             yield item, where, None
 
 
+def is_run_dir(name: str) -> bool:
+    """A directory forge wrote (a run of any stage): its rows are data/*.parquet."""
+    path = Path(name)
+    return path.is_dir() and (path / "forge_run.json").is_file() and (path / "data").is_dir()
+
+
 def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
     import pyarrow.parquet as pq
 
@@ -131,7 +145,7 @@ def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any
     names = pf.schema_arrow.names
     _require_columns(path, names, columns)
     row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in names]):
+    for batch in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in names] if columns else None):
         for item in batch.to_pylist():
             yield item, f"{path}:row {row}", None
             row += 1
@@ -153,7 +167,7 @@ def _read_arrow(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any],
         _require_columns(path, schema.names, columns)
         row = 0
         for batch in batches:
-            for item in batch.select([c for c in columns if c in schema.names]).to_pylist():
+            for item in (batch.select([c for c in columns if c in schema.names]) if columns else batch).to_pylist():
                 yield item, f"{path}:row {row}", None
                 row += 1
 
@@ -194,9 +208,14 @@ def _require_columns(where: str, names: list[str], columns: list[str]) -> None:
 class Source:
     """A dataset as configured: an ordered stream of rows, shardable by position."""
 
-    def __init__(self, cfg: DatasetConfig) -> None:
+    def __init__(self, cfg: DatasetConfig, all_columns: bool = False) -> None:
+        """all_columns: read every column (a stage that maps columns itself, such as curate),
+        instead of the prompt, id and keep columns."""
         self.cfg = cfg
+        self.all_columns = all_columns
         self.columns = [cfg.prompt_column] + ([cfg.id_column] if cfg.id_column else []) + list(cfg.keep_columns)
+        if all_columns:
+            self.columns = []
         self.files: list[str] = []
         self.hub = False
         name = cfg.name
@@ -213,6 +232,10 @@ class Source:
             if _suffix(name) not in FILE_SUFFIXES:
                 raise DatasetError(f"dataset.name: {name} is not one of {', '.join(FILE_SUFFIXES)}")
             self.files = [name]
+        elif is_run_dir(name):  # a forge run dir: the next stage reads what it wrote
+            self.files = sorted(str(p) for p in (Path(name) / "data").glob("*.parquet"))
+            if not self.files:
+                raise DatasetError(f"dataset.name: the forge run dir {name} has no rows in data/ yet")
         elif Path(name).is_dir():
             if not (Path(name) / "dataset_info.json").exists() and not (Path(name) / "dataset_dict.json").exists():
                 self.files = sorted(
@@ -251,11 +274,12 @@ class Source:
     def _hf_rows(self) -> Iterator[tuple[dict[str, Any], str, None]]:
         ds = self._load_hf()
         _require_columns(f"dataset {self.cfg.name}", list(ds.column_names), self.columns)
-        ds = ds.select_columns(self.columns)
+        columns = self.columns or list(ds.column_names)
+        ds = ds.select_columns(columns)
         for start in range(0, len(ds), 4096):
             batch = ds[start : start + 4096]
-            for i in range(len(batch[self.columns[0]])):
-                yield {c: batch[c][i] for c in self.columns}, f"{self.cfg.split}:row {start + i}", None
+            for i in range(len(batch[columns[0]])):
+                yield {c: batch[c][i] for c in columns}, f"{self.cfg.split}:row {start + i}", None
 
     def _load_hf(self) -> Any:
         import datasets
@@ -297,7 +321,7 @@ class Source:
         """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples."""
         limit = self.cfg.max_examples
         streams = [self._file_rows(f) for f in self.files] if self.files else [self._hf_rows()]
-        if self.files and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
+        if self.files and not self.all_columns and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
             try:
                 self._check_json_keys(self.files[0])
             except (OSError, EOFError, zlib.error) as exc:  # e.g. a gzip file damaged from its first byte

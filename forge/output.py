@@ -188,13 +188,16 @@ class ChunkWriter:
 
     async def flush(self) -> None:
         """Write what is buffered (a short last chunk at the end or on interrupt)."""
-        if not self.buffer:
-            return
-        rows, self.buffer = self.buffer, []
+        # the buffer is taken only under the lock: a writer cancelled while it waits for the lock
+        # (another worker's error stopping the run) leaves its rows buffered for the final flush
         async with self._lock:
+            if not self.buffer:
+                return
+            rows, self.buffer = self.buffer, []
             path = self.directory / f"{self.task:05d}_{self.next_chunk:05d}.parquet"
             self.next_chunk += 1
-            await asyncio.to_thread(self._write, path, rows)
+            # shielded: the thread writes the whole chunk even when the run is being stopped
+            await asyncio.shield(asyncio.to_thread(self._write, path, rows))
             self.rows_written += len(rows)
 
     def _write(self, path: Path, rows: list[dict[str, Any]]) -> None:

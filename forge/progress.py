@@ -77,6 +77,7 @@ class LiveProgress:
         self.t0 = time.monotonic()
         self.log_every_s = log_every_s
         self.bar: Progress | None = None
+        self.rows_per_s = False  # set by stages without an engine
         if enabled and sys.stderr.isatty():
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -121,6 +122,10 @@ class LiveProgress:
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
+        if self.rows_per_s:  # a stage without an engine: its rate is rows, not tokens
+            rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
+            eta = _eta(self.eta_s())
+            return f"{self.label}: {self.done}/{self.total} rows ({pct:.1f}%), {rate:,.0f} rows/s, ETA {eta}"
         return (
             f"{self.label}: {self.done}/{self.total} docs ({pct:.1f}%), "
             f"{self.tokens_per_s():,.0f} tok/s out, ETA {_eta(self.eta_s())}"
@@ -152,6 +157,24 @@ class LiveProgress:
     def finish(self, status: str) -> None:
         self.status = status
         self.write_file()
+
+    def start(self) -> None:
+        """For a synchronous stage loop: start the bar; then call poll() after each batch."""
+        if self.bar:
+            self.bar.start()
+        self._last_log = self._last_file = time.monotonic()
+        self.write_file()
+
+    def poll(self) -> None:
+        """What the async ticker does, for a synchronous loop: the bar, the file, the log line."""
+        self._refresh()
+        now = time.monotonic()
+        if now - self._last_file >= FILE_EVERY_S:
+            self._last_file = now
+            self.write_file()
+        if now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            log.info("%s", self.line())
 
     def _refresh(self) -> None:
         if self.bar:

@@ -424,7 +424,48 @@ async def _flush_all(*writers: ChunkWriter) -> None:
             raise first
 
 
-def prepare_run(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, Any]]:
+class GenerationRun:
+    """The generate stage as run_forge drives it (forge/stages.py): prompts -> engine -> rows."""
+
+    def __init__(self, cfg: ForgeConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self) -> None:
+        self.source, self.template, self.wanted = prepare_generation(self.cfg)
+
+    def start(self) -> None:
+        self.model_path = resolve_model(self.cfg.model.name_or_path)
+
+    def run_task(self, task: int) -> None:
+        cfg = self.cfg
+        try:
+            _run_async(run_task(cfg, task, self.source, self.template, self.model_path, self.wanted))
+        except RunChanged as exc:
+            start_fresh(cfg, self.wanted, "input changed; previous results", exc)
+            _run_async(run_task(cfg, task, self.source, self.template, self.model_path, self.wanted))
+
+    def finish(self, hub_repo: str | None) -> tuple[dict[str, Any], str]:
+        out_dir = Path(self.cfg.output.dir)
+        stats = merge_stats(out_dir)
+        card = write_card(out_dir, hub_repo)
+        line = (
+            f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
+            f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
+            f"stats: {out_dir / 'stats.json'}; card: {card}"
+        )
+        return stats, line
+
+
+def prepare_run(cfg: ForgeConfig) -> Any:
+    """The checks of any stage before a run is accepted (also before a Slurm submission)."""
+    from forge.stages import stage_run
+
+    run = stage_run(cfg)
+    run.prepare()
+    return run
+
+
+def prepare_generation(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, Any]]:
     """Open the input and template, and check the run dir was made by the same settings
     (or move it aside with output.on_change=fresh). Writes nothing: a refused command leaves
     the run dir as it was. Raises the errors run_forge reports."""
@@ -504,7 +545,7 @@ def run_forge(
         check_output_dir(out_dir)
         if cfg.cluster.task_index is None:  # a Slurm task holds only its own shard's lock
             check_not_running(out_dir)
-        source, template, wanted = prepare_run(cfg)
+        run = prepare_run(cfg)
         if hub:
             preflight(hub)  # a bad token fails here, before any engine starts
         create_output_dir(out_dir)
@@ -515,16 +556,12 @@ def run_forge(
             save_config(raw, out_dir)
             if overrides is not None:
                 record_command(out_dir, overrides)
-        model_path = resolve_model(cfg.model.name_or_path)
+        run.start()
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
         publishing = BackgroundPublisher(HubPublisher(out_dir, hub)) if hub else contextlib.nullcontext()
         with publishing:
             for task in tasks:
-                try:
-                    _run_async(run_task(cfg, task, source, template, model_path, wanted))
-                except RunChanged as exc:
-                    start_fresh(cfg, wanted, "input changed; previous results", exc)
-                    _run_async(run_task(cfg, task, source, template, model_path, wanted))
+                run.run_task(task)
     except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError, OSError) as exc:
         if merge and accepted:
             _merge_quietly(out_dir)
@@ -550,17 +587,12 @@ def run_forge(
     if not merge:
         return 0
     try:
-        stats = merge_stats(out_dir)
-        card = write_card(out_dir, hub.repo if hub else None)
+        _, summary = run.finish(hub.repo if hub else None)
     except (OSError, OutputError) as exc:
         print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
         print(f"forge: every row is in {out_dir / 'data'}; re-run the same command to write the rest", file=sys.stderr)
         return 1
-    print(
-        f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
-        f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
-        f"stats: {out_dir / 'stats.json'}; card: {card}"
-    )
+    print(summary)
     if hub:
         try:
             publish_final(out_dir, hub)

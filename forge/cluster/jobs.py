@@ -127,16 +127,14 @@ class FinalizeJob:
     """Runs after every shard succeeded: the run's stats.json and final progress."""
 
     def __call__(self, out_dir: str, tasks: int) -> dict[str, Any]:
-        from forge.card import write_card
-        from forge.stats import merge_stats
+        from forge.stages import finish_run_dir
 
         out = Path(out_dir)
         missing = [s for s in range(tasks) if not shard_complete(out, s)]
         if missing:
             raise ShardFailed(f"finalize: shard(s) {missing} are not complete in {out}")
-        stats = merge_stats(out)
         hub = HubPublisher.for_run_dir(out)
-        write_card(out, hub.target.repo if hub else None)
+        stats = finish_run_dir(out, hub.target.repo if hub else None)
         aggregate_progress(out)
         if hub:  # before finalized.json: a failed upload leaves finalize to be re-submitted
             publish_final(out, hub.target)

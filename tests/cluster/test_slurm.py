@@ -296,3 +296,31 @@ def test_hub_upload_from_the_monitor_and_finalize_jobs(tmp_path: Path, cpu_serve
         for path in out.rglob("*"):
             if path.is_file():
                 assert token.encode() not in path.read_bytes(), f"token in {path}"
+
+
+def test_curate_runs_as_an_array_then_finalizes(tmp_path: Path) -> None:
+    """A batch stage on Slurm: each shard is an array task, finalize writes stats.json and the card."""
+    rows = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]}
+        for i in range(60)
+    ]
+    rows[5] = {"id": "c5", "messages": [{"role": "user", "content": "no answer"}]}
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    out = tmp_path / "cur"
+    args = [
+        "pipeline=curate",
+        "cluster=slurm_ci",
+        "cluster.tasks=2",
+        "cluster.wait=true",
+        f"dataset.name={data}",
+        f"output.dir={out}",
+        "output.examples_per_chunk=10",
+    ]
+    proc = forge_cli(args, tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    kept, rejected = read_rows(out), read_rows(out, "rejected")
+    assert sorted(r["source"]["id"] for r in kept) == sorted(f"c{i}" for i in range(60) if i != 5)
+    assert [r["filter"] for r in rejected] == ["chat_structure"]
+    stats = read_stats(out)
+    assert stats["rows_in"] == 60 and stats["tasks"] == 2 and stats["rows_kept"] == 59
+    assert (out / "slurm" / "finalized.json").exists() and "chat_structure" in (out / "README.md").read_text()

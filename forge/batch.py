@@ -1,0 +1,239 @@
+"""The runner of batch stages (curate, and later dedup, tokenize, score): everything a stage
+shares, written once. A stage only transforms a batch of rows; this module reads the input (a
+mix of sources), shards it, writes each batch's outputs as chunk files, quarantines removed rows
+with their stage and reason, counts, shows progress and resumes.
+
+Resume is by batch: shard t reads its rows in batches of `output.examples_per_chunk`; batch k
+becomes chunk k of every output (`data/TTTTT_KKKKK.parquet`, `rejected/...`, `pools/<name>/...`),
+each written atomically, and only then `state/batch_TTTTT.json` records k+1 batches done. A kill
+at any moment leaves whole chunks; the re-run removes chunks past the last recorded batch and
+redoes that batch, so every input row ends in data/ or rejected/ exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import pyarrow as pa
+
+from forge.config import ForgeConfig
+from forge.mix import Mix, MixedRow
+from forge.output import (
+    clean_temp_files,
+    read_columns,
+    shard_files,
+    write_atomic,
+    write_json_atomic,
+)
+from forge.progress import LiveProgress, task_progress_path
+
+log = logging.getLogger("forge.batch")
+ROW_CHARS = 10_000
+BATCH_REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # the row's id, or @file:line when it has none yet
+        ("stage", pa.string()),  # the stage that removed it (curate, ...)
+        ("filter", pa.string()),  # the step: input, normalize, or the filter's name
+        ("reason", pa.string()),
+        ("value", pa.string()),  # the value that failed, as JSON
+        ("retryable", pa.bool_()),  # always false: the same row fails the same way
+        ("source", pa.string()),  # the source's label
+        ("where", pa.string()),  # file:line or split:row of the input row
+        ("row", pa.string()),  # the input row as JSON, cut at 10,000 characters
+    ]
+)
+
+
+@dataclass
+class BatchResult:
+    """What a stage makes of one batch: tables per output ("data", "pools/<name>"), removed rows
+    (dicts with the keys of BATCH_REJECT_SCHEMA but stage and retryable) and counters."""
+
+    outputs: dict[str, pa.Table] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchStage(Protocol):
+    name: str
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that must not change under a run dir that holds rows."""
+
+    def restore(self, kept: pa.Table | None) -> None:
+        """State carried across batches of a shard (e.g. ids seen), from the `id` column of the
+        data chunks already written by earlier sessions."""
+
+    def process(self, rows: list[MixedRow]) -> BatchResult:
+        """Transform one batch."""
+
+
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Nested sum of counters (dicts of ints and dicts)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def reject_row(row: MixedRow, label: str, step: str, reason: str, value: Any = None, rid: str | None = None) -> dict:
+    """A removed input row, as rejected/ keeps it (the raw row, so it can be audited or fixed)."""
+    raw = row.row.record
+    text = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode() if raw is not None else None
+    return {
+        "id": rid or f"@{row.row.where}" + (f".{row.copy}" if row.copy else ""),
+        "filter": step,
+        "reason": reason,
+        "value": None if value is None else orjson.dumps(value, default=str).decode(),
+        "source": label,
+        "where": row.row.where,
+        "row": text[:ROW_CHARS] if text else None,
+    }
+
+
+def _batches(rows: Iterator[MixedRow], size: int) -> Iterator[list[MixedRow]]:
+    batch: list[MixedRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _chunk_index(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def state_path(out_dir: Path, task: int) -> Path:
+    return out_dir / "state" / f"batch_{task:05d}.json"
+
+
+def read_state(out_dir: Path, task: int) -> dict[str, Any]:
+    path = state_path(out_dir, task)
+    if not path.exists():
+        return {"batches": 0, "rows_in": 0, "counts": {}}
+    return orjson.loads(path.read_bytes())
+
+
+def output_dirs(out_dir: Path) -> list[Path]:
+    """data/, rejected/ and every pool folder."""
+    dirs = [out_dir / "data", out_dir / "rejected"]
+    pools = out_dir / "pools"
+    if pools.is_dir():
+        dirs += sorted(p for p in pools.iterdir() if p.is_dir())
+    return dirs
+
+
+def drop_unrecorded(out_dir: Path, task: int, batches: int) -> int:
+    """Chunks of a batch that a kill interrupted before it was recorded: removed, redone."""
+    removed = 0
+    for d in output_dirs(out_dir):
+        clean_temp_files(d)
+        for path in shard_files(d, task):
+            if _chunk_index(path) >= batches:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, total: int | None) -> dict[str, Any]:
+    """Run shard `task` of a batch stage to the end (or resume it); returns its state."""
+    out_dir = Path(cfg.output.dir)
+    tasks = cfg.cluster.tasks
+    size = cfg.output.examples_per_chunk
+    state = read_state(out_dir, task)
+    done_batches = state["batches"]
+    if drop_unrecorded(out_dir, task, done_batches):
+        log.info("task %d: removed the chunks of an unfinished batch %d; redoing it", task, done_batches)
+    stage.restore(read_columns(shard_files(out_dir / "data", task), ["id"]))
+    label = f"task {task}" if tasks > 1 else "forge"
+    share = (
+        None if total is None else -(-total // tasks) if task < total % tasks or not total % tasks else total // tasks
+    )
+    bar = LiveProgress(
+        label, share or 0, state["rows_in"], cfg.run.progress, cfg.run.log_every_s, task_progress_path(out_dir, task)
+    )
+    bar.rows_per_s = True
+    if state["rows_in"]:
+        log.info("%s: resuming after %d batches (%d rows)", label, done_batches, state["rows_in"])
+    status = "failed"
+    t0 = time.monotonic()
+    bar.start()
+    try:
+        for k, batch in enumerate(_batches(mix.rows(task, tasks), size)):
+            if k < done_batches:
+                continue
+            result = stage.process(batch)
+            for name, table in result.outputs.items():
+                if table.num_rows:
+                    path = out_dir / name / f"{task:05d}_{k:05d}.parquet"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomic(path, table)
+            if result.rejected:
+                rows = [dict(r, stage=stage.name, retryable=False) for r in result.rejected]
+                (out_dir / "rejected").mkdir(exist_ok=True)
+                write_atomic(
+                    out_dir / "rejected" / f"{task:05d}_{k:05d}.parquet",
+                    pa.Table.from_pylist(rows, schema=BATCH_REJECT_SCHEMA),
+                )
+            state = {
+                "batches": k + 1,
+                "rows_in": state["rows_in"] + len(batch),
+                "counts": add_counts(state["counts"], result.counts),
+            }
+            write_json_atomic(state_path(out_dir, task), state)
+            bar.advance(docs=len(batch))
+            if bar.total and bar.done > bar.total:
+                bar.total = bar.done
+            bar.poll()
+        status = "complete"
+    finally:
+        bar.status = status
+        if status == "complete":
+            bar.total = bar.done
+        bar.write_file()
+        if bar.bar:
+            bar._refresh()
+            bar.bar.stop()
+        log.info("%s", bar.line())
+        stats_path = out_dir / "stats" / f"task_{task:05d}.json"
+        try:
+            sessions = orjson.loads(stats_path.read_bytes()).get("sessions", []) if stats_path.exists() else []
+        except (OSError, orjson.JSONDecodeError):
+            sessions = []
+        session = {"status": status, "seconds": round(time.monotonic() - t0, 3), "rows": bar.done - bar.start_done}
+        write_json_atomic(stats_path, {**state, "task": task, "sessions": [*sessions, session]})
+    return state
+
+
+def merge_batch_stats(out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """stats.json of a batch stage: the per-shard counters summed (each counts only recorded
+    batches, so a resumed run never counts twice)."""
+    tasks = []
+    for p in sorted((out_dir / "stats").glob("task_*.json")):
+        try:
+            tasks.append(orjson.loads(p.read_bytes()))
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("%s is damaged (%s); skipped in stats.json", p, exc)
+    counts: dict[str, Any] = {}
+    for t in tasks:
+        add_counts(counts, t.get("counts", {}))
+    merged = {
+        "rows_in": sum(t.get("rows_in", 0) for t in tasks),
+        "tasks": len(tasks),
+        "task_status": {str(t["task"]): (t.get("sessions") or [{}])[-1].get("status") for t in tasks},
+        **counts,
+        **(extra or {}),
+    }
+    write_json_atomic(out_dir / "stats.json", merged)
+    return merged

@@ -1,0 +1,170 @@
+"""The stages forge runs (conf/pipeline/), and the run of a batch stage.
+
+run_forge (forge/runner.py) drives any stage through the same four calls: prepare (read-only
+checks; a refused command writes nothing), start, run_task per shard, finish (stats.json and
+the card). Generation is one stage (GenerationRun in forge/runner.py: it owns an engine and a
+request cache); the others are batch stages run by forge/batch.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forge.batch import merge_batch_stats, run_batch_task
+from forge.config import ForgeConfig, Stage
+from forge.dataset import DatasetError
+from forge.mix import Mix, expected_rows, input_fingerprint, open_mix
+from forge.output import RunChanged, check_manifest, record_manifest
+
+log = logging.getLogger("forge.stages")
+
+# stage -> "module:factory" of the object run_forge drives; a batch stage's factory takes (cfg, mix)
+RUNS = {Stage.generate: "forge.runner:GenerationRun"}
+BATCH_STAGES = {Stage.curate: "forge.curate.stage:CurateStage"}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_run(cfg: ForgeConfig) -> Any:
+    """The run object for cfg.pipeline.stage."""
+    stage = cfg.pipeline.stage
+    if stage in RUNS:
+        return _load(RUNS[stage])(cfg)
+    return BatchRun(cfg, _load(BATCH_STAGES[stage]))
+
+
+PROBE_ROWS = 200
+
+
+def probe_columns(s: Any) -> None:
+    """Read a local source's first rows: an unreadable file, or a column its field map names
+    that none of those rows has, stops the run here, naming the source and the column."""
+    seen: set[str] = set()
+    try:
+        for n, row in enumerate(s.reader.rows()):
+            if row.record is not None:
+                seen.update(map(str, row.record))
+            if n >= PROBE_ROWS:
+                break
+    except DatasetError as exc:
+        raise DatasetError(f"{s.key} ({s.label}): {exc}") from None
+    if not seen:
+        return
+    wanted = [(f"columns.{role}", col) for role, col in s.spec.columns.items()]
+    for kind, m in (s.spec.meta or {}).items():
+        if isinstance(m, dict) and m.get("column"):
+            wanted.append((f"meta.{kind}.column", m["column"]))
+    for key, column in wanted:
+        if column not in seen:
+            raise DatasetError(
+                f"{s.key}.{key} ({s.label}): no row of {s.spec.name} has the column {column!r}; "
+                f"its columns: {', '.join(sorted(seen))}"
+            )
+
+
+class BatchRun:
+    """A batch stage's run: a mix of sources in, the stage's transformation, chunked output."""
+
+    def __init__(self, cfg: ForgeConfig, make_stage: Any) -> None:
+        self.cfg = cfg
+        self.make_stage = make_stage
+        self.mix: Mix | None = None
+        self.stage: Any = None
+        self.wanted: dict[str, Any] = {}
+        self.total: int | None = None
+
+    def prepare(self) -> None:
+        """Open the sources (each local one's first row is read: an unreadable file or a source
+        that is not there stops here), build the stage (bad filters, pools and field maps stop
+        here) and check the run dir was made with the same settings. Writes nothing."""
+        from forge.runner import start_fresh
+
+        cfg = self.cfg
+        self.mix = open_mix(cfg.dataset)
+        for s in self.mix.sources:
+            if s.reader.files:
+                probe_columns(s)
+        self.stage = self.make_stage(cfg, self.mix)
+        self.wanted = {
+            "version": 1,
+            "stage": self.stage.name,
+            "dataset": {**self.mix.describe(), "files": input_fingerprint(self.mix)},
+            "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
+            "settings": self.stage.fingerprint(),
+        }
+        try:
+            check_manifest(Path(cfg.output.dir), self.wanted)
+        except RunChanged as exc:
+            start_fresh(cfg, self.wanted, "previous results", exc)
+
+    def start(self) -> None:
+        self.total = expected_rows(self.mix) if self.mix else None
+
+    def run_task(self, task: int) -> None:
+        record_manifest(Path(self.cfg.output.dir), self.wanted)
+        state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
+        c = state.get("counts", {})
+        log.info(
+            "task %d: %d rows in, %d kept, %d removed",
+            task,
+            state["rows_in"],
+            c.get("rows_kept", 0),
+            c.get("rows_removed", 0),
+        )
+
+    def finish(self, hub_repo: str | None) -> tuple[dict[str, Any], str]:
+        out_dir = Path(self.cfg.output.dir)
+        stats, card = finish_batch(out_dir, hub_repo)
+        pools = stats.get("pools") or {}
+        pool_text = f"; pools: {', '.join(f'{k} {v}' for k, v in pools.items())}" if pools else ""
+        line = (
+            f"forge: {stats.get('rows_kept', 0)} rows kept of {stats['rows_in']} in {out_dir / 'data'}; "
+            f"{stats.get('rows_removed', 0)} removed, each with its reason, in {out_dir / 'rejected'}{pool_text}; "
+            f"stats: {out_dir / 'stats.json'}; card: {card}"
+        )
+        return stats, line
+
+
+def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], Path]:
+    """stats.json (with the mix's requested vs achieved shares) and the card of a batch stage."""
+    from forge.stage_card import write_stage_card
+
+    manifest = yaml.safe_load((out_dir / "forge_run.json").read_text()) if (out_dir / "forge_run.json").exists() else {}
+    requested = (manifest.get("dataset") or {}).get("requested_share") or {}
+    stats = merge_batch_stats(out_dir)
+    by_source = stats.get("by_source") or {}
+    kept_all = sum(v.get("rows_kept", 0) for v in by_source.values()) or 1
+    read_all = sum(v.get("rows_in", 0) for v in by_source.values()) or 1
+    stats["mix"] = {
+        label: {
+            "requested_share": requested.get(label),
+            "sampled_share": round(by_source.get(label, {}).get("rows_in", 0) / read_all, 6),
+            "achieved_share": round(by_source.get(label, {}).get("rows_kept", 0) / kept_all, 6),
+        }
+        for label in (requested or by_source)
+    }
+    stats["rows_written"] = stats.get("rows_kept", 0)
+    stats = merge_batch_stats(out_dir, {"mix": stats["mix"], "rows_written": stats["rows_written"]})
+    return stats, write_stage_card(out_dir, stats, hub_repo)
+
+
+def finish_run_dir(out_dir: Path, hub_repo: str | None) -> dict[str, Any]:
+    """stats.json and the card of a finished run dir of any stage (Slurm's finalize job)."""
+    cfg = yaml.safe_load((out_dir / "config.yaml").read_text()) if (out_dir / "config.yaml").exists() else {}
+    stage = ((cfg or {}).get("pipeline") or {}).get("stage", Stage.generate.value)
+    if stage in {s.value for s in BATCH_STAGES}:
+        return finish_batch(out_dir, hub_repo)[0]
+    from forge.card import write_card
+    from forge.stats import merge_stats
+
+    stats = merge_stats(out_dir)
+    write_card(out_dir, hub_repo)
+    return stats
