@@ -122,6 +122,11 @@ def render_card(out_dir: Path, hub_repo: str | None = None, progress: dict[str, 
     stats.json may not exist yet: its statistics then come from the shards written so far)."""
     cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
     stats_path = out_dir / "stats.json"
+    if (cfg.get("pipeline") or {}).get("stage", "generate") != "generate":  # a batch stage's card
+        from forge.stage_card import render_stage_card
+
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+        return render_stage_card(out_dir, stats, hub_repo)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else _partial_stats(out_dir)
     if not stats_path.exists() and progress:
         stats["documents_in"] = progress.get("total", 0)

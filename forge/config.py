@@ -322,6 +322,9 @@ class Stage(str, Enum):
     generate = "generate"  # prompts -> engine -> completions (forge/generate.py)
     curate = "curate"  # normalize, filter, pool (forge/curate/)
 
+    def __str__(self) -> str:  # `${pipeline.stage}` in a path interpolates as `curate`
+        return self.value
+
 
 @dataclass
 class PipelineConfig:
@@ -357,6 +360,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("slug", slug)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
+    if not OmegaConf.has_resolver("by_stage"):
+        OmegaConf.register_new_resolver("by_stage", by_stage)
 
 
 def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
@@ -462,6 +467,16 @@ def validate_cluster(cfg: ForgeConfig) -> None:
         )
     if c.backend == Backend.slurm and c.task_index is not None:
         raise ConfigError("cluster.task_index: Slurm runs every unfinished shard; use cluster.backend=local")
+
+
+def by_stage(stage: object, *choices: str) -> str:
+    """`${by_stage:${pipeline.stage},'generate=a','curate=b'}`: the value for this stage, so one
+    experiment file can describe a multi-stage recipe (each stage reads the one before it)."""
+    name = str(getattr(stage, "value", stage))
+    table = dict(c.split("=", 1) for c in choices)
+    if name not in table:
+        raise ConfigError(f"pipeline.stage: this recipe has no {name!r} stage; its stages: {', '.join(table)}")
+    return table[name]
 
 
 def run_name(stage: object, model: object, dataset: object) -> str:

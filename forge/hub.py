@@ -269,7 +269,9 @@ class HubPublisher:
     def local_files(self) -> dict[str, Path]:
         """path in repo -> local file, for every finished chunk (shards are renamed into place whole)."""
         files = {}
-        for sub in ("data", "rejected"):
+        pools = self.out_dir / "pools"  # a curate run's pools: pools/<name>/TTTTT_CCCCC.parquet
+        subs = ["data", "rejected", *(f"pools/{p.name}" for p in sorted(pools.iterdir()) if p.is_dir())]
+        for sub in subs if pools.is_dir() else ("data", "rejected"):
             for path in shard_files(self.out_dir / sub):
                 files[f"{sub}/{path.name}"] = path
         return files

@@ -91,3 +91,41 @@ def test_cli_cfg_job_prints_composed_config(tmp_path: Path) -> None:
     proc = forge_cli(["--cfg", "job"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "name_or_path: forge://tiny-qwen3" in proc.stdout
+
+
+DATASETS = sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml"))
+PIPELINES = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_dataset_composes_with_every_pipeline(name: str, pipeline: str) -> None:
+    cfg = to_schema(_compose(f"dataset={name}", f"pipeline={pipeline}"))
+    assert cfg.pipeline.stage.value == pipeline
+
+
+def test_the_smollm3_stage1_mix_validates_as_published() -> None:
+    """It cannot run here (Hub datasets), but it composes, validates and builds its stage."""
+    from forge.curate.normalize import check_spec
+    from forge.mix import check_mix
+
+    cfg = to_schema(_compose("pipeline=curate", "dataset=mix_smollm3_stage1"))
+    d = cfg.dataset
+    assert len(d.sources) == 41 and abs(sum(s.weight for s in d.sources) - 1.0) < 1e-6
+    check_mix(d)
+    for i, s in enumerate(d.sources):
+        check_spec(s, f"dataset.sources[{i}]")
+    assert {s.label for s in d.sources} >= {"fineweb-edu", "dclm"}
+
+
+def test_default_pipeline_is_generation_and_its_run_dir_is_unchanged() -> None:
+    cfg = to_schema(_compose())
+    assert cfg.pipeline.stage.value == "generate" and cfg.output.dir == "outputs/tiny-qwen3__sample"
+    assert to_schema(_compose("pipeline=curate", "dataset=mix_tiny")).output.dir == "outputs/curate__mix_tiny"
+
+
+def test_a_recipe_experiment_chains_its_stages() -> None:
+    gen = to_schema(_compose("experiment=tiny_generate_then_curate"))
+    cur = to_schema(_compose("experiment=tiny_generate_then_curate", "pipeline=curate"))
+    assert gen.dataset.name == "forge://sample" and cur.dataset.name == gen.output.dir
+    assert cur.curate.pools == {"long_answers": "num_turns >= 2"}

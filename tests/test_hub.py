@@ -274,3 +274,34 @@ def test_upload_killed_and_resumed_lands_every_row_once(hub: FakeHub, tmp_path: 
     assert all(WRITE.encode() not in v for v in files.values())
     assert all(WRITE not in o for o in outputs)
     print(f"seed={seed} kills={kills} commits={len(hub.commits)} injected={hub.injected}")
+
+
+def test_a_curate_run_publishes_its_data_pools_and_card(hub: FakeHub, tmp_path: Path) -> None:
+    """Hub publishing is the runner's, so a batch stage gets it too: data, rejected, every pool
+    folder, stats.json and its own card (with a config per pool)."""
+    repo = f"{USER}/curated"
+    out = tmp_path / "cur"
+    args = [
+        sys.executable,
+        "-m",
+        "forge.cli",
+        "run.progress=false",
+        "pipeline=curate",
+        "dataset=mix_tiny",
+        "dataset.target_rows=80",
+        f"output.dir={out}",
+        "output.examples_per_chunk=20",
+        f"output.hub_repo={repo}",
+        "output.hub_commits_per_hour=3600",
+        "+curate.pools.tools=has_tool_calls",
+    ]
+    proc = subprocess.run(
+        args, cwd=REPO, env=hub_env(hub, tmp_path / "hf_home"), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = hub.files(repo)
+    local = {str(p.relative_to(out)) for p in out.rglob("*.parquet") if not p.name.startswith(".")}
+    assert local and local <= set(files)
+    assert any(name.startswith("pools/tools/") for name in files)
+    card = files["README.md"].decode()
+    assert "forge curate" in card and "pool_tools" in card and "stats.json" in files

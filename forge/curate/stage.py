@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from forge.batch import BatchResult, reject_row
 from forge.config import ForgeConfig
-from forge.curate.filters import build_filters
+from forge.curate.filters import build_filters, set_vocab_warmup
 from forge.curate.normalize import check_spec, meta_columns, normalize
 from forge.curate.pools import compile_pools, pool_tables
 from forge.curate.rows import Unnormalizable, curated_schema
@@ -44,12 +44,15 @@ class CurateStage:
         for s in self.sources:
             check_spec(s.spec, s.key)
         self.schema: pa.Schema = curated_schema(meta_columns([s.spec for s in self.sources]))
+        set_vocab_warmup(self.cfg.vocab_warmup_rows)
         self.filters = build_filters(list(self.cfg.filters), tokenizer_name(cfg))
         self.pools = compile_pools(dict(self.cfg.pools), self.schema)
         self.seen: set[str] = set()
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"stage": self.name, "curate": dataclasses.asdict(self.cfg)}
+        settings = dataclasses.asdict(self.cfg)
+        settings.pop("vocab_warmup_rows")  # speed only: the same rows come out
+        return {"stage": self.name, "curate": settings}
 
     def restore(self, kept: pa.Table | None) -> None:
         self.seen = set(kept.column("id").to_pylist()) if kept is not None and self.cfg.dedup_exact else set()
