@@ -184,21 +184,24 @@ class ChunkWriter:
     async def add(self, row: dict[str, Any]) -> None:
         self.buffer.append(row)
         if len(self.buffer) >= self.rows_per_chunk:
-            await self.flush()
+            await self._write_chunks(whole_only=True)
 
     async def flush(self) -> None:
         """Write what is buffered (a short last chunk at the end or on interrupt)."""
-        # the buffer is taken only under the lock: a writer cancelled while it waits for the lock
-        # (another worker's error stopping the run) leaves its rows buffered for the final flush
+        await self._write_chunks(whole_only=False)
+
+    async def _write_chunks(self, whole_only: bool) -> None:
+        # rows leave the buffer only under the lock: a writer cancelled while it waits for the lock
+        # (another worker's error stopping the run) leaves them buffered for the final flush
         async with self._lock:
-            if not self.buffer:
-                return
-            rows, self.buffer = self.buffer, []
-            path = self.directory / f"{self.task:05d}_{self.next_chunk:05d}.parquet"
-            self.next_chunk += 1
-            # shielded: the thread writes the whole chunk even when the run is being stopped
-            await asyncio.shield(asyncio.to_thread(self._write, path, rows))
-            self.rows_written += len(rows)
+            while self.buffer and (len(self.buffer) >= self.rows_per_chunk or not whole_only):
+                rows = self.buffer[: self.rows_per_chunk]
+                del self.buffer[: self.rows_per_chunk]
+                path = self.directory / f"{self.task:05d}_{self.next_chunk:05d}.parquet"
+                self.next_chunk += 1
+                # shielded: the thread writes the whole chunk even when the run is being stopped
+                await asyncio.shield(asyncio.to_thread(self._write, path, rows))
+                self.rows_written += len(rows)
 
     def _write(self, path: Path, rows: list[dict[str, Any]]) -> None:
         write_atomic(path, pa.Table.from_pylist(rows, schema=self.schema))
