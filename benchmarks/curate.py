@@ -365,7 +365,7 @@ def side_floor(inp: Path, out: Path, fasttok: bool = False) -> dict:
     return {"dropped": dropped}
 
 
-def forge_cmd(inp: Path, out: Path) -> list[str]:
+def forge_cmd(inp: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -377,6 +377,7 @@ def forge_cmd(inp: Path, out: Path) -> list[str]:
         "curate.dedup_exact=false",
         "run.progress=false",
         f"output.dir={out}",
+        *extra,
     ]
 
 
@@ -434,6 +435,8 @@ def run_side(name: str, inp: Path, work: Path, n_docs: int) -> dict:
     out.mkdir(parents=True)
     if name == "forge":
         cmd = forge_cmd(inp, out)
+    elif name == "forge_nowarmup":  # forge without its spaCy vocabulary warm-up: the loop's own gain
+        cmd = forge_cmd(inp, out, "curate.vocab_warmup_rows=0")
     else:
         cmd = [sys.executable, __file__, "--side", name, "--input", str(inp), "--out", str(out)]
     r = measure(cmd, work / f"{name}.log")
@@ -451,7 +454,7 @@ def run_side(name: str, inp: Path, work: Path, n_docs: int) -> dict:
     inner = out / "inner.json"
     if inner.exists():
         r.update(json.loads(inner.read_text()))
-    if name == "forge" and (out / "rejected").exists():
+    if name.startswith("forge") and (out / "rejected").exists():
         try:
             r["rejected"] = read_kept(out / "rejected", with_digests=False)[0]
         except Exception:  # noqa: BLE001
@@ -724,8 +727,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--sides",
-        default="datatrove,floor,floor_fasttok,forge",
-        help="comma list of: datatrove, floor, floor_fasttok, forge",
+        default="datatrove,forge,forge_nowarmup",
+        help="comma list of: datatrove, forge, forge_nowarmup, floor, floor_fasttok",
     )
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--keep", type=Path, help="work dir to keep (default: a temp dir, removed)")
@@ -815,6 +818,11 @@ def main() -> None:
             )
         elif "forge" in sides:
             print("\nforge side failed: no forge / datatrove ratio this run")
+        if ref and "forge_nowarmup" in ok:
+            print(
+                f"forge_nowarmup / datatrove = {ok['forge_nowarmup']['docs_per_cpu_s'] / base:.2f}x  "
+                "(curate.vocab_warmup_rows=0: forge's loop, reading and writing alone)"
+            )
         if ref and "floor" in ok:
             print(f"floor / datatrove = {ok['floor']['docs_per_cpu_s'] / base:.2f}x  (same filter code, no executor)")
         if ref and "floor_fasttok" in ok:

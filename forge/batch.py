@@ -157,9 +157,7 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
         log.info("task %d: removed the chunks of an unfinished batch %d; redoing it", task, done_batches)
     stage.restore(read_columns(shard_files(out_dir / "data", task), ["id"]))
     label = f"task {task}" if tasks > 1 else "forge"
-    share = (
-        None if total is None else -(-total // tasks) if task < total % tasks or not total % tasks else total // tasks
-    )
+    share = None if total is None else len(range(task, total, tasks))  # rows g with g % tasks == task
     bar = LiveProgress(
         label, share or 0, state["rows_in"], cfg.run.progress, cfg.run.log_every_s, task_progress_path(out_dir, task)
     )
@@ -197,6 +195,9 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
                 bar.total = bar.done
             bar.poll()
         status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
         bar.status = status
         if status == "complete":

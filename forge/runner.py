@@ -444,6 +444,9 @@ class GenerationRun:
             start_fresh(cfg, self.wanted, "input changed; previous results", exc)
             _run_async(run_task(cfg, task, self.source, self.template, self.model_path, self.wanted))
 
+    def partial_stats(self) -> None:
+        merge_stats(Path(self.cfg.output.dir))
+
     def finish(self, hub_repo: str | None) -> tuple[dict[str, Any], str]:
         out_dir = Path(self.cfg.output.dir)
         stats = merge_stats(out_dir)
@@ -509,11 +512,11 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(main())
 
 
-def _merge_quietly(out_dir: Path) -> None:
+def _merge_quietly(out_dir: Path, run: Any) -> None:
     """stats.json also after a failure or Ctrl-C: what the shards hold so far."""
     if (out_dir / "stats").is_dir():
         try:
-            merge_stats(out_dir)
+            run.partial_stats()
         except Exception as exc:  # never mask the error being reported
             log.warning("could not write stats.json: %s", exc)
 
@@ -564,7 +567,7 @@ def run_forge(
                 run.run_task(task)
     except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError, OSError) as exc:
         if merge and accepted:
-            _merge_quietly(out_dir)
+            _merge_quietly(out_dir, run)
         message = _one_line(exc)
         log.error("%s", message, extra={"file_only": True})
         head, _, details = message.partition("\n")  # e.g. the engine log's last lines
@@ -579,7 +582,7 @@ def run_forge(
         return 2 if isinstance(exc, user_error) or (isinstance(exc, OutputError) and not accepted) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         if merge and accepted:
-            _merge_quietly(out_dir)
+            _merge_quietly(out_dir, run)
         log.warning("interrupted", extra={"file_only": True})
         print("forge: interrupted: finished rows are saved; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -8,8 +8,12 @@ request cache); the others are batch stages run by forge/batch.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,24 @@ def stage_run(cfg: ForgeConfig) -> Any:
 
 
 PROBE_ROWS = 200
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (Slurm's scancel, a supervisor) stops a batch stage like Ctrl-C: the batch being
+    worked on is dropped, the task's stats are written, and the re-run redoes only that batch."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def probe_columns(s: Any) -> None:
@@ -110,7 +132,8 @@ class BatchRun:
 
     def run_task(self, task: int) -> None:
         record_manifest(Path(self.cfg.output.dir), self.wanted)
-        state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
+        with term_as_interrupt():
+            state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
         c = state.get("counts", {})
         log.info(
             "task %d: %d rows in, %d kept, %d removed",
@@ -119,6 +142,9 @@ class BatchRun:
             c.get("rows_kept", 0),
             c.get("rows_removed", 0),
         )
+
+    def partial_stats(self) -> None:
+        merge_batch_stats(Path(self.cfg.output.dir))
 
     def finish(self, hub_repo: str | None) -> tuple[dict[str, Any], str]:
         out_dir = Path(self.cfg.output.dir)
