@@ -190,8 +190,30 @@ def open_mix(d: DatasetConfig) -> Mix:
     return mix
 
 
+def _hub_size(s: MixSource) -> tuple[int, float] | None:
+    """A Hub source's rows and bytes per row from its published split sizes (the dataset card's
+    metadata), so a mix of large Hub datasets is sized without reading them; None when unknown."""
+    try:
+        import datasets
+
+        info = datasets.load_dataset_builder(s.spec.name, s.spec.config, revision=s.spec.revision).info
+        split = (info.splits or {}).get(s.spec.split)
+        if split is None or not split.num_examples:
+            return None
+        rows = int(split.num_examples)
+        per_row = (split.num_bytes or 0) / rows / CHARS_PER_TOKEN
+        return rows, max(per_row, 1.0)
+    except Exception:  # offline, gated, no metadata: the caller counts rows instead
+        return None
+
+
 def _measure(s: MixSource) -> tuple[int, float]:
     """Rows the source gives, and its mean tokens per row (characters / 4 over a sample)."""
+    if s.reader.hub:
+        sized = _hub_size(s)
+        if sized is not None:
+            rows, per_row = sized
+            return (rows if s.spec.max_rows is None else min(rows, s.spec.max_rows)), per_row
     n, chars = 0, 0
     for row in s.reader.rows():
         if s.spec.max_rows is not None and n >= s.spec.max_rows:

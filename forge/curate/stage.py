@@ -67,9 +67,9 @@ class CurateStage:
             label = src.label
             counts = by_source.setdefault(label, {"rows_in": 0, "rows_kept": 0, "removed": {}})
             counts["rows_in"] += 1
-            step, reason, value, rid = self._verdict(mr, src)
+            row, step, reason, value, rid = self._verdict(mr, src)
             if step is None:
-                kept.append(self._last)
+                kept.append(row)
                 counts["rows_kept"] += 1
                 continue
             rejected.append(reject_row(mr, label, step, reason, value, rid))
@@ -86,14 +86,14 @@ class CurateStage:
         }
         return BatchResult({"data": table, **pools}, rejected, counts)
 
-    def _verdict(self, mr: MixedRow, src: Any) -> tuple[str | None, str, Any, str | None]:
-        """(None, ...) and the row in self._last when kept; else (step, reason, value, id)."""
+    def _verdict(self, mr: MixedRow, src: Any) -> tuple[dict | None, str | None, str, Any, str | None]:
+        """(row, None, ...) when kept; else (None, step, reason, value, id) for rejected/."""
         if mr.row.record is None:
-            return "input", mr.row.error or "unreadable row", None, None
+            return None, "input", mr.row.error or "unreadable row", None, None
         try:
             row = normalize(mr.row.record, src.spec, mr.row.where)
         except Unnormalizable as exc:
-            return "normalize", str(exc), None, None
+            return None, "normalize", str(exc), None, None
         if mr.copy:  # the k-th repeat of an up-sampled row: its own id, never a duplicate
             row["id"] = f"{row['id']}.{mr.copy}"
         rid = row["id"]
@@ -103,10 +103,9 @@ class CurateStage:
                 continue
             removal = f.check(row)
             if removal is not None:
-                return removal.filter, removal.reason, removal.value, rid
+                return None, removal.filter, removal.reason, removal.value, rid
         if self.cfg.dedup_exact:
             if rid in self.seen:
-                return DEDUP, "the same content was kept earlier in this shard", rid, rid
+                return None, DEDUP, "the same content was kept earlier in this shard", rid, rid
             self.seen.add(rid)
-        self._last = row
-        return None, "", None, rid
+        return row, None, "", None, rid
