@@ -87,6 +87,9 @@ class DatasetConfig:
             counted as characters / 4); null = every row of every source once (weights unused).
         temperature: p_i ∝ weight_i^(1/temperature); 1 keeps the weights, larger flattens them.
         seed: which rows the mix samples; the same seed gives the same rows.
+        pilot_rows: a sized mix runs each source's first rows through the stage to learn the share
+            it keeps, and reads more of a source its filters thin out, so the KEPT rows meet the
+            target and the requested shares; 0 = size on input rows.
     """
 
     name: str = "forge://sample"
@@ -106,6 +109,7 @@ class DatasetConfig:
     target_tokens: int | None = None
     temperature: float = 1.0
     seed: int = 0
+    pilot_rows: int = 1000
 
 
 @dataclass

@@ -37,7 +37,9 @@ class MixSource:
     reader: Source
     share: float = 1.0  # requested share p_i
     available: int | None = None  # rows it has (after max_rows); None = not counted (no target)
-    rate: float = 1.0  # rows written per row read (r_i)
+    rate: float = 1.0  # rows taken per row read (r_i)
+    target: float = 0.0  # rows wanted from this source (kept rows, once a pass rate is known)
+    pass_rate: float = 1.0  # share of its rows the stage keeps, measured on its first rows
 
     @property
     def label(self) -> str:
@@ -184,10 +186,24 @@ def open_mix(d: DatasetConfig) -> Mix:
             )
             if not s.available:
                 raise DatasetError(f"{s.key} ({s.label}): has no rows, but the mix gives it a share of {s.share:.1%}")
+            s.target = target
             s.rate = target / s.available
-            if s.rate > 1:
-                log.info("mix: %s is up-sampled x%.2f (%d rows for %.0f)", s.label, s.rate, s.available, target)
     return mix
+
+
+MIN_PASS_RATE = 0.01
+
+
+def aim_at_kept_rows(mix: Mix, pass_rates: dict[int, float]) -> None:
+    """Size each source for the rows the stage will KEEP: a source whose rows are filtered out
+    twice as often is read twice as much, so the kept mix has the requested shares."""
+    for s in mix.sources:
+        if s.index in pass_rates and s.available:
+            s.pass_rate = max(pass_rates[s.index], MIN_PASS_RATE)
+            s.rate = s.target / (s.available * s.pass_rate)
+    for s in mix.sources:
+        if s.rate > 1:
+            log.info("mix: %s is up-sampled x%.2f (%d rows for %.0f kept)", s.label, s.rate, s.available, s.target)
 
 
 def _hub_size(s: MixSource) -> tuple[int, float] | None:

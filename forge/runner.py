@@ -595,6 +595,11 @@ def run_forge(
         print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
         print(f"forge: every row is in {out_dir / 'data'}; re-run the same command to write the rest", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "forge: interrupted: every row is saved; re-run the same command to write stats and card", file=sys.stderr
+        )
+        return 130
     print(summary)
     if hub:
         try:

@@ -81,15 +81,15 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
         lines += [
             "## Sources and mix",
             "",
-            "| source | rows read | kept | requested share | sampled share | achieved share (kept) |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| source | rows read | kept | requested share | sampled share | achieved share (kept) | pilot pass rate |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for label, m in mix.items():
             s = by_source.get(label, {})
             lines.append(
                 f"| `{label}` | {s.get('rows_in', 0):,} | {s.get('rows_kept', 0):,} | "
                 f"{_pct(m.get('requested_share'))} | {_pct(m.get('sampled_share'))} | "
-                f"{_pct(m.get('achieved_share'))} |"
+                f"{_pct(m.get('achieved_share'))} | {_pct(m.get('pilot_pass_rate'))} |"
             )
         lines.append("")
     removed = stats.get("removed_by_filter") or {}

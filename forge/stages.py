@@ -8,12 +8,10 @@ request cache); the others are batch stages run by forge/batch.py.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import yaml
 from forge.batch import merge_batch_stats, run_batch_task
 from forge.config import ForgeConfig, Stage
 from forge.dataset import DatasetError
-from forge.mix import Mix, expected_rows, input_fingerprint, open_mix
+from forge.mix import Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
 from forge.output import RunChanged, check_manifest, record_manifest
 
 log = logging.getLogger("forge.stages")
@@ -48,22 +46,37 @@ def stage_run(cfg: ForgeConfig) -> Any:
 PROBE_ROWS = 200
 
 
+def pilot_pass_rates(stage: Any, mix: Mix, rows: int) -> dict[int, float]:
+    """The share of each source's first `rows` rows that the stage keeps (deterministic: the
+    same rows every time). The stage's state is reset by the task's restore() afterwards."""
+    rates = {}
+    for s in mix.sources:
+        batch = []
+        for n, row in enumerate(s.reader.rows()):
+            if n >= rows or (s.spec.max_rows is not None and n >= s.spec.max_rows):
+                break
+            batch.append(MixedRow(n, s.index, row))
+        if batch:
+            kept = stage.process(batch).counts.get("rows_kept", len(batch))
+            rates[s.index] = kept / len(batch)
+    stage.restore(None)
+    log.info(
+        "mix: share of rows kept, from each source's first rows: %s",
+        ", ".join(f"{mix.sources[i].label} {r:.0%}" for i, r in rates.items()),
+    )
+    return rates
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def term_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm's scancel, a supervisor) stops a batch stage like Ctrl-C: the batch being
-    worked on is dropped, the task's stats are written, and the re-run redoes only that batch."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def term_as_interrupt() -> None:
+    """SIGTERM (Slurm's scancel, a supervisor) stops a batch stage like Ctrl-C, from the moment
+    its run is prepared: the batch being worked on is dropped, the task's stats are written, the
+    exit code is 130, and the re-run redoes only that batch. (Generation's event loop has its own.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def probe_columns(s: Any) -> None:
@@ -109,16 +122,20 @@ class BatchRun:
         here) and check the run dir was made with the same settings. Writes nothing."""
         from forge.runner import start_fresh
 
+        term_as_interrupt()
         cfg = self.cfg
         self.mix = open_mix(cfg.dataset)
         for s in self.mix.sources:
             if s.reader.files:
                 probe_columns(s)
         self.stage = self.make_stage(cfg, self.mix)
+        if self.mix.targeted and cfg.dataset.pilot_rows > 0:
+            aim_at_kept_rows(self.mix, pilot_pass_rates(self.stage, self.mix, cfg.dataset.pilot_rows))
+        pass_rates = {s.label: round(s.pass_rate, 4) for s in self.mix.sources}
         self.wanted = {
             "version": 1,
             "stage": self.stage.name,
-            "dataset": {**self.mix.describe(), "files": input_fingerprint(self.mix)},
+            "dataset": {**self.mix.describe(), "files": input_fingerprint(self.mix), "pass_rate": pass_rates},
             "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
             "settings": self.stage.fingerprint(),
         }
@@ -132,8 +149,7 @@ class BatchRun:
 
     def run_task(self, task: int) -> None:
         record_manifest(Path(self.cfg.output.dir), self.wanted)
-        with term_as_interrupt():
-            state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
+        state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
         c = state.get("counts", {})
         log.info(
             "task %d: %d rows in, %d kept, %d removed",
@@ -165,6 +181,7 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
 
     manifest = yaml.safe_load((out_dir / "forge_run.json").read_text()) if (out_dir / "forge_run.json").exists() else {}
     requested = (manifest.get("dataset") or {}).get("requested_share") or {}
+    pass_rate = (manifest.get("dataset") or {}).get("pass_rate") or {}
     stats = merge_batch_stats(out_dir)
     by_source = stats.get("by_source") or {}
     kept_all = sum(v.get("rows_kept", 0) for v in by_source.values()) or 1
@@ -174,6 +191,7 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
             "requested_share": requested.get(label),
             "sampled_share": round(by_source.get(label, {}).get("rows_in", 0) / read_all, 6),
             "achieved_share": round(by_source.get(label, {}).get("rows_kept", 0) / kept_all, 6),
+            "pilot_pass_rate": pass_rate.get(label),
         }
         for label in (requested or by_source)
     }
