@@ -11,6 +11,7 @@ Rows are numbered over the whole stream; row g belongs to shard g % tasks.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class Mix:
     seed: int = 0
     targeted: bool = False
     requested: dict[str, float] = field(default_factory=dict)
+    target_tokens: int | None = None  # the target counts tokens (characters / 4), not rows
 
     def describe(self) -> dict[str, Any]:
         """What identifies this input (the run fingerprint and the card)."""
@@ -85,6 +87,7 @@ class Mix:
             ],
             "seed": self.seed,
             "targeted": self.targeted,
+            "target_tokens": self.target_tokens,
             "requested_share": self.requested,
         }
 
@@ -172,12 +175,16 @@ def open_mix(d: DatasetConfig) -> Mix:
         except DatasetError as exc:
             raise DatasetError(f"{key} ({spec.label or spec.name}): {exc}") from None
         sources.append(MixSource(i, spec, key, reader))
-    powered = [s.spec.weight ** (1.0 / d.temperature) for s in sources]
+    # in log space: weight^(1/T) overflows for a small T (T -> 0 gives the heaviest source it all)
+    logs = [math.log(s.spec.weight) / d.temperature for s in sources]
+    top = max(logs)
+    powered = [math.exp(v - top) for v in logs]
     total = sum(powered)
     for s, p in zip(sources, powered, strict=True):
         s.share = p / total
     mix = Mix(sources, d.seed, targeted=d.target_rows is not None or d.target_tokens is not None)
     mix.requested = {s.label: round(s.share, 6) for s in sources}
+    mix.target_tokens = d.target_tokens
     if mix.targeted:
         for s in sources:
             s.available, tokens_per_row = _measure(s)
@@ -194,12 +201,16 @@ def open_mix(d: DatasetConfig) -> Mix:
 MIN_PASS_RATE = 0.01
 
 
-def aim_at_kept_rows(mix: Mix, pass_rates: dict[int, float]) -> None:
-    """Size each source for the rows the stage will KEEP: a source whose rows are filtered out
-    twice as often is read twice as much, so the kept mix has the requested shares."""
+def aim_at_kept_rows(mix: Mix, pilot: dict[int, tuple[float, float]]) -> None:
+    """Size each source for the rows the stage will KEEP, from (pass rate, tokens per kept row)
+    measured on its first rows: a source whose rows are filtered out twice as often is read twice
+    as much, and with target_tokens the tokens counted are those of the kept, normalized rows."""
     for s in mix.sources:
-        if s.index in pass_rates and s.available:
-            s.pass_rate = max(pass_rates[s.index], MIN_PASS_RATE)
+        if s.index in pilot and s.available:
+            rate, tokens_per_row = pilot[s.index]
+            s.pass_rate = max(rate, MIN_PASS_RATE)
+            if mix.target_tokens is not None and tokens_per_row > 0:
+                s.target = mix.target_tokens * s.share / tokens_per_row
             s.rate = s.target / (s.available * s.pass_rate)
     for s in mix.sources:
         if s.rate > 1:

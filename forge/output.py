@@ -253,7 +253,8 @@ def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         shown = "; ".join(changes[:5]) + ("; ..." if len(changes) > 5 else "")
         raise RunChanged(
             f"{out_dir} holds a run with other settings ({shown}). Re-run with output.on_change=fresh to "
-            "move the old results aside and start over (cached answers are reused), or pick another output.dir."
+            "move the old results aside and start over (a generation run reuses its cached answers), "
+            "or pick another output.dir."
         )
 
 
@@ -291,7 +292,7 @@ def check_task_input(out_dir: Path, task: int, fingerprint: dict[str, Any]) -> N
             raise RunChanged(
                 f"the input of task {task} changed since {out_dir} was started "
                 f"({old.get('rows')} rows then, {fingerprint.get('rows')} now, or their content differs). "
-                "Re-run with output.on_change=fresh to start over (cached answers are reused), "
+                "Re-run with output.on_change=fresh to start over (a generation run reuses its cached answers), "
                 "or pick another output.dir."
             )
         if old == fingerprint:

@@ -20,7 +20,7 @@ import yaml
 from forge.batch import merge_batch_stats, run_batch_task
 from forge.config import ForgeConfig, Stage
 from forge.dataset import DatasetError
-from forge.mix import Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
+from forge.mix import CHARS_PER_TOKEN, Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
 from forge.output import RunChanged, check_manifest, record_manifest
 
 log = logging.getLogger("forge.stages")
@@ -46,9 +46,10 @@ def stage_run(cfg: ForgeConfig) -> Any:
 PROBE_ROWS = 200
 
 
-def pilot_pass_rates(stage: Any, mix: Mix, rows: int) -> dict[int, float]:
-    """The share of each source's first `rows` rows that the stage keeps (deterministic: the
-    same rows every time). The stage's state is reset by the task's restore() afterwards."""
+def pilot_pass_rates(stage: Any, mix: Mix, rows: int) -> dict[int, tuple[float, float]]:
+    """The share of each source's first `rows` rows that the stage keeps, and the tokens
+    (characters / 4) of a kept row (deterministic: the same rows every time). The stage's state
+    is reset by the task's restore() afterwards."""
     rates = {}
     for s in mix.sources:
         batch = []
@@ -57,12 +58,14 @@ def pilot_pass_rates(stage: Any, mix: Mix, rows: int) -> dict[int, float]:
                 break
             batch.append(MixedRow(n, s.index, row))
         if batch:
-            kept = stage.process(batch).counts.get("rows_kept", len(batch))
-            rates[s.index] = kept / len(batch)
+            counts = stage.process(batch).counts
+            kept = counts.get("rows_kept", len(batch))
+            chars = (counts.get("by_source") or {}).get(s.label, {}).get("chars_kept", 0)
+            rates[s.index] = (kept / len(batch), chars / kept / CHARS_PER_TOKEN if kept else 0.0)
     stage.restore(None)
     log.info(
         "mix: share of rows kept, from each source's first rows: %s",
-        ", ".join(f"{mix.sources[i].label} {r:.0%}" for i, r in rates.items()),
+        ", ".join(f"{mix.sources[i].label} {r[0]:.0%}" for i, r in rates.items()),
     )
     return rates
 
@@ -182,15 +185,17 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
     manifest = yaml.safe_load((out_dir / "forge_run.json").read_text()) if (out_dir / "forge_run.json").exists() else {}
     requested = (manifest.get("dataset") or {}).get("requested_share") or {}
     pass_rate = (manifest.get("dataset") or {}).get("pass_rate") or {}
+    by_tokens = (manifest.get("dataset") or {}).get("target_tokens") is not None  # shares of tokens
     stats = merge_batch_stats(out_dir)
     by_source = stats.get("by_source") or {}
-    kept_all = sum(v.get("rows_kept", 0) for v in by_source.values()) or 1
+    kept_key = "chars_kept" if by_tokens else "rows_kept"
+    kept_all = sum(v.get(kept_key, 0) for v in by_source.values()) or 1
     read_all = sum(v.get("rows_in", 0) for v in by_source.values()) or 1
     stats["mix"] = {
         label: {
             "requested_share": requested.get(label),
             "sampled_share": round(by_source.get(label, {}).get("rows_in", 0) / read_all, 6),
-            "achieved_share": round(by_source.get(label, {}).get("rows_kept", 0) / kept_all, 6),
+            "achieved_share": round(by_source.get(label, {}).get(kept_key, 0) / kept_all, 6),
             "pilot_pass_rate": pass_rate.get(label),
         }
         for label in (requested or by_source)

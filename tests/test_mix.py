@@ -108,3 +108,9 @@ def test_bad_targets(tmp_path: Path) -> None:
         open_mix(DatasetConfig(sources=specs, target_rows=0))
     with pytest.raises(ConfigError, match="set one of them"):
         open_mix(DatasetConfig(sources=specs, target_rows=5, target_tokens=5))
+
+
+def test_a_tiny_temperature_gives_the_heaviest_source_everything(tmp_path: Path) -> None:
+    specs = _sources(tmp_path, {"a": 50, "b": 50}, {"a": 3, "b": 2})
+    mix = open_mix(DatasetConfig(sources=specs, target_rows=40, temperature=0.001))
+    assert mix.requested == {"a": 1.0, "b": 0.0}

@@ -169,7 +169,7 @@ def compile_meta(kind: Any, opts: Any, key: str):
 
             def convert(value: Any) -> Any:
                 number = _number(value)
-                if number is None or not number.is_integer() or number < 0:
+                if number is None or not number.is_integer() or not 0 <= number < 2**63:
                     raise Unnormalizable(f"{label}: {value!r} is not a bin (an integer >= 0); give a map or bins")
                 return int(number)
 

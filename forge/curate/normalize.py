@@ -36,7 +36,7 @@ from forge.curate.meta import OTHER_META_OPTIONS as OTHER_META_OPTIONS
 from forge.curate.meta import check_meta, compile_meta, meta_name
 from forge.curate.rows import Unnormalizable, content_id, curated_schema
 
-FORMATS = ("messages", "sharegpt", "prompt_response", "harmony", "text", "forge")
+FORMATS = ("messages", "sharegpt", "prompt_response", "harmony", "text", "forge", "curated")
 COLUMN_ROLES = ("messages", "conversations", "prompt", "response", "input", "text", "system", "reasoning", "id")
 
 # role spellings seen in the wild -> the schema's four roles
@@ -103,6 +103,8 @@ def normalize(record: dict, spec: SourceSpecLike, where: str) -> dict:
     column = None
     if fmt == "auto":
         fmt, column = _detect(record, plan.columns)
+    if fmt == "curated":
+        return _curated(record, plan)
     if fmt == "text":
         col = column or plan.columns.get("text", "text")
         text = record.get(col)
@@ -253,6 +255,8 @@ def _detect(record: dict, columns: dict) -> tuple[str, str | None]:
             col = columns["text"]
             value = record.get(col)
             return ("harmony" if value.__class__ is str and value.startswith(HARMONY_START) else "text"), col
+    if "num_turns" in record and "has_tool_calls" in record and isinstance(record.get("source"), dict):
+        return "curated", None  # a row forge curated before (a curate run dir as input)
     if "messages" in record:
         if "text" in record and ("rollout" in record or "finish_reason" in record):
             return "forge", "messages"
@@ -271,6 +275,38 @@ def _detect(record: dict, columns: dict) -> tuple[str, str | None]:
         f"no messages, conversations, prompt/response or text column (columns: {keys}); "
         "set the source's format and columns"
     )
+
+
+def _curated(record: dict, plan: Any) -> dict:
+    """A row of an earlier curate run: already in the schema, passed through. Its id (an up-sampled
+    repeat's `.k` included), source (provenance) and meta_* are kept."""
+    messages = record.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise Unnormalizable("column 'messages': not a list of messages (a curated row was altered)")
+        messages = [{k: m.get(k) for k in ("role", "content", "reasoning", "tool_calls")} for m in messages]
+        _check_not_empty(messages)
+        text = None
+    else:
+        text = record.get("text")
+        if text.__class__ is not str or not text.strip():
+            raise Unnormalizable("a curated row with neither messages nor text")
+    row = {
+        "id": record["id"] if isinstance(record.get("id"), str) else content_id(messages, text),
+        "messages": messages,
+        "text": text,
+        "source": record["source"],
+        "num_turns": len(messages) if messages is not None else 1,
+        "has_tool_calls": any(m["tool_calls"] is not None for m in messages or []),
+        "has_reasoning": any(m["reasoning"] is not None for m in messages or []),
+    }
+    row.update(plan.null_meta)
+    row.update({k: record[k] for k in plan.null_meta if record.get(k) is not None})
+    for out, read in plan.meta:  # a field map given for this source still wins
+        value = read(record)
+        if value is not None:
+            row[out] = value
+    return row
 
 
 def _looks_sharegpt(value: Any, default: bool = False) -> bool:

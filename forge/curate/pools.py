@@ -116,10 +116,12 @@ def compile_pools(pools: dict[str, str], schema: pa.Schema) -> dict[str, pc.Expr
         try:
             tree = ast.parse(expression.strip(), mode="eval")
             out[name] = _compile(tree.body, columns)
+            schema.empty_table().filter(out[name])  # types checked now, not mid-run: `meta_domain >= 3`
         except SyntaxError as exc:
             raise ConfigError(f"{key}: `{expression}` is not a valid expression ({exc.msg})") from None
         except (PoolError, pa.ArrowException, TypeError) as exc:
-            raise ConfigError(f"{key}: `{expression}`: {exc}") from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{key}: `{expression}`: {why}") from None
     return out
 
 

@@ -15,7 +15,7 @@ from forge.config import ForgeConfig
 from forge.curate.filters import build_filters, set_vocab_warmup
 from forge.curate.normalize import check_spec, meta_columns, normalize
 from forge.curate.pools import compile_pools, pool_tables
-from forge.curate.rows import Unnormalizable, curated_schema
+from forge.curate.rows import Unnormalizable, curated_schema, row_text
 from forge.mix import Mix, MixedRow
 
 log = logging.getLogger("forge.curate")
@@ -65,12 +65,13 @@ class CurateStage:
         for mr in rows:
             src = self.sources[mr.source]
             label = src.label
-            counts = by_source.setdefault(label, {"rows_in": 0, "rows_kept": 0, "removed": {}})
+            counts = by_source.setdefault(label, {"rows_in": 0, "rows_kept": 0, "chars_kept": 0, "removed": {}})
             counts["rows_in"] += 1
             row, step, reason, value, rid = self._verdict(mr, src)
             if step is None:
                 kept.append(row)
                 counts["rows_kept"] += 1
+                counts["chars_kept"] += len(row_text(row))  # for token targets and shares (chars / 4)
                 continue
             rejected.append(reject_row(mr, label, step, reason, value, rid))
             counts["removed"][step] = counts["removed"].get(step, 0) + 1

@@ -223,3 +223,28 @@ def test_a_sized_mix_reaches_its_shares_in_the_kept_rows(tmp_path: Path) -> None
     assert abs(kept["a"] / sum(kept.values()) - 0.5) < 0.06, kept
     mix = read_stats(out)["mix"]
     assert abs(mix["b"]["pilot_pass_rate"] - 0.5) < 0.01 and mix["b"]["sampled_share"] > 0.6
+
+
+def test_a_curate_run_dir_is_passed_through_by_the_next_curate(tmp_path: Path) -> None:
+    first, second = tmp_path / "c1", tmp_path / "c2"
+    assert forge_cli(["pipeline=curate", "dataset=mix_tiny", f"output.dir={first}"], tmp_path).returncode == 0
+    proc = forge_cli(["pipeline=curate", f"dataset.name={first}", f"output.dir={second}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_rows(first), read_rows(second)
+    assert [(r["id"], r["source"], r["meta_correctness"], r["meta_domain"]) for r in a] == [
+        (r["id"], r["source"], r["meta_correctness"], r["meta_domain"]) for r in b
+    ]
+
+
+def test_target_tokens_counts_the_kept_normalized_text(tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    args = ["pipeline=curate", "dataset=mix_tiny", "dataset.target_rows=null", "+dataset.target_tokens=20000"]
+    proc = forge_cli([*args, f"output.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chars = Counter()
+    for r in read_rows(out):
+        text = r["text"] if r["text"] is not None else "\n\n".join(m["content"] or "" for m in r["messages"])
+        chars[r["source"]["dataset"]] += len(text)
+    assert abs(sum(chars.values()) / 4 - 20000) < 2000
+    for label, m in read_stats(out)["mix"].items():
+        assert abs(chars[label] / sum(chars.values()) - m["requested_share"]) < 0.04, (label, m)

@@ -69,6 +69,9 @@ def test_expressions_select_rows(expression: str, ids: list[str]) -> None:
         ({"p": ""}, "curate.pools.p: needs an expression"),
         ({"High": "has_tool_calls", "high": "has_tool_calls"}, "curate.pools.high: the pool name is used twice"),
         ({"a/b": "has_tool_calls"}, "curate.pools.a/b: a pool name is a folder name"),
+        ({"p": "meta_domain >= 3"}, "curate.pools.p: .*no kernel matching input types \\(string"),
+        ({"p": "num_turns"}, "curate.pools.p: .*no kernel"),
+        ({"p": "source == 'x'"}, "curate.pools.p: .*no kernel"),
     ],
 )
 def test_bad_pools_are_config_errors_naming_the_pool(pools: dict, message: str) -> None:
