@@ -217,9 +217,16 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
     return state
 
 
-def merge_batch_stats(out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """stats.json of a batch stage: the per-shard counters summed (each counts only recorded
-    batches, so a resumed run never counts twice)."""
+def merge_batch_stats(out_dir: Path) -> dict[str, Any]:
+    """stats.json of a batch stage so far (also after a failure): batch_totals, written."""
+    merged = batch_totals(out_dir)
+    write_json_atomic(out_dir / "stats.json", merged)
+    return merged
+
+
+def batch_totals(out_dir: Path) -> dict[str, Any]:
+    """The per-shard counters summed (each counts only recorded batches, so a resumed run never
+    counts twice)."""
     tasks = []
     for p in sorted((out_dir / "stats").glob("task_*.json")):
         try:
@@ -234,7 +241,6 @@ def merge_batch_stats(out_dir: Path, extra: dict[str, Any] | None = None) -> dic
         "tasks": len(tasks),
         "task_status": {str(t["task"]): (t.get("sessions") or [{}])[-1].get("status") for t in tasks},
         **counts,
-        **(extra or {}),
     }
-    write_json_atomic(out_dir / "stats.json", merged)
+    merged["rows_written"] = merged.get("rows_kept", 0)
     return merged

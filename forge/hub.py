@@ -270,8 +270,10 @@ class HubPublisher:
         """path in repo -> local file, for every finished chunk (shards are renamed into place whole)."""
         files = {}
         pools = self.out_dir / "pools"  # a curate run's pools: pools/<name>/TTTTT_CCCCC.parquet
-        subs = ["data", "rejected", *(f"pools/{p.name}" for p in sorted(pools.iterdir()) if p.is_dir())]
-        for sub in subs if pools.is_dir() else ("data", "rejected"):
+        subs = ["data", "rejected"]
+        if pools.is_dir():
+            subs += [f"pools/{p.name}" for p in sorted(pools.iterdir()) if p.is_dir()]
+        for sub in subs:
             for path in shard_files(self.out_dir / sub):
                 files[f"{sub}/{path.name}"] = path
         return files

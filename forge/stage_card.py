@@ -123,11 +123,3 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
     lines += [f'ds = load_dataset("parquet", data_files="{out_dir}/data/*.parquet", split="train")', "```", ""]
     lines += ["Full statistics: `stats.json`.", ""]
     return redact_text("\n".join(lines))
-
-
-def write_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None = None) -> Path:
-    path = out_dir / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(render_stage_card(out_dir, stats, hub_repo))
-    tmp.replace(path)
-    return path

@@ -9,6 +9,7 @@ request cache); the others are batch stages run by forge/batch.py.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import signal
 import threading
@@ -17,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from forge.batch import merge_batch_stats, run_batch_task
+from forge.batch import batch_totals, merge_batch_stats, run_batch_task
 from forge.config import ForgeConfig, Stage
 from forge.dataset import DatasetError
 from forge.mix import CHARS_PER_TOKEN, Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
-from forge.output import RunChanged, check_manifest, record_manifest
+from forge.output import RunChanged, check_manifest, record_manifest, write_json_atomic
 
 log = logging.getLogger("forge.stages")
 
@@ -180,13 +181,13 @@ class BatchRun:
 
 def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], Path]:
     """stats.json (with the mix's requested vs achieved shares) and the card of a batch stage."""
-    from forge.stage_card import write_stage_card
+    from forge.card import write_card
 
-    manifest = yaml.safe_load((out_dir / "forge_run.json").read_text()) if (out_dir / "forge_run.json").exists() else {}
+    manifest = json.loads((out_dir / "forge_run.json").read_text()) if (out_dir / "forge_run.json").exists() else {}
     requested = (manifest.get("dataset") or {}).get("requested_share") or {}
     pass_rate = (manifest.get("dataset") or {}).get("pass_rate") or {}
     by_tokens = (manifest.get("dataset") or {}).get("target_tokens") is not None  # shares of tokens
-    stats = merge_batch_stats(out_dir)
+    stats = batch_totals(out_dir)
     by_source = stats.get("by_source") or {}
     kept_key = "chars_kept" if by_tokens else "rows_kept"
     kept_all = sum(v.get(kept_key, 0) for v in by_source.values()) or 1
@@ -200,9 +201,8 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
         }
         for label in (requested or by_source)
     }
-    stats["rows_written"] = stats.get("rows_kept", 0)
-    stats = merge_batch_stats(out_dir, {"mix": stats["mix"], "rows_written": stats["rows_written"]})
-    return stats, write_stage_card(out_dir, stats, hub_repo)
+    write_json_atomic(out_dir / "stats.json", stats)
+    return stats, write_card(out_dir, hub_repo)  # a batch stage's card: forge/stage_card.py
 
 
 def finish_run_dir(out_dir: Path, hub_repo: str | None) -> dict[str, Any]:
