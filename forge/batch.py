@@ -12,6 +12,7 @@ redoes that batch, so every input row ends in data/ or rejected/ exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -84,15 +85,24 @@ def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return total
 
 
+def _json(value: Any) -> str:
+    """JSON text of a row or value; a lone surrogate (json accepts `"\ud800"`, orjson does not)
+    is kept escaped, so the row can still be audited."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, default=str, ensure_ascii=True)
+
+
 def reject_row(row: MixedRow, label: str, step: str, reason: str, value: Any = None, rid: str | None = None) -> dict:
     """A removed input row, as rejected/ keeps it (the raw row, so it can be audited or fixed)."""
     raw = row.row.record
-    text = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode() if raw is not None else None
+    text = _json(raw) if raw is not None else None
     return {
         "id": rid or f"@{row.row.where}" + (f".{row.copy}" if row.copy else ""),
         "filter": step,
         "reason": reason,
-        "value": None if value is None else orjson.dumps(value, default=str).decode(),
+        "value": None if value is None else _json(value),
         "source": label,
         "where": row.row.where,
         "row": text[:ROW_CHARS] if text else None,

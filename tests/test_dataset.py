@@ -187,11 +187,3 @@ def test_jsonl_cut_mid_object_quarantines_the_last_line(tmp_path) -> None:
     rows = _rows(DatasetConfig(name=str(tmp_path / "d.jsonl")))
     assert [r.error is None for r in rows] == [True] * 9 + [False]
     assert rows[-1].where.endswith("d.jsonl:10") and "line is not valid JSON" in rows[-1].error
-
-
-def test_a_lone_surrogate_escape_is_a_bad_row_not_a_crash(tmp_path) -> None:
-    """json accepts `"\\ud83d"`, but no file (Parquet, JSON) can hold the string it makes."""
-    path = tmp_path / "s.jsonl"
-    path.write_text('{"prompt": "only \\ud83d"}\n{"prompt": "fine"}\n')
-    rows = list(Source(DatasetConfig(name=str(path))).rows())
-    assert rows[0].record is None and "surrogate" in rows[0].error and rows[1].record == {"prompt": "fine"}

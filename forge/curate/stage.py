@@ -69,14 +69,14 @@ class CurateStage:
             counts["rows_in"] += 1
             row, step, reason, value, rid = self._verdict(mr, src)
             if step is None:
-                kept.append(row)
+                kept.append((row, mr))
                 counts["rows_kept"] += 1
                 counts["chars_kept"] += len(row_text(row))  # for token targets and shares (chars / 4)
                 continue
             rejected.append(reject_row(mr, label, step, reason, value, rid))
             counts["removed"][step] = counts["removed"].get(step, 0) + 1
             removed[step] = removed.get(step, 0) + 1
-        table = pa.Table.from_pylist(kept, schema=self.schema)
+        table = self._table(kept, rows, rejected, by_source, removed)
         pools = pool_tables(table, self.pools)
         counts: dict[str, Any] = {
             "rows_kept": table.num_rows,
@@ -86,6 +86,31 @@ class CurateStage:
             "pools": {name.split("/", 1)[1]: t.num_rows for name, t in pools.items()},
         }
         return BatchResult({"data": table, **pools}, rejected, counts)
+
+    def _table(self, kept: list, rows: list, rejected: list, by_source: dict, removed: dict) -> pa.Table:
+        """The kept rows as a table. A string no file can hold (a lone surrogate that json let
+        through as `"\ud800"`) fails the whole batch in Arrow: then each row is tried alone and
+        those rows go to rejected/ instead."""
+        try:
+            return pa.Table.from_pylist([r for r, _ in kept], schema=self.schema)
+        except UnicodeEncodeError:
+            pass
+        good = []
+        for row, mr in kept:
+            try:
+                pa.Table.from_pylist([row], schema=self.schema)
+            except UnicodeEncodeError:
+                label = self.sources[mr.source].label
+                why = "invalid Unicode: a lone surrogate (such as \\ud800) that no file can hold"
+                rejected.append(reject_row(mr, label, "normalize", why, None, row["id"]))
+                counts = by_source[label]
+                counts["rows_kept"] -= 1
+                counts["chars_kept"] -= len(row_text(row))
+                counts["removed"]["normalize"] = counts["removed"].get("normalize", 0) + 1
+                removed["normalize"] = removed.get("normalize", 0) + 1
+                continue
+            good.append(row)
+        return pa.Table.from_pylist(good, schema=self.schema)
 
     def _verdict(self, mr: MixedRow, src: Any) -> tuple[dict | None, str | None, str, Any, str | None]:
         """(row, None, ...) when kept; else (None, step, reason, value, id) for rejected/."""

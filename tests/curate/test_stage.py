@@ -60,6 +60,7 @@ def test_a_batch_becomes_kept_rows_pools_and_rejects_with_reasons(tmp_path: Path
     assert result.counts["by_source"]["oa"] == {
         "rows_in": 6,
         "rows_kept": 2,
+        "chars_kept": 8,  # "q\n\na" twice
         "removed": {"chat_structure": 1, "input": 1, "normalize": 1, "dedup_exact": 1},
     }
 
@@ -90,3 +91,13 @@ def test_the_bundled_tiny_mix_is_what_its_generator_writes(tmp_path: Path) -> No
 def test_mix_sources_keep_their_labels(tmp_path: Path) -> None:
     stage, mix = _stage(tmp_path)
     assert isinstance(mix, Mix) and isinstance(mix.sources[0], MixSource) and mix.sources[0].label == "oa"
+
+
+def test_a_lone_surrogate_is_a_rejected_row_not_a_dead_batch(tmp_path: Path) -> None:
+    """json lets `"\\ud800"` through; no Parquet file can hold it: that row alone is rejected."""
+    stage, _ = _stage(tmp_path, filters=[])
+    result = stage.process([_row(0, _chat("q \ud800", "a")), _row(1, _chat("fine", "ok"))])
+    assert result.outputs["data"].num_rows == 1
+    [bad] = result.rejected
+    assert bad["filter"] == "normalize" and "surrogate" in bad["reason"] and "\\ud800" in bad["row"]
+    assert result.counts["by_source"]["oa"]["rows_kept"] == 1
