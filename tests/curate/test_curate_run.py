@@ -121,13 +121,17 @@ def test_killed_at_a_random_moment_then_rerun_loses_and_duplicates_nothing(tmp_p
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.5))
+    time.sleep(rng.uniform(0, 0.2))
     if proc.poll() is None:
         os.kill(proc.pid, sig)
         code = proc.wait()
         # SIGTERM stops like Ctrl-C (exit 130, the task's stats say interrupted); kill -9 just dies
         # (0: it finished between the poll and the kill)
-        assert code in (130 if sig == signal.SIGTERM else -signal.SIGKILL, 0)
+        if sig == signal.SIGTERM and code == -signal.SIGTERM:
+            # it landed while the interpreter was exiting (Python resets its handlers then): done
+            assert read_stats(out)["rows_in"] == 3000
+        else:
+            assert code in (130 if sig == signal.SIGTERM else -signal.SIGKILL, 0)
     proc.wait()
     again = forge_cli(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
