@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ import orjson
 import pyarrow as pa
 
 from forge.config import ForgeConfig
+from forge.generate import batched
 from forge.mix import Mix, MixedRow
 from forge.output import (
     clean_temp_files,
@@ -109,17 +109,6 @@ def reject_row(row: MixedRow, label: str, step: str, reason: str, value: Any = N
     }
 
 
-def _batches(rows: Iterator[MixedRow], size: int) -> Iterator[list[MixedRow]]:
-    batch: list[MixedRow] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _chunk_index(path: Path) -> int:
     return int(path.stem.split("_")[1])
 
@@ -178,7 +167,7 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
     t0 = time.monotonic()
     bar.start()
     try:
-        for k, batch in enumerate(_batches(mix.rows(task, tasks), size)):
+        for k, batch in enumerate(batched(mix.rows(task, tasks), size)):
             if k < done_batches:
                 continue
             result = stage.process(batch)

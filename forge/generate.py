@@ -149,7 +149,7 @@ class Generator:
         first item that must be sent. Returns the (id, rollout) pairs settled (rollout -1: the
         whole row). Nothing is planned twice: the caller takes these out of what the engine gets."""
         settled: list[tuple[str, int]] = []
-        for batch in _batched(plan, LOOKUP_BATCH):
+        for batch in batched(plan, LOOKUP_BATCH):
             items = [x for x in batch if isinstance(x, WorkItem)]
             hits = await self.cache.get_many(it.cache_key for it in items) if items else {}
             for x in batch:
@@ -166,7 +166,7 @@ class Generator:
         return settled
 
     async def _feed(self, plan: Iterable[WorkItem | Reject], queue: asyncio.Queue, n_workers: int) -> None:
-        for batch in _batched(plan, LOOKUP_BATCH):
+        for batch in batched(plan, LOOKUP_BATCH):
             items = [x for x in batch if isinstance(x, WorkItem)]
             for x in batch:
                 if isinstance(x, Reject):
@@ -273,7 +273,7 @@ class Generator:
         self.on_row_done(r.id, r.rollout < 0)
 
 
-def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for x in items:
         batch.append(x)

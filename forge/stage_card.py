@@ -10,9 +10,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from forge.card import SAMPLE_CHARS, _size_category, reproduce_command
+from forge.card import SAMPLE_CHARS, _size_category, front_matter, reproduce_command
 from forge.output import shard_files
-from forge.secrets import redact, redact_text
+from forge.secrets import redact_text
 
 
 def _pct(value: float | None) -> str:
@@ -59,12 +59,7 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
     }
     settings = cfg.get(stage) or {}
     lines = [
-        "---",
-        yaml.safe_dump(redact(header), sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {header['pretty_name']}",
-        "",
+        *front_matter(header),
         f"Rows {stage}d by forge: {stats.get('rows_kept', 0):,} kept of {stats.get('rows_in', 0):,} read; "
         f"{stats.get('rows_removed', 0):,} removed, each in `rejected/` with its filter, reason and value.",
         "",
