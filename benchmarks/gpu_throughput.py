@@ -18,7 +18,13 @@ Writes OUT_JSON after every phase; prints a table last.
     python benchmarks/gpu_throughput.py MODEL_DIR OUT_JSON --phases forge,tp2,dp2 \\
         --variant tp2=model.tp=2 --variant dp2=model.dp=2
 
-Phases: `offline`, `datatrove`, `forge` (forge's defaults: model=qwen3_1.7b_dummy, vllm_async),
+Phases: `offline`, `offline3` (raw vLLM doing rollout3's three steps as three batch waves),
+`datatrove`, `forge` (forge's defaults: model=qwen3_1.7b_dummy, vllm_async),
+`rollout3` (forge with rollout=critique_revise: draft -> critique -> revise, three dependent
+requests per row at the workload's sampling, each with a third of --max-tokens, so a row gets the
+same output budget as in `forge` and its sequences stay as long: what differs is only that step
+k+1 must wait for step k; compare it with `forge` in the same call), `rollout3full` (the same
+with --max-tokens per step: three times the output, on sequences up to ~3x longer),
 `forge:ENGINE` (model.engine=ENGINE), or a NAME defined by `--variant NAME=OVERRIDES` (a forge run
 with extra space-separated Hydra overrides). `--forge-overrides` applies to every forge phase.
 """
@@ -38,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
-OWN_PHASES = ("offline", "datatrove")  # run by this script's code, so they can be started early
+OWN_PHASES = ("offline", "offline3", "datatrove")  # run by this script's code, so they can be started early
 
 
 def make_texts(tokenizer_json: str, n: int, words: int, seed: int = 0) -> list[str]:
@@ -78,10 +84,10 @@ def wait_for_go(go_file: str | None) -> float:
     return imported
 
 
-def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
-    from vllm import LLM, SamplingParams
+def offline_llm(args: argparse.Namespace) -> tuple[object, float]:
+    """Raw vLLM as the offline phases run it: (LLM, start-up seconds)."""
+    from vllm import LLM
 
-    imported = wait_for_go(args.go_file)
     t_start = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -92,7 +98,14 @@ def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
         seed=0,
         max_num_seqs=args.offline_max_num_seqs,
     )
-    startup = time.perf_counter() - t_start
+    return llm, time.perf_counter() - t_start
+
+
+def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
+    from vllm import SamplingParams
+
+    imported = wait_for_go(args.go_file)
+    llm, startup = offline_llm(args)
     prompts = [[{"role": "user", "content": t}] for t in texts]
     llm.chat(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True, **SAMPLING), use_tqdm=False)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **SAMPLING)
@@ -111,6 +124,49 @@ def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
         "max_num_seqs": args.offline_max_num_seqs,
         "imports_done_unix": imported,
         "window_unix": [window_start, window_start + wall],
+    }
+
+
+def phase_offline3(args: argparse.Namespace, texts: list[str]) -> dict:
+    """Raw vLLM doing rollout3's work without forge: draft, critique and revise as three batch waves
+    of LLM.chat (each wave waits for the whole previous one), with the prompts of
+    conf/rollout/critique_revise.yaml and a third of --max-tokens per step, as rollout3 sends them."""
+    import re
+
+    import yaml
+    from vllm import SamplingParams
+
+    prompts = yaml.safe_load((REPO / "conf" / "rollout" / "critique_revise.yaml").read_text())["prompts"]
+
+    def render(name: str, **fields: str) -> str:
+        return re.sub(r"\{([A-Za-z_]\w*)\}", lambda m: fields.get(m.group(1), m.group(0)), prompts[name])
+
+    imported = wait_for_go(args.go_file)
+    llm, startup = offline_llm(args)
+    params = SamplingParams(max_tokens=args.max_tokens // 3, ignore_eos=True, **SAMPLING)
+    llm.chat([[{"role": "user", "content": texts[0]}]], SamplingParams(max_tokens=16, ignore_eos=True, **SAMPLING))
+    t0 = time.perf_counter()
+    first = [[{"role": "user", "content": t}] for t in texts]
+    drafts = [o.outputs[0].text for o in llm.chat(first, params, use_tqdm=False)]
+    asks = [
+        [{"role": "user", "content": render("critique", question=t, answer=d)}]
+        for t, d in zip(texts, drafts, strict=True)
+    ]
+    critiques = [o.outputs[0].text for o in llm.chat(asks, params, use_tqdm=False)]
+    turns = [
+        [*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("revise", critique=c)}]
+        for m, d, c in zip(first, drafts, critiques, strict=True)
+    ]
+    outs = llm.chat(turns, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    out_tok = len(texts) * 2 * (args.max_tokens // 3) + sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {
+        "output_tok_s": out_tok / wall,
+        "wall_s": wall,
+        "output_tokens": out_tok,
+        "engine_startup_s": startup,
+        "max_num_seqs": args.offline_max_num_seqs,
+        "imports_done_unix": imported,
     }
 
 
@@ -188,6 +244,10 @@ def forge_overrides(args: argparse.Namespace, phase: str) -> list[str]:
         return [f"model.engine={phase.split(':', 1)[1]}", *extra]
     if phase == "forge":
         return extra
+    if phase == "rollout3":
+        return ["rollout=critique_revise", "rollout.rounds=1", f"generation.max_tokens={args.max_tokens // 3}", *extra]
+    if phase == "rollout3full":
+        return ["rollout=critique_revise", "rollout.rounds=1", *extra]
     return [*shlex.split(args.variants[phase]), *extra]
 
 
@@ -291,6 +351,9 @@ def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
         if name == "offline":
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
             result = phase_offline(args, texts)
+        elif name == "offline3":
+            texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+            result = phase_offline3(args, texts)
         elif name == "datatrove":
             result = phase_datatrove(args, data, work)
         else:
@@ -319,6 +382,7 @@ def device_info() -> str:
 
 def add_ratios(ph: dict) -> None:
     off = ph.get("offline", {}).get("output_tok_s")
+    off3 = ph.get("offline3", {}).get("output_tok_s")
     dt = ph.get("datatrove", {}).get("output_tok_s")
     dt2 = ph.get("datatrove", {}).get("output_tok_s_from_dt_ready")
     base = ph.get("forge", {}).get("output_tok_s")
@@ -333,6 +397,8 @@ def add_ratios(ph: dict) -> None:
             r["vs_datatrove_from_dt_ready"] = r["output_tok_s"] / dt2
         if base and name != "forge":
             r["vs_forge"] = r["output_tok_s"] / base
+        if off3 and name.startswith("rollout3"):
+            r["vs_offline3"] = r["output_tok_s"] / off3
 
 
 def parse_args() -> argparse.Namespace:
@@ -376,10 +442,13 @@ def parse_args() -> argparse.Namespace:
         if not sep or not name or name in OWN_PHASES or name.startswith("forge"):
             ap.error(f"--variant {spec!r}: expected NAME=OVERRIDES with a NAME other than offline/datatrove/forge*")
         args.variants[name] = overrides
-    known = (*OWN_PHASES, "forge", *args.variants)
+    known = (*OWN_PHASES, "forge", "rollout3", "rollout3full", *args.variants)
     for phase in filter(None, args.phases.split(",")):
         if phase not in known and not phase.startswith("forge:"):
-            ap.error(f"unknown phase {phase!r}: offline, datatrove, forge, forge:ENGINE or a --variant NAME")
+            ap.error(
+                f"unknown phase {phase!r}: offline, offline3, datatrove, forge, rollout3, rollout3full, "
+                "forge:ENGINE or a --variant NAME"
+            )
     return args
 
 
@@ -453,14 +522,19 @@ def main() -> None:
         Path(args.out_json).write_text(json.dumps(results, indent=1))
         print(f"[{time.perf_counter() - t_all:6.1f} s] PHASE {name}: {json.dumps(result)}", flush=True)
     print(json.dumps(results, indent=1))
-    print(f"\n{'path':<14}{'output tok/s':>14}{'vs offline':>12}{'vs datatrove':>14}{'vs forge':>10}{'phase s':>9}")
+    head = f"{'vs offline':>12}{'vs datatrove':>14}{'vs forge':>10}{'vs offline3':>13}{'phase s':>9}"
+    print(f"\n{'path':<14}{'output tok/s':>14}{head}")
     nan = float("nan")
     for name, r in results["phases"].items():
         print(
             f"{name:<14}{r.get('output_tok_s') or nan:>14,.0f}{r.get('vs_offline', nan):>12.3f}"
-            f"{r.get('vs_datatrove', nan):>14.3f}{r.get('vs_forge', nan):>10.3f}{r.get('phase_s', nan):>9.0f}"
+            f"{r.get('vs_datatrove', nan):>14.3f}{r.get('vs_forge', nan):>10.3f}{r.get('vs_offline3', nan):>13.3f}"
+            f"{r.get('phase_s', nan):>9.0f}"
         )
-    print(f"all phases: {results['elapsed_s']:.0f} s; targets: forge >= 0.97 x offline, forge >= 1.10 x datatrove")
+    print(
+        f"all phases: {results['elapsed_s']:.0f} s; targets: forge >= 0.97 x offline, forge >= 1.10 x datatrove, "
+        "rollout3 >= 0.95 x forge"
+    )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Both get the same documents, the same in-flight limit, checkpointed output and a request
 cache; the server answers at once, so docs/s measures orchestration overhead alone. Also
-prints a bare keep-alive aiohttp client as the ceiling on this machine.
+prints a bare keep-alive aiohttp client as the ceiling on this machine, and the same for a
+3-step rollout (draft -> critique -> revise: forge's rollout=critique_revise vs a datatrove
+rollout function making the same three dependent calls), in requests/s.
 
-    python benchmarks/orchestration.py [--docs 20000] [--in-flight 256]
+    python benchmarks/orchestration.py [--docs 20000] [--in-flight 256] [--phases single,rollout3]
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ async def bare_client(url: str, n: int, in_flight: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, tokenizer: str) -> float:
+def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, tokenizer: str, steps: int = 1) -> float:
+    """forge on the canned server; steps=3 runs rollout=critique_revise (its conf file's prompts)."""
+    import yaml
+
     from forge.config import (
         DatasetConfig,
         EngineKind,
@@ -76,7 +81,8 @@ def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, token
         RunConfig,
     )
     from forge.dataset import Source
-    from forge.runner import _run_async, run_task
+    from forge.rollout.config import RolloutConfig
+    from forge.runner import _run_async, manifest, run_task
 
     cfg = ForgeConfig(
         dataset=DatasetConfig(name=str(data), id_column="id"),
@@ -87,20 +93,32 @@ def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, token
         output=OutputConfig(dir=str(out), examples_per_chunk=chunk),
         run=RunConfig(max_in_flight=in_flight, progress=False, log_every_s=3600),
     )
+    if steps == 3:
+        conf = yaml.safe_load((HERE.parent / "conf" / "rollout" / "critique_revise.yaml").read_text())
+        cfg.rollout = RolloutConfig(fn=conf["fn"], prompts=conf["prompts"], rounds=1)
     out.mkdir(parents=True)
+    source = Source(cfg.dataset, all_columns=steps > 1)
     t0 = time.perf_counter()
-    _run_async(run_task(cfg, 0, Source(cfg.dataset), None, "canned"))
+    _run_async(run_task(cfg, 0, source, None, "canned", manifest(cfg, source)))
     return time.perf_counter() - t0
 
 
-def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int) -> float:
+def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int, steps: int = 1) -> float:
     from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import ParquetWriter
 
     async def rollout(doc, generate):
-        result = await generate({"messages": [{"role": "user", "content": doc.text}], "max_tokens": 16})
-        return result.text
+        messages = [{"role": "user", "content": doc.text}]
+        result = await generate({"messages": messages, "max_tokens": 16})
+        if steps == 1:
+            return result.text
+        critique = await generate(
+            {"messages": [{"role": "user", "content": f"Critique: {doc.text}\n{result.text}"}], "max_tokens": 16}
+        )
+        turns = [*messages, {"role": "assistant", "content": result.text}, {"role": "user", "content": critique.text}]
+        revised = await generate({"messages": turns, "max_tokens": 16})
+        return revised.text
 
     runner = InferenceRunner(
         rollout_fn=rollout,
@@ -126,7 +144,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--in-flight", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=1000)
+    ap.add_argument("--phases", default="single,rollout3", help="single (one request per doc), rollout3 (3 steps)")
     args = ap.parse_args()
+    phases = args.phases.split(",")
     from forge.tiny_model import ensure_tiny_model
 
     tokenizer = str(ensure_tiny_model())
@@ -145,26 +165,33 @@ def main() -> None:
     results: dict[str, float] = {}
     try:
         results["bare_aiohttp_req_s"] = asyncio.run(bare_client(url, args.docs, args.in_flight))
-        before = served(url)
-        secs = run_forge(url, data, work / "forge", args.in_flight, args.chunk, tokenizer)
-        results["forge_docs_s"] = args.docs / secs
-        results["forge_requests"] = served(url) - before
-        before = served(url)
-        secs = run_datatrove(url, data, work / "datatrove", args.in_flight, args.chunk)
-        results["datatrove_docs_s"] = args.docs / secs
-        results["datatrove_requests"] = served(url) - before
+        for phase in phases:
+            steps = 3 if phase == "rollout3" else 1
+            tag = "" if steps == 1 else "rollout3_"
+            for side, fn in (("forge", run_forge), ("datatrove", run_datatrove)):
+                before = served(url)
+                extra = (tokenizer,) if side == "forge" else ()
+                secs = fn(url, data, work / f"{side}{steps}", args.in_flight, args.chunk, *extra, steps=steps)
+                results[f"{tag}{side}_docs_s"] = args.docs / secs
+                results[f"{tag}{side}_requests"] = served(url) - before
+                results[f"{tag}{side}_requests_s"] = results[f"{tag}{side}_requests"] / secs
+            results[f"{tag}forge_vs_datatrove"] = results[f"{tag}forge_docs_s"] / results[f"{tag}datatrove_docs_s"]
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
-    results["forge_vs_datatrove"] = results["forge_docs_s"] / results["datatrove_docs_s"]
-    results["forge_vs_bare_client"] = results["forge_docs_s"] / results["bare_aiohttp_req_s"]
     results.update(docs=args.docs, in_flight=args.in_flight, cpus=os.cpu_count())
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=2))
-    print(f"\n{'client':<12}{'docs/s':>10}")
-    for name in ("bare_aiohttp_req_s", "forge_docs_s", "datatrove_docs_s"):
-        print(f"{name.split('_')[0]:<12}{results[name]:>10,.0f}")
-    print(f"forge / datatrove = {results['forge_vs_datatrove']:.2f}x   (targets: forge >= 1,500 docs/s, >= 5x)")
+    print(f"\n{'client':<22}{'docs/s':>10}{'requests/s':>12}")
+    print(f"{'bare aiohttp':<22}{'':>10}{results['bare_aiohttp_req_s']:>12,.0f}")
+    for tag, what in (("", "single step"), ("rollout3_", "3-step rollout")):
+        if f"{tag}forge_docs_s" not in results:
+            continue
+        for side in ("forge", "datatrove"):
+            docs, reqs = results[f"{tag}{side}_docs_s"], results[f"{tag}{side}_requests_s"]
+            print(f"{side + ' ' + what:<22}{docs:>10,.0f}{reqs:>12,.0f}")
+        print(f"  forge / datatrove = {results[f'{tag}forge_vs_datatrove']:.2f}x")
+    print("targets: single step forge >= 1,500 docs/s and >= 5x datatrove; 3-step rollout forge >= 1,500 requests/s")
 
 
 if __name__ == "__main__":

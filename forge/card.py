@@ -49,19 +49,44 @@ def _samples(out_dir: Path) -> list[dict[str, Any]]:
     files = shard_files(out_dir / "data")
     if not files:
         return []
-    rows = pq.read_table(files[0], columns=["id", "rollout", "messages", "text", "finish_reason"]).slice(0, SAMPLE_ROWS)
+    table = pq.read_table(files[0]).slice(0, SAMPLE_ROWS)
     out = []
-    for row in rows.to_pylist():
-        prompt = row["messages"][-1]["content"] if row["messages"] else ""
+    for row in table.to_pylist():
+        messages = row.get("messages") or []
+        prompt = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "") if messages else ""
+        if "text" in row:
+            completion = row["text"] or ""
+        else:  # a rollout's own columns
+            skip = {"id", "rollout", "output_index", "messages", "metadata", "model", "revision", "engine"}
+            completion = json.dumps({k: v for k, v in row.items() if k not in skip}, default=str, ensure_ascii=False)
         out.append(
             {
                 "id": row["id"],
-                "prompt": _clip(prompt),
-                "completion": _clip(row["text"] or ""),
-                "finish_reason": row["finish_reason"],
+                "prompt": _clip(prompt or ""),
+                "completion": _clip(completion),
+                "finish_reason": row.get("finish_reason"),
             }
         )
     return out
+
+
+def rollout_rows(cfg: dict[str, Any]) -> list[str]:
+    """What each sample ran, when it is not one plain request: the rollout and its knobs, the judge."""
+    r = cfg.get("rollout") or {}
+    if not r or (r.get("fn", "").endswith("library:chat") and not (cfg.get("generation") or {}).get("json_schema")):
+        return []
+    from forge.rollout.checks import load_ref
+
+    try:  # a ready rollout says which knobs it reads
+        knobs = getattr(load_ref("rollout.fn", r["fn"]), "uses", ())
+    except Exception:  # noqa: BLE001 (a user's module that no longer imports: no knobs shown)
+        knobs = ()
+    shown = ", ".join(f"{k}={r[k]}" for k in knobs if k in r)
+    rows = [f"| rollout | `{r['fn']}`{f' ({shown})' if shown else ''}; its prompts and options: config.yaml |"]
+    judge = cfg.get("judge_model")
+    if judge:
+        rows.append(f"| judge model | `{judge['name_or_path']}` on `{judge['engine']}` |")
+    return rows
 
 
 def _v(value: Any) -> str:
@@ -177,6 +202,7 @@ def render_card(out_dir: Path, hub_repo: str | None = None, progress: dict[str, 
         f"max_num_seqs {_v(model.get('max_num_seqs'))}, kv_cache_dtype {_v(model.get('kv_cache_dtype'))}, "
         f"quantization {_v(model.get('quantization'))} |",
         f"| sampling | {', '.join(f'{k}={json.dumps(v)}' for k, v in gen.items())} |",
+        *rollout_rows(cfg),
         f"| config hash | `{config_hash}` (sha256 of config.yaml) |",
         "",
         "Prompt template:" if prompt.get("template") else "Prompt: the prompt column is the user message as is.",

@@ -7,14 +7,17 @@ that a type cannot express live in `validate()` and raise ConfigError naming the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from forge.curate.config import CurateConfig
+from forge.rollout.config import RolloutConfig
 
 
 class ConfigError(ValueError):
@@ -134,8 +137,14 @@ class GenerationConfig:
     """Sampling parameters sent with every request; null = the engine's default.
 
     Attributes:
-        rollouts: samples per document (each gets its own seed when `seed` is set).
+        rollouts: independent samples per document, the `rollout` column (each gets its own seed
+            when `seed` is set); each sample runs the `rollout:` group's function.
         extra_body: extra JSON fields sent as they are (e.g. chat_template_kwargs).
+        json_schema: a JSON Schema (a .json file, or inline) every answer must match: guided
+            decoding on vLLM and SGLang, `response_format` on endpoints; every answer is parsed and
+            validated, its fields become columns (forge/rollout/structured.py).
+        json_retries: answers that fail the schema are asked again this many times, then the row
+            goes to rejected/ with the raw text and the validation error.
     """
 
     max_tokens: int = 256
@@ -146,6 +155,8 @@ class GenerationConfig:
     stop: list[str] | None = None
     rollouts: int = 1
     extra_body: dict[str, Any] = field(default_factory=dict)
+    json_schema: Any = None
+    json_retries: int = 2
 
 
 @dataclass
@@ -351,6 +362,9 @@ class ForgeConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # a second model a rollout may call (`generate(..., model="judge")`); null = the main one
+    judge_model: ModelConfig | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -358,8 +372,15 @@ class ForgeConfig:
 
 
 def register_configs() -> None:
-    """Register the schema that conf/config.yaml lists first: it types every group below it."""
-    ConfigStore.instance().store(name="forge_schema", node=ForgeConfig)
+    """Register the schema that conf/config.yaml lists first: it types every group below it, and
+    the `judge_model` group: every conf/model/ file, so `judge_model=endpoint` picks a second model
+    exactly as `model=endpoint` picks the first (one set of model files, never two to keep in step)."""
+    store = ConfigStore.instance()
+    store.store(name="forge_schema", node=ForgeConfig)
+    conf = os.environ.get("FORGE_CONF_DIR") or Path(__file__).resolve().parent.parent / "conf"
+    models = Path(conf) / "model"
+    for path in sorted(models.glob("*.yaml")):
+        store.store(group="judge_model", name=path.stem, node=OmegaConf.load(path))
     if not OmegaConf.has_resolver("slug"):
         OmegaConf.register_new_resolver("slug", slug)
     if not OmegaConf.has_resolver("run_name"):
@@ -378,25 +399,9 @@ def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
 def validate(cfg: ForgeConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     m, g = cfg.model, cfg.generation
-    for key in ("tp", "pp", "dp"):
-        _positive(f"model.{key}", getattr(m, key), allow_none=False)
-    for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.gpu_memory_utilization is not None and not 0 < m.gpu_memory_utilization <= 1:
-        raise ConfigError(f"model.gpu_memory_utilization: must be in (0, 1] (got {m.gpu_memory_utilization})")
-    if m.speculative is not None and not isinstance(m.speculative, dict):
-        raise ConfigError(
-            f"model.speculative: must be a mapping ({{method: ngram, ...}}) or null (got {m.speculative!r})"
-        )
-    if m.engine == EngineKind.endpoint and not m.endpoint_url:
-        raise ConfigError("model.endpoint_url: required when model.engine=endpoint")
-    if m.engine != EngineKind.endpoint and m.endpoint_url:
-        raise ConfigError(f"model.endpoint_url: only used with model.engine=endpoint (engine is {m.engine.value})")
-    if m.engine == EngineKind.transformers:
-        if g.top_k is not None:
-            raise ConfigError("generation.top_k: the transformers CPU engine rejects top_k; leave it null")
-        if m.tp * m.pp * m.dp != 1:
-            raise ConfigError("model.tp/pp/dp: the transformers CPU engine runs one process; use 1")
+    validate_model("model", m, g)
+    if cfg.judge_model is not None:
+        validate_model("judge_model", cfg.judge_model, g)
     _positive("generation.max_tokens", g.max_tokens, allow_none=False)
     _positive("generation.rollouts", g.rollouts, allow_none=False)
     if g.temperature is not None and g.temperature < 0:
@@ -419,9 +424,39 @@ def validate(cfg: ForgeConfig) -> None:
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
     validate_cluster(cfg)
+    if g.json_retries < 0:
+        raise ConfigError(f"generation.json_retries: must be >= 0 (got {g.json_retries})")
+    from forge.rollout.checks import validate_rollout  # imports the user's module: only when validating
+
+    validate_rollout(cfg)
+
+
+def validate_model(prefix: str, m: ModelConfig, g: GenerationConfig) -> None:
+    """The checks of one model (`model` or `judge_model`)."""
+    for key in ("tp", "pp", "dp"):
+        _positive(f"{prefix}.{key}", getattr(m, key), allow_none=False)
+    for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        _positive(f"{prefix}.{key}", getattr(m, key))
+    if m.gpu_memory_utilization is not None and not 0 < m.gpu_memory_utilization <= 1:
+        raise ConfigError(f"{prefix}.gpu_memory_utilization: must be in (0, 1] (got {m.gpu_memory_utilization})")
+    if m.speculative is not None and not isinstance(m.speculative, dict):
+        raise ConfigError(
+            f"{prefix}.speculative: must be a mapping ({{method: ngram, ...}}) or null (got {m.speculative!r})"
+        )
+    if m.engine == EngineKind.endpoint and not m.endpoint_url:
+        raise ConfigError(f"{prefix}.endpoint_url: required when {prefix}.engine=endpoint")
+    if m.engine != EngineKind.endpoint and m.endpoint_url:
+        raise ConfigError(
+            f"{prefix}.endpoint_url: only used with {prefix}.engine=endpoint (engine is {m.engine.value})"
+        )
+    if m.engine == EngineKind.transformers:
+        if g.top_k is not None:
+            raise ConfigError("generation.top_k: the transformers CPU engine rejects top_k; leave it null")
+        if m.tp * m.pp * m.dp != 1:
+            raise ConfigError(f"{prefix}.tp/pp/dp: the transformers CPU engine runs one process; use 1")
     if m.api_key_env is not None and not m.api_key_env.replace("_", "").isalnum():
         raise ConfigError(
-            "model.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
+            f"{prefix}.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
         )
 
 
@@ -437,11 +472,10 @@ def validate_hub(o: OutputConfig) -> None:
 
 
 def gpus_per_task(cfg: ForgeConfig) -> int:
-    """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint."""
-    m = cfg.model
-    if m.engine in (EngineKind.transformers, EngineKind.endpoint):
-        return 0
-    return m.tp * m.pp * m.dp
+    """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint;
+    a judge_model on a GPU engine runs beside the model, on GPUs of its own."""
+    models = [cfg.model] + ([cfg.judge_model] if cfg.judge_model is not None else [])
+    return sum(m.tp * m.pp * m.dp for m in models if m.engine not in (EngineKind.transformers, EngineKind.endpoint))
 
 
 def validate_cluster(cfg: ForgeConfig) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,17 +132,8 @@ class Generator:
     async def run(self, plan: Iterable[WorkItem | Reject]) -> None:
         """Feed and drain; the first failure anywhere (engine gone for good) stops everything."""
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=self.max_in_flight * 2)
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.max_in_flight)]
-        tasks = [asyncio.create_task(self._feed(plan, queue, len(workers))), *workers]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        workers = [self._worker(queue) for _ in range(self.max_in_flight)]
+        await run_pool(self._feed(plan, queue, len(workers)), workers)
 
     async def replay(self, plan: Iterable[WorkItem | Reject]) -> list[tuple[str, int]]:
         """Before any engine starts: settle rejects and cached answers in plan order, up to the
@@ -200,11 +191,9 @@ class Generator:
             except RequestFailed as exc:
                 await self._reject(Reject(item.key, item.rollout, "request", str(exc), retryable=True))
                 self._failed_in_a_row += 1
-                if self._failed_in_a_row >= max(FAILED_IN_A_ROW, self.max_in_flight):
-                    raise EngineError(
-                        f"the engine stopped answering: {self._failed_in_a_row} requests in a row failed after "
-                        f"their retries (last: {exc}); re-run the same command once it is back (those rows are retried)"
-                    ) from None
+                gone = engine_gone(self._failed_in_a_row, self.max_in_flight, exc)
+                if gone is not None:
+                    raise gone from None
                 continue
             self._failed_in_a_row = 0
             self._answered += "error" not in answer
@@ -271,6 +260,32 @@ class Generator:
         self.stats.rejected[r.stage] += 1
         await self.rejected.add(r.row())
         self.on_row_done(r.id, r.rollout < 0)
+
+
+async def run_pool(feed: Coroutine[Any, Any, None], workers: list[Coroutine[Any, Any, None]]) -> None:
+    """A feeder and its workers as tasks; the first failure anywhere cancels the rest and is raised."""
+    tasks = [asyncio.create_task(c) for c in (feed, *workers)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def engine_gone(
+    failed_in_a_row: int, in_flight: int, exc: BaseException, which: str = "the engine"
+) -> EngineError | None:
+    """Requests failing in a row past the in-flight limit mean the engine is gone, not that rows are bad."""
+    if failed_in_a_row < max(FAILED_IN_A_ROW, in_flight):
+        return None
+    return EngineError(
+        f"{which} stopped answering: {failed_in_a_row} requests in a row failed after their retries "
+        f"(last: {exc}); re-run the same command once it is back (those rows are retried)"
+    )
 
 
 def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:

@@ -50,6 +50,8 @@ REJECT_SCHEMA = pa.schema(
         ("retryable", pa.bool_()),
         ("source", pa.string()),
         ("prompt", pa.string()),  # the raw value as JSON, cut at 10,000 characters
+        ("step", pa.string()),  # a rollout: the step it reached (`step 2 (critique 1)`)
+        ("answer", pa.string()),  # the raw answer that could not be used (a failed JSON schema)
     ]
 )
 _SHARD = re.compile(r"^(\d{5})_(\d{5})\.parquet$")
@@ -109,7 +111,7 @@ def shard_files(directory: Path, task: int | None = None) -> list[Path]:
 # rejected/ shards written before forge 0.1 named the row `key`; read them as `id`
 OLD_NAMES = {"id": "key"}
 # data/ columns added since the first release; older shards read them as null
-ADDED_COLUMNS = {"content_null": pa.bool_()}
+ADDED_COLUMNS = {"content_null": pa.bool_(), "step": pa.string(), "answer": pa.string()}
 
 
 def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:
@@ -178,11 +180,18 @@ class ChunkWriter:
         existing = shard_files(directory, task)
         self.next_chunk = (int(_SHARD.match(existing[-1].name).group(2)) + 1) if existing else 0
         self.buffer: list[dict[str, Any]] = []
+        self.ends: list[bool] = []  # whether buffer[i] ends its group (a group never spans shards)
         self.rows_written = 0
         self._lock = asyncio.Lock()
 
     async def add(self, row: dict[str, Any]) -> None:
-        self.buffer.append(row)
+        await self.add_group([row])
+
+    async def add_group(self, rows: list[dict[str, Any]]) -> None:
+        """Rows that must land in one shard (a rollout's several output rows): a re-run counts a
+        sample done when any of its rows is on disk, so a group is never split across shards."""
+        self.buffer.extend(rows)
+        self.ends.extend([False] * (len(rows) - 1) + [True])
         if len(self.buffer) >= self.rows_per_chunk:
             await self._write_chunks(whole_only=True)
 
@@ -195,8 +204,12 @@ class ChunkWriter:
         # (another worker's error stopping the run) leaves them buffered for the final flush
         async with self._lock:
             while self.buffer and (len(self.buffer) >= self.rows_per_chunk or not whole_only):
-                rows = self.buffer[: self.rows_per_chunk]
-                del self.buffer[: self.rows_per_chunk]
+                n = min(self.rows_per_chunk, len(self.buffer))
+                while not self.ends[n - 1]:  # extend to the end of the group
+                    n += 1
+                rows = self.buffer[:n]
+                del self.buffer[:n]
+                del self.ends[:n]
                 path = self.directory / f"{self.task:05d}_{self.next_chunk:05d}.parquet"
                 self.next_chunk += 1
                 # shielded: the thread writes the whole chunk even when the run is being stopped

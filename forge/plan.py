@@ -12,7 +12,7 @@ import xxhash
 
 from forge.cache import request_key
 from forge.config import ForgeConfig
-from forge.dataset import Source, SourceRow
+from forge.dataset import Source, SourceRow, is_run_dir
 from forge.generate import Reject, WorkItem, cache_identity, dump_prompt, request_body
 from forge.prompt import LengthFitter, RowRejected, build
 
@@ -36,13 +36,34 @@ def _utf8(text: str) -> bool:
         return False
 
 
-def _identified(rows: Iterator[SourceRow], id_column: str | None) -> Iterator[tuple[SourceRow, str, str | None]]:
-    """(row, key, problem): key is the row id, or @source when the row has no usable id."""
+def run_dir_id(record: dict[str, Any]) -> Any:
+    """A row of an earlier forge run: `id`, then `#rollout` and `.output_index` when not 0."""
+    key = record.get("id")
+    if key is None:
+        return None
+    if record.get("rollout"):
+        key = f"{key}#{record['rollout']}"
+    if record.get("output_index"):
+        key = f"{key}.{record['output_index']}"
+    return key
+
+
+def _identified(
+    rows: Iterator[SourceRow], id_column: str | None, run_dir: bool = False
+) -> Iterator[tuple[SourceRow, str, str | None]]:
+    """(row, key, problem): key is the row id, or @source when the row has no usable id. Rows of
+    a forge run dir are keyed by their own id (and rollout) unless dataset.id_column says."""
     seen: dict[str, str] = {}
     for row in rows:
         if row.record is None:
             yield row, f"@{row.where}", row.error
             continue
+        if run_dir and id_column is None:
+            value = run_dir_id(row.record)
+            if value is not None and str(value) not in seen:
+                seen[str(value)] = row.where
+                yield row, str(value), None
+                continue
         if id_column is None:
             yield row, str(row.index), None
             continue
@@ -61,15 +82,20 @@ def _identified(rows: Iterator[SourceRow], id_column: str | None) -> Iterator[tu
 
 
 class Planner:
-    def __init__(self, cfg: ForgeConfig, source: Source, task: int, tasks: int, template: str | None) -> None:
+    def __init__(
+        self, cfg: ForgeConfig, source: Source, task: int, tasks: int, template: str | None, whole_rows: bool = False
+    ) -> None:
+        """whole_rows: a rollout reads every column, so the fingerprint covers whole rows."""
         self.cfg = cfg
         self.source = source
         self.task = task
         self.tasks = tasks
         self.template = template
+        self.whole_rows = whole_rows
 
     def _rows(self) -> Iterator[tuple[SourceRow, str, str | None]]:
-        return _identified(self.source.rows(self.task, self.tasks), self.cfg.dataset.id_column)
+        rows = self.source.rows(self.task, self.tasks)
+        return _identified(rows, self.cfg.dataset.id_column, self.whole_rows and is_run_dir(self.cfg.dataset.name))
 
     def scan(self, done: set[tuple[str, int]], whole: set[str]) -> Scan:
         """Pass 1: count rows, fingerprint them (order-free: ids carry identity) and find what
@@ -80,7 +106,10 @@ class Planner:
         acc = 0
         for row, key, _ in self._rows():
             scan.rows += 1
-            value = row.record.get(pc) if row.record is not None else row.error
+            if row.record is None:
+                value: Any = row.error
+            else:
+                value = row.record if self.whole_rows else row.record.get(pc)
             text = value if isinstance(value, str) else dump_prompt(value, 1 << 30)
             blob = f"{key}\0{type(value).__name__}\0{text}".encode("utf-8", "surrogatepass")
             digest = xxhash.xxh64_intdigest(blob)
@@ -150,3 +179,21 @@ class Planner:
                 body = request_body(messages, served_model, gen, rollout)
                 ckey = request_key(cache_identity(body), identity, rollout)
                 yield WorkItem(key, rollout, body, ckey, truncated, metadata)
+
+    def rollouts(self, pending: dict[str, int], done: set[tuple[str, int]]) -> Iterator[Any]:
+        """Pass 2 of a rollout run: one RolloutItem per row and sample left; bad rows are Rejects."""
+        from forge.rollout.driver import RolloutItem
+
+        keep = self.cfg.dataset.keep_columns
+        for row, key, problem in self._rows():
+            if key not in pending:
+                continue
+            if problem is not None:
+                yield Reject(
+                    key, -1, "input", f"{row.where}: {problem}", source=row.where, prompt=dump_prompt(row.record)
+                )
+                continue
+            metadata = json.dumps({c: row.record.get(c) for c in keep}, default=str) if keep else None
+            for sample in range(self.cfg.generation.rollouts):
+                if (key, sample) not in done:
+                    yield RolloutItem(key, sample, row.record, row.where, metadata)

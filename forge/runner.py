@@ -57,6 +57,8 @@ from forge.output import (
 from forge.plan import Planner, Scan
 from forge.progress import LiveProgress, console, task_progress_path
 from forge.prompt import LengthFitter, load_template
+from forge.rollout.checks import uses_rollout_path
+from forge.rollout.structured import load_schema
 from forge.secrets import RedactingFilter, redact, register_config_secrets, register_secret_env
 from forge.stats import merge_stats, session_record, write_task_stats
 from forge.tiny_model import ensure_tiny_model
@@ -136,10 +138,33 @@ def manifest(cfg: ForgeConfig, source: Source) -> dict[str, Any]:
                 "prompt": {
                     k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(cfg.prompt).items()
                 },
-                "params": dataclasses.asdict(cfg.generation),
+                "params": generation_params(cfg),
             },
+            **rollout_manifest(cfg),
         }
     )
+
+
+def generation_params(cfg: ForgeConfig) -> dict[str, Any]:
+    """generation.* as pinned; the structured-output keys only when used (older run dirs match)."""
+    params = dataclasses.asdict(cfg.generation)
+    if params["json_schema"] is None:
+        del params["json_schema"], params["json_retries"]
+    else:
+        params["json_schema"] = load_schema(params["json_schema"]).schema
+    return params
+
+
+def rollout_manifest(cfg: ForgeConfig) -> dict[str, Any]:
+    """What a rollout run pins beyond generation: the function, its knobs and the judge model."""
+    if not uses_rollout_path(cfg):
+        return {}
+    pinned: dict[str, Any] = {"rollout": dataclasses.asdict(cfg.rollout)}
+    pinned["rollout"].pop("max_active")  # how fast, not what
+    j = cfg.judge_model
+    if j is not None:
+        pinned["judge_model"] = {"model": j.name_or_path, "revision": j.revision, "engine": j.engine.value}
+    return pinned
 
 
 def open_tokenizer(cfg: ForgeConfig, model_path: str) -> Tokenizer | None:
@@ -193,25 +218,43 @@ async def start_engine(engine: Engine, m: ModelConfig) -> dict[str, Any]:
     return {**notes, "compile_cache": "cold" if compiled or not before else "warm"}
 
 
-async def size_in_flight(cfg: ForgeConfig, engine: Engine, planner: Planner, fitter: LengthFitter) -> dict[str, Any]:
-    """run.max_in_flight, or what the engine's KV cache holds at the expected sequence length."""
-    m = cfg.model
+async def size_in_flight(
+    cfg: ForgeConfig,
+    engine: Engine,
+    planner: Planner,
+    fitter: LengthFitter,
+    m: ModelConfig | None = None,
+    queue_share: float = 0.5,
+) -> dict[str, Any]:
+    """run.max_in_flight, or what the engine's KV cache holds at the expected sequence length
+    (of `m`: the model, or a rollout's judge_model)."""
+    m = m or cfg.model
     kv_tokens = await engine.kv_capacity_tokens()
     expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
     seqs = m.max_num_seqs or (DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in VLLM_ENGINES else None)
-    in_flight, why = choose_in_flight(cfg.run.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap(), m.dp)
-    log.info("in-flight limit %d (%s)", in_flight, why)
+    in_flight, why = choose_in_flight(
+        cfg.run.max_in_flight, kv_tokens, expected, seqs, engine.graph_cap(), m.dp, queue_share
+    )
+    log.info("in-flight limit %d%s (%s)", in_flight, "" if m is cfg.model else " (judge_model)", why)
     return {"in_flight": in_flight, "in_flight_reason": why, "kv_cache_tokens": kv_tokens}
 
 
-def make_client(cfg: ForgeConfig, engine: Engine, tokenizer: Tokenizer | None, in_flight: int, gen: Generator) -> Any:
+def make_client(
+    cfg: ForgeConfig,
+    engine: Engine,
+    tokenizer: Tokenizer | None,
+    in_flight: int,
+    on_retry: Any,
+    m: ModelConfig | None = None,
+) -> Any:
     """HTTP for server engines; direct calls for the in-process one."""
-    if cfg.model.engine == EngineKind.vllm_async:
+    m = m or cfg.model
+    if m.engine == EngineKind.vllm_async:
         if tokenizer is None:
             raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
         return InProcessClient(engine, tokenizer, cfg.generation.extra_body.get("chat_template_kwargs"))
     r = cfg.run
-    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=gen.stats.on_retry)
+    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=on_retry)
 
 
 @contextlib.contextmanager
@@ -260,9 +303,20 @@ def check_not_running(out_dir: Path) -> None:
 
 
 async def run_task(
-    cfg: ForgeConfig, task: int, source: Source, template: str | None, model_path: str, wanted: dict[str, Any]
+    cfg: ForgeConfig,
+    task: int,
+    source: Source,
+    template: str | None,
+    model_path: str,
+    wanted: dict[str, Any],
+    judge_path: str | None = None,
 ) -> str:
     with shard_lock(Path(cfg.output.dir), task):
+        if uses_rollout_path(cfg):
+            from forge.rollout.task import run_rollout_task
+
+            paths = {"model": model_path} | ({"judge_model": judge_path} if judge_path else {})
+            return await run_rollout_task(cfg, task, source, template, paths, wanted)
         return await _run_task(cfg, task, source, template, model_path, wanted)
 
 
@@ -379,7 +433,7 @@ async def _run_task(
                         fitter = make_fitter(cfg, await tokenizer_job, engine.reported_max_model_len, model_path)
                         notes.update(await size_in_flight(cfg, engine, planner, fitter))
                         gen.max_in_flight = notes["in_flight"]
-                        client = make_client(cfg, engine, fitter.tok, gen.max_in_flight, gen)
+                        client = make_client(cfg, engine, fitter.tok, gen.max_in_flight, gen.stats.on_retry)
                         bar.restart_clock()
                         async with client:
                             gen.client = client
@@ -435,14 +489,17 @@ class GenerationRun:
 
     def start(self) -> None:
         self.model_path = resolve_model(self.cfg.model.name_or_path)
+        judge = self.cfg.judge_model
+        self.judge_path = resolve_model(judge.name_or_path) if judge is not None else None
 
     def run_task(self, task: int) -> None:
         cfg = self.cfg
+        args = (cfg, task, self.source, self.template, self.model_path, self.wanted, self.judge_path)
         try:
-            _run_async(run_task(cfg, task, self.source, self.template, self.model_path, self.wanted))
+            _run_async(run_task(*args))
         except RunChanged as exc:
             start_fresh(cfg, self.wanted, "input changed; previous results", exc)
-            _run_async(run_task(cfg, task, self.source, self.template, self.model_path, self.wanted))
+            _run_async(run_task(*args))
 
     def partial_stats(self) -> None:
         merge_stats(Path(self.cfg.output.dir))
@@ -473,7 +530,7 @@ def prepare_generation(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, 
     (or move it aside with output.on_change=fresh). Writes nothing: a refused command leaves
     the run dir as it was. Raises the errors run_forge reports."""
     out_dir = Path(cfg.output.dir)
-    source = Source(cfg.dataset)
+    source = Source(cfg.dataset, all_columns=uses_rollout_path(cfg))  # a rollout sees the whole row
     if source.files:  # a missing column or an unreadable local file stops us here, not mid-run
         next(iter(source.rows()), None)
     template = load_template(cfg.prompt)
@@ -538,6 +595,8 @@ def run_forge(
     out_dir = Path(cfg.output.dir)
     setup_logging()
     register_secret_env(cfg.model.api_key_env)
+    if cfg.judge_model is not None:
+        register_secret_env(cfg.judge_model.api_key_env)
     register_config_secrets(raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True))
     register_config_secrets(dataclasses.asdict(cfg))  # a Slurm job's raw config holds env references
     t0 = time.monotonic()

@@ -15,7 +15,7 @@ from conftest import REPO, read_stats
 from forge.cli import sweep_base_dir
 from forge.sweep import POINT_FILE
 
-GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and any(p.glob("*.yaml")))
 
 
 def test_help_is_forges_own() -> None:

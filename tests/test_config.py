@@ -129,3 +129,20 @@ def test_a_recipe_experiment_chains_its_stages() -> None:
     cur = to_schema(_compose("experiment=tiny_generate_then_curate", "pipeline=curate"))
     assert gen.dataset.name == "forge://sample" and cur.dataset.name == gen.output.dir
     assert cur.curate.pools == {"long_answers": "num_turns >= 2"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "rollout").glob("*.yaml")))
+def test_every_rollout_composes_and_its_function_loads(name: str) -> None:
+    from forge.rollout.checks import rollout_fn
+
+    cfg = to_schema(_compose(f"rollout={name}"))
+    fn = rollout_fn(cfg.rollout)
+    assert set(getattr(fn, "prompts", ())) <= set(cfg.rollout.prompts)
+
+
+def test_judge_model_is_any_model_file() -> None:
+    cfg = to_schema(_compose("rollout=judge", "judge_model=endpoint", "judge_model.endpoint_url=http://127.0.0.1:9"))
+    assert cfg.judge_model.engine.value == "endpoint" and cfg.model.engine.value == "transformers"
+    assert to_schema(_compose()).judge_model is None
+    with pytest.raises(Exception, match="judge_model.endpoint_url: required"):
+        to_schema(_compose("judge_model=endpoint", "judge_model.endpoint_url=null"))

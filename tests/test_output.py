@@ -92,3 +92,26 @@ def test_a_row_quarantined_again_stays_once(tmp_path: Path) -> None:
     write_atomic(rej / "00000_00001.parquet", pa.Table.from_pylist([_reject("a", 0, True)], schema=REJECT_SCHEMA))
     assert prune_rejected(rej, data, 0) == 1
     assert [len(pq.read_table(f)) for f in sorted(rej.iterdir())] == [0, 1]
+
+
+def test_a_group_of_rows_never_spans_two_shards(tmp_path: Path) -> None:
+    """A rollout's several output rows land in one shard: a re-run counts the sample done when
+    any of them is on disk."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from forge.output import ChunkWriter
+
+    schema = pa.schema([("id", pa.string()), ("rollout", pa.int32())])
+    writer = ChunkWriter(tmp_path / "data", 0, schema, rows_per_chunk=4)
+
+    async def fill() -> None:
+        for i in range(5):
+            await writer.add_group([{"id": f"r{i}", "rollout": 0}] * 3)
+        await writer.flush()
+
+    asyncio.run(fill())
+    shards = [pq.read_table(p).column("id").to_pylist() for p in sorted((tmp_path / "data").glob("*.parquet"))]
+    assert [len(s) for s in shards] == [6, 6, 3]  # each chunk is cut at the end of a group
+    assert all(len(set(s)) * 3 == len(s) for s in shards)

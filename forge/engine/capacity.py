@@ -41,11 +41,14 @@ def choose_in_flight(
     max_num_seqs: int | None,
     graph_cap: int | None = None,
     engines: int = 1,
+    queue_share: float = 0.5,
 ) -> tuple[int, str]:
     """(limit, why). The user's run.max_in_flight wins; else KV capacity / expected length,
     capped by max_num_seqs and by the largest CUDA-graph batch. Each of these is per engine, so
     with data parallelism (`engines` = model.dp) the limit is that many times larger: on 2 H200s,
-    dp=2 with one engine's worth in flight ran at 1.81x tp=1, with two engines' worth at 2.00x."""
+    dp=2 with one engine's worth in flight ran at 1.81x tp=1, with two engines' worth at 2.00x.
+    queue_share: requests queued in the engine per running one (a multi-step rollout queues
+    more: its next requests exist only once a burst of answers has been processed)."""
     if configured is not None:
         return configured, "run.max_in_flight"
     if not kv_tokens or expected_len <= 0:
@@ -56,7 +59,7 @@ def choose_in_flight(
     running = min(fit, cap)
     # queued requests wait in the engine's scheduler (no KV held), so a finished batch is
     # refilled at once instead of one round trip per worker
-    per_engine = running + max(16, running // 2) if graph_cap else running
+    per_engine = running + max(16, int(running * queue_share)) if graph_cap else running
     running, limit = running * engines, per_engine * engines
     why = f"KV cache {kv_tokens:,} tokens / ~{expected_len:,} tokens per sequence = {fit}"
     why += f", capped by the {name} {cap}" if fit > cap else ""

@@ -146,6 +146,10 @@ class InProcessClient:
         params = dict(self.engine.defaults)
         params.update({k: body[k] for k in SAMPLING_KEYS if k in body})
         params["max_tokens"] = body["max_tokens"]
+        if "structured_outputs" in body:  # generation.json_schema: guided decoding in-process
+            from vllm.sampling_params import StructuredOutputsParams
+
+            params["structured_outputs"] = StructuredOutputsParams(**body["structured_outputs"])
         return SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def complete(self, body: dict[str, Any]) -> Completion:
@@ -164,7 +168,11 @@ class InProcessClient:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise EngineError(f"vLLM engine failed: {exc.__class__.__name__}: {exc}") from exc
+            cause = exc.__cause__ or exc.__context__  # AsyncLLM wraps the real error, with no message
+            if isinstance(cause, (ValueError, TypeError)):  # this request's parameters: the row's fault
+                raise RequestRejected(400, f"{cause.__class__.__name__}: {cause}") from exc
+            why = f"{exc.__class__.__name__}: {exc}" + (f" ({cause.__class__.__name__}: {cause})" if cause else "")
+            raise EngineError(f"vLLM engine failed: {why}") from exc
         choice = final.outputs[0]
         return Completion(
             text=choice.text,

@@ -1,0 +1,187 @@
+"""The columns a rollout returns. Parquet shards need one type per column, and a user's function
+returns plain Python values, so each column's type is declared (`rollout.columns`, a ready
+rollout's own, the JSON schema's fields) or taken from its first non-null value, then pinned
+for the whole run dir in state/columns.json. A later value of another type quarantines its row
+with a reason naming the column — never a failed shard."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from forge.config import ConfigError
+from forge.output import DATA_SCHEMA, MESSAGE, write_json_atomic
+from forge.rollout.structured import JSON_TEXT
+
+Kind = pa.DataType | str
+# what forge adds to every row (a fn's own column of the same name wins, if of the same type)
+HEAD = [("id", pa.string()), ("rollout", pa.int32()), ("output_index", pa.int32())]
+KEPT = ("finish_reason", "length_stopped", "truncated", "content_null", "prompt_tokens", "completion_tokens")
+# generation's own bookkeeping columns (stats.json and the card read them), as DATA_SCHEMA types them
+TAIL = [("requests", pa.int32())] + [
+    (f.name, f.type) for f in DATA_SCHEMA if f.name in KEPT or f.name in ("model", "revision", "engine", "metadata")
+]
+RESERVED = {name for name, _ in HEAD}
+NAMED: dict[str, Kind] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "json": JSON_TEXT,
+    "messages": pa.list_(MESSAGE),
+    "list<string>": pa.list_(pa.string()),
+    "list<int64>": pa.list_(pa.int64()),
+    "list<float64>": pa.list_(pa.float64()),
+}
+
+
+def parse_declared(columns: dict[str, str]) -> dict[str, Kind]:
+    out: dict[str, Kind] = {}
+    for name, kind in columns.items():
+        if name in RESERVED:
+            raise ConfigError(f"rollout.columns.{name}: {name} is forge's own column; pick another name")
+        if str(kind) not in NAMED:
+            raise ConfigError(f"rollout.columns.{name}: unknown type {kind!r}; one of: {', '.join(NAMED)}")
+        out[name] = NAMED[str(kind)]
+    return out
+
+
+def infer(value: Any) -> Kind:
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, list) and value and all(_is_message(m) for m in value):
+        return NAMED["messages"]
+    if not isinstance(value, list):
+        return JSON_TEXT  # a dict's keys vary from row to row: JSON text, unless declared
+    try:
+        kind = pa.array([value]).type
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return JSON_TEXT
+    item = kind.value_type
+    scalar = (
+        pa.types.is_string(item) or pa.types.is_integer(item) or pa.types.is_floating(item) or pa.types.is_boolean(item)
+    )
+    return kind if scalar else JSON_TEXT
+
+
+def _is_message(m: object) -> bool:
+    return isinstance(m, dict) and set(m) <= {"role", "content"} and all(isinstance(v, str | None) for v in m.values())
+
+
+def _fits(value: Any, kind: Kind) -> tuple[bool, Any]:
+    """(fits, the value as written)."""
+    if value is None:
+        return True, None
+    if kind == JSON_TEXT:
+        try:
+            return True, json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            return False, None
+    if kind == pa.string():
+        return isinstance(value, str), value
+    if kind == pa.bool_():
+        return isinstance(value, bool), value
+    if kind in (pa.int64(), pa.int32()):
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == pa.float64():
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    try:
+        pa.array([value], type=kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False, None
+    return True, value
+
+
+def _describe(kind: Kind) -> str:
+    return "json" if kind == JSON_TEXT else str(kind)
+
+
+class ColumnPin:
+    """The run dir's output columns: declared ones, then each new one as it first appears."""
+
+    def __init__(self, state_dir: Path, declared: dict[str, Kind]) -> None:
+        self.path = state_dir / "columns.json"
+        self.lock_path = state_dir / "columns.lock"
+        self.declared = declared
+        self.kinds: dict[str, Kind] = dict(declared)
+        self.tail = dict(TAIL)
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        for name, kind in _decode(json.loads(self.path.read_text())).items():
+            self.kinds.setdefault(name, kind)
+
+    def conform(self, row: dict[str, Any]) -> str | None:
+        """Fit one row's values to the pinned types, in place; the problem if one does not fit."""
+        for name, value in row.items():
+            if name in RESERVED:
+                continue
+            if type(value).__module__ == "numpy" and hasattr(value, "item"):
+                value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+            kind = self.kinds.get(name) or self.tail.get(name)
+            if kind is None:
+                if value is None:
+                    continue
+                kind = self._pin(name, infer(value))
+            ok, written = _fits(value, kind)
+            if not ok:
+                where = "declared" if name in self.declared else "pinned by the run's earlier rows"
+                shown = repr(value)[:60]
+                return (
+                    f"column {name!r} got {type(value).__name__} {shown}, but its type is {_describe(kind)} ({where}); "
+                    f"return the same type every time, or declare it: rollout.columns.{name}=json"
+                )
+            row[name] = written
+        return None
+
+    def _pin(self, name: str, kind: Kind) -> Kind:
+        """Record a new column for every task of the run dir (the first task to pin it wins)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    for other, theirs in _decode(json.loads(self.path.read_text())).items():
+                        self.kinds.setdefault(other, theirs)
+                if name not in self.kinds:
+                    self.kinds[name] = kind
+                    pinned = {k: v for k, v in self.kinds.items() if k not in self.declared}
+                    write_json_atomic(self.path, _encode(pinned))
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return self.kinds[name]
+
+    def schema(self) -> pa.Schema:
+        fields = list(HEAD)
+        fields += [(n, pa.string() if k == JSON_TEXT else k) for n, k in self.kinds.items() if n not in self.tail]
+        fields += [(n, self.kinds.get(n, k)) for n, k in TAIL]
+        return pa.schema([(n, pa.string() if k == JSON_TEXT else k) for n, k in fields])
+
+
+def _encode(kinds: dict[str, Kind]) -> dict[str, Any]:
+    arrow = pa.schema([(n, k) for n, k in kinds.items() if k != JSON_TEXT])
+    return {
+        "order": list(kinds),
+        "json": [n for n, k in kinds.items() if k == JSON_TEXT],
+        "arrow": base64.b64encode(arrow.serialize().to_pybytes()).decode(),
+    }
+
+
+def _decode(data: dict[str, Any]) -> dict[str, Kind]:
+    arrow = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["arrow"])))
+    types = {f.name: f.type for f in arrow}
+    return {n: (JSON_TEXT if n in data["json"] else types[n]) for n in data["order"]}

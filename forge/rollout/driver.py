@@ -1,0 +1,166 @@
+"""Drives rollouts: up to `max_active` samples run their function at once (each holds an engine
+slot only while one of its requests is in flight), and what each returns is written as one
+group of rows — or, when it fails, one quarantined row naming the stage, the step it reached
+and why. Only an engine, cache or disk failure stops the task; a user's bug never does."""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forge.cache import CacheWriteError
+from forge.engine import EngineError
+from forge.generate import Reject, dump_prompt, run_pool
+from forge.output import ChunkWriter, OutputError, write_atomic
+from forge.prompt import RowRejected
+from forge.rollout.calls import Calls, Generate, StepFailed
+from forge.rollout.columns import RESERVED, ColumnPin
+
+STOPS_THE_RUN = (EngineError, CacheWriteError, OutputError, OSError)
+
+
+@dataclass
+class RolloutItem:
+    key: str  # the row id
+    sample: int  # which of generation.rollouts
+    row: dict[str, Any]
+    where: str
+    metadata: str | None
+
+
+class RolloutWriter(ChunkWriter):
+    """data/ shards whose schema is the run's pinned columns at the time each shard is written."""
+
+    def __init__(self, directory: Path, task: int, columns: ColumnPin, rows_per_chunk: int) -> None:
+        super().__init__(directory, task, columns.schema(), rows_per_chunk)
+        self.columns = columns
+
+    def _write(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+
+        write_atomic(path, pa.Table.from_pylist(rows, schema=self.columns.schema()))
+
+
+def user_frame(exc: BaseException) -> str:
+    """`file.py:42 in fn`: the innermost frame outside forge and asyncio, where the bug is."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if "/forge/" not in f.filename and "/asyncio/" not in f.filename]
+    f = (mine or frames or [None])[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}" if f else "?"
+
+
+class RolloutDriver:
+    def __init__(
+        self,
+        fn: Any,
+        fn_name: str,
+        ctx: Any,
+        calls: Calls,
+        data: RolloutWriter,
+        rejected: ChunkWriter,
+        row_fields: dict[str, Any],
+        on_row_done: Any,
+    ) -> None:
+        self.fn = fn
+        self.fn_name = fn_name
+        self.ctx = ctx
+        self.calls = calls
+        self.data = data
+        self.rejected = rejected
+        self.row_fields = row_fields
+        self.on_row_done = on_row_done
+        self.stats = calls.stats
+
+    async def run(self, plan: Iterable[RolloutItem | Reject], max_active: int) -> None:
+        queue: asyncio.Queue[RolloutItem | None] = asyncio.Queue(maxsize=max_active)
+        workers = [self._worker(queue) for _ in range(max_active)]
+        await run_pool(self._feed(plan, queue, len(workers)), workers)
+
+    async def _feed(self, plan: Iterable[RolloutItem | Reject], queue: asyncio.Queue, n_workers: int) -> None:
+        for item in plan:
+            if isinstance(item, Reject):
+                await self._reject(item)
+            else:
+                await queue.put(item)
+        for _ in range(n_workers):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while (item := await queue.get()) is not None:
+            await self._run_one(item)
+
+    async def _run_one(self, item: RolloutItem) -> None:
+        gen = Generate(self.calls, item.sample)
+        try:
+            result = await self.fn(item.row, gen, self.ctx)
+        except StepFailed as exc:
+            await self._fail(item, exc.stage, f"{gen.where()}: {exc.reason}", exc.retryable, gen, exc.answer)
+            return
+        except RowRejected as exc:
+            await self._fail(item, "prompt", f"{item.where}: {exc}", False, gen)
+            return
+        except STOPS_THE_RUN:
+            raise
+        except Exception as exc:  # the user's code: quarantine the row, keep going
+            reason = f"{type(exc).__name__}: {exc} (raised at {user_frame(exc)}, {gen.where()})"
+            await self._fail(item, "rollout", reason, True, gen)
+            return
+        rows, problem = self._rows(item, gen, result)
+        if problem is not None:
+            await self._fail(item, "rollout", problem, "no rows" not in problem, gen)
+            return
+        await self.data.add_group(rows)
+        self.on_row_done(item.key)
+
+    def _rows(self, item: RolloutItem, gen: Generate, result: Any) -> tuple[list[dict[str, Any]], str | None]:
+        outs = [result] if isinstance(result, dict) else result
+        if not isinstance(outs, list) or not all(isinstance(d, dict) for d in outs):
+            return [], f"{self.fn_name} returned {type(result).__name__}; return a dict of columns or a list of dicts"
+        if not outs:
+            return [], f"{self.fn_name} returned no rows (an empty list): nothing of this sample is kept"
+        keep = {
+            "requests": gen.requests,
+            "finish_reason": gen.finish_reason,
+            "length_stopped": gen.length_stopped,
+            "truncated": False,
+            "content_null": gen.content_null,
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "metadata": item.metadata,
+            **self.row_fields,
+        }
+        rows = []
+        for i, out in enumerate(outs):
+            clash = next((k for k in out if k in RESERVED or not isinstance(k, str)), None)
+            if clash is not None:
+                return (
+                    [],
+                    f"{self.fn_name} returned the column {clash!r}, which forge writes itself "
+                    "(id, rollout, output_index)",
+                )
+            row = {"id": item.key, "rollout": item.sample, "output_index": i, **out}
+            for name, value in keep.items():
+                row.setdefault(name, value)
+            problem = self.data.columns.conform(row)
+            if problem is not None:
+                return [], f"output row {i}: {problem}"
+            rows.append(row)
+        return rows, None
+
+    async def _fail(
+        self, item: RolloutItem, stage: str, reason: str, retryable: bool, gen: Generate, answer: str | None = None
+    ) -> None:
+        r = Reject(item.key, item.sample, stage, reason, retryable, item.where, dump_prompt(item.row))
+        await self._reject(r, gen.where(), answer)
+
+    async def _reject(self, r: Reject, step: str | None = None, answer: str | None = None) -> None:
+        self.stats.rejected[r.stage] += 1
+        row = r.row()
+        row["step"] = step
+        row["answer"] = None if answer is None else answer[:10_000].encode("utf-8", "backslashreplace").decode()
+        await self.rejected.add(row)
+        self.on_row_done(r.id, r.rollout < 0)

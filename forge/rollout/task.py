@@ -1,0 +1,187 @@
+"""One task of a rollout run: what forge/runner.py does for a generation task (scan, pin the
+settings, check the cache, start the engine, size the in-flight limit, stats), with the
+rollout driver in place of the one-request generator and, when configured, a second engine
+(judge_model) beside the first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from forge.cache import RequestCache, check_cache
+from forge.config import ConfigError, ForgeConfig, ModelConfig
+from forge.engine import Engine, open_engine
+from forge.generate import SessionStats
+from forge.output import REJECT_SCHEMA, ChunkWriter, check_task_input, done_keys, prune_rejected, record_manifest
+from forge.plan import Planner
+from forge.progress import LiveProgress, task_progress_path
+from forge.rollout.calls import Calls, Lane
+from forge.rollout.checks import rollout_fn, setup_fn
+from forge.rollout.columns import ColumnPin, parse_declared
+from forge.rollout.context import Context
+from forge.rollout.driver import RolloutDriver, RolloutWriter
+from forge.rollout.structured import load_schema
+from forge.stats import session_record, write_task_stats
+
+log = logging.getLogger("forge.rollout")
+
+
+def declared_columns(cfg: ForgeConfig, fn: Any) -> dict[str, Any]:
+    """A ready rollout's own column types, the JSON schema's fields (chat), then rollout.columns."""
+    kinds: dict[str, Any] = dict(getattr(fn, "columns", {}) or {})
+    schema = load_schema(cfg.generation.json_schema)
+    if schema is not None and cfg.rollout.fn.endswith(":chat"):
+        for name, kind in schema.columns().items():
+            kinds.setdefault(f"json_{name}" if name in kinds else name, kind)
+    kinds.update(parse_declared(cfg.rollout.columns))
+    return kinds
+
+
+def identity_of(m: ModelConfig, model_path: str, tiny: str) -> dict[str, Any]:
+    return {
+        "model": model_path if m.name_or_path == tiny else m.name_or_path,
+        "revision": m.revision,
+        "engine": m.engine.value,
+    }
+
+
+async def run_rollout_task(
+    cfg: ForgeConfig,
+    task: int,
+    source: Any,
+    template: str | None,
+    paths: dict[str, str],
+    wanted: dict[str, Any],
+) -> str:
+    """paths: {"model": resolved path, "judge_model": resolved path (when configured)}."""
+    from forge import runner  # the generation task's helpers (engine start, in-flight sizing, flushing)
+
+    out_dir = Path(cfg.output.dir)
+    label = f"task {task}" if cfg.cluster.tasks > 1 else "forge"
+    data_dir, rej_dir = out_dir / "data", out_dir / "rejected"
+    done, whole = done_keys(data_dir, rej_dir, task, cfg.run.retry_failed)
+    planner = Planner(cfg, source, task, cfg.cluster.tasks, template, whole_rows=True)
+    scan = planner.scan(done, whole)
+    record_manifest(out_dir, wanted)
+    check_task_input(out_dir, task, {"rows": scan.rows, "fingerprint": f"{scan.fingerprint:016x}"})
+    cache_path = out_dir / "cache" / f"task_{task:05d}.sqlite"
+    await asyncio.to_thread(check_cache, cache_path)
+    finished = scan.rows - len(scan.pending)
+    log.info(
+        "%s: %d documents, %d already done, %d rollouts of %s to go",
+        label,
+        scan.rows,
+        finished,
+        scan.units,
+        cfg.rollout.fn,
+    )
+    models = {"model": cfg.model} | ({"judge_model": cfg.judge_model} if cfg.judge_model is not None else {})
+    gpus = sum(m.tp * m.pp * m.dp for m in models.values() if m.engine in runner.GPU_ENGINES)
+    stats = SessionStats()
+    if not scan.pending:
+        prune_rejected(rej_dir, data_dir, task)
+        LiveProgress(label, scan.rows, scan.rows, False, 0, task_progress_path(out_dir, task)).finish("complete")
+        write_task_stats(out_dir, task, scan.rows, session_record(stats, None, None, 0, gpus, "complete"))
+        return "complete"
+
+    fn = rollout_fn(cfg.rollout)
+    engines: dict[str, Engine] = {
+        name: open_engine(
+            m,
+            paths[name],
+            out_dir / "logs" / f"engine{'' if name == 'model' else '_judge'}_task{task:05d}.log",
+            cfg.generation.seed,
+        )
+        for name, m in models.items()
+    }
+    tokenizer_job = asyncio.create_task(asyncio.to_thread(runner.open_tokenizer, cfg, paths["model"]))
+    columns = ColumnPin(out_dir / "state", declared_columns(cfg, fn))
+    schema = load_schema(cfg.generation.json_schema)
+    status, notes = "failed", {"rollout_fn": cfg.rollout.fn}
+    ctx: Context | None = None
+    main = engines["model"]
+    r = cfg.run
+    try:
+        data = RolloutWriter(data_dir, task, columns, cfg.output.examples_per_chunk)
+        rejected = ChunkWriter(rej_dir, task, REJECT_SCHEMA, cfg.output.examples_per_chunk)
+        async with RequestCache(cache_path) as cache:
+            bar = LiveProgress(label, scan.rows, finished, r.progress, r.log_every_s, task_progress_path(out_dir, task))
+            try:
+                with bar:
+                    started = await asyncio.gather(*(runner.start_engine(engines[n], m) for n, m in models.items()))
+                    notes.update(started[0])
+                    fitter = runner.make_fitter(cfg, await tokenizer_job, main.reported_max_model_len, paths["model"])
+                    lanes: dict[str, Lane] = {}
+                    async with AsyncExitStack() as stack:
+                        for name, m in models.items():
+                            # a full batch's worth queued in the engine: dependent steps' answers come
+                            # in bursts, and the next requests exist only once a burst is processed
+                            sized = await runner.size_in_flight(cfg, engines[name], planner, fitter, m, 1.0)
+                            notes[f"{name}_in_flight" if name != "model" else "in_flight"] = sized["in_flight"]
+                            client = runner.make_client(
+                                cfg, engines[name], fitter.tok, sized["in_flight"], stats.on_retry, m
+                            )
+                            lanes[name] = Lane(
+                                name,
+                                engines[name].served_model,
+                                identity_of(m, paths[name], runner.TINY),
+                                cfg.generation,
+                                m.engine,
+                                schema,
+                                await stack.enter_async_context(client),
+                                asyncio.Semaphore(sized["in_flight"]),
+                                sized["in_flight"],
+                            )
+                        ctx = Context(cfg, template, fitter)
+                        try:
+                            await ctx.setup(setup_fn(cfg.rollout))
+                        except Exception as exc:
+                            raise ConfigError(f"rollout.setup raised {type(exc).__name__}: {exc}") from exc
+                        calls = Calls(cache, lanes, stats, cache_was_empty=not await cache.any())
+                        calls.on_tokens = lambda n: bar.advance(tokens_out=n)
+                        active = cfg.rollout.max_active or 2 * sum(lane.in_flight for lane in lanes.values())
+                        notes["max_active"] = active
+                        log.info("%s: up to %d rollouts at once", label, active)
+                        row_fields = {
+                            "model": cfg.model.name_or_path,
+                            "revision": cfg.model.revision,
+                            "engine": cfg.model.engine.value,
+                        }
+                        driver = RolloutDriver(
+                            fn,
+                            cfg.rollout.fn,
+                            ctx,
+                            calls,
+                            data,
+                            rejected,
+                            row_fields,
+                            runner.DocProgress(scan.pending, bar),
+                        )
+                        bar.restart_clock()
+                        await driver.run(planner.rollouts(scan.pending, done), active)
+                status = "complete"
+            except asyncio.CancelledError:
+                status = "interrupted"
+                raise
+            finally:
+                await runner._flush_all(data, rejected)
+    finally:
+        if ctx is not None:
+            ctx.close()
+        if not tokenizer_job.done():
+            tokenizer_job.cancel()
+        for engine in engines.values():
+            await engine.stop()
+        try:
+            prune_rejected(rej_dir, data_dir, task)
+        except Exception as exc:  # noqa: BLE001 (never mask the error being reported)
+            log.warning("rejected/ of task %d not tidied: %s", task, exc)
+        record = session_record(stats, main.startup_s, main.ready_at, main.restarts, gpus, status)
+        try:
+            write_task_stats(out_dir, task, scan.rows, {**record, **notes})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stats of task %d not written: %s", task, exc)
+    return status
