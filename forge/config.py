@@ -424,6 +424,16 @@ def validate(cfg: ForgeConfig) -> None:
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
     validate_cluster(cfg)
+    gpu = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
+    j = cfg.judge_model
+    if j is not None and m.engine in gpu and j.engine in gpu:
+        shares = (m.gpu_memory_utilization, j.gpu_memory_utilization)
+        if None in shares or sum(shares) > 0.95:
+            raise ConfigError(
+                "judge_model.gpu_memory_utilization: the model and judge_model engines share the task's GPUs; set "
+                "model.gpu_memory_utilization and judge_model.gpu_memory_utilization so they sum to 0.95 or less "
+                f"(now {shares[0]} and {shares[1]})"
+            )
     if g.json_retries < 0:
         raise ConfigError(f"generation.json_retries: must be >= 0 (got {g.json_retries})")
     from forge.rollout.checks import validate_rollout  # imports the user's module: only when validating
@@ -473,9 +483,10 @@ def validate_hub(o: OutputConfig) -> None:
 
 def gpus_per_task(cfg: ForgeConfig) -> int:
     """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint;
-    a judge_model on a GPU engine runs beside the model, on GPUs of its own."""
+    a judge_model on a GPU engine shares them with the model (validate() makes their memory shares fit)."""
     models = [cfg.model] + ([cfg.judge_model] if cfg.judge_model is not None else [])
-    return sum(m.tp * m.pp * m.dp for m in models if m.engine not in (EngineKind.transformers, EngineKind.endpoint))
+    local = (EngineKind.transformers, EngineKind.endpoint)
+    return max((m.tp * m.pp * m.dp for m in models if m.engine not in local), default=0)
 
 
 def validate_cluster(cfg: ForgeConfig) -> None:

@@ -58,12 +58,16 @@ def _identified(
         if row.record is None:
             yield row, f"@{row.where}", row.error
             continue
-        if run_dir and id_column is None:
+        if run_dir and id_column is None:  # never a position: it could equal another row's id
             value = run_dir_id(row.record)
-            if value is not None and str(value) not in seen:
+            if value is None:
+                yield row, f"@{row.where}", "the run dir's row has no id"
+            elif str(value) in seen:
+                yield row, f"@{row.where}", f"duplicate id {str(value)!r} (first at {seen[str(value)]})"
+            else:
                 seen[str(value)] = row.where
                 yield row, str(value), None
-                continue
+            continue
         if id_column is None:
             yield row, str(row.index), None
             continue

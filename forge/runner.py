@@ -505,7 +505,10 @@ class GenerationRun:
         merge_stats(Path(self.cfg.output.dir))
 
     def finish(self, hub_repo: str | None) -> tuple[dict[str, Any], str]:
+        from forge.rollout.columns import harmonize_shards
+
         out_dir = Path(self.cfg.output.dir)
+        harmonize_shards(out_dir)  # a rollout's late-seen column, null in its earlier shards
         stats = merge_stats(out_dir)
         card = write_card(out_dir, hub_repo)
         line = (

@@ -212,8 +212,10 @@ def finish_run_dir(out_dir: Path, hub_repo: str | None) -> dict[str, Any]:
     if stage in {s.value for s in BATCH_STAGES}:
         return finish_batch(out_dir, hub_repo)[0]
     from forge.card import write_card
+    from forge.rollout.columns import harmonize_shards
     from forge.stats import merge_stats
 
+    harmonize_shards(out_dir)
     stats = merge_stats(out_dir)
     write_card(out_dir, hub_repo)
     return stats

@@ -32,7 +32,8 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         out["documents_written"] = len(pc.unique(data.column("id")))
         out["tokens_in"] = int(pc.sum(data.column("prompt_tokens")).as_py() or 0)
         out["tokens_out"] = int(pc.sum(data.column("completion_tokens")).as_py() or 0)
-        out["finish_reasons"] = dict(Counter(data.column("finish_reason").to_pylist()))
+        # a rollout row with no engine answer (its function returned without one) has none
+        out["finish_reasons"] = dict(Counter(r or "none" for r in data.column("finish_reason").to_pylist()))
         out["length_stopped"] = int(pc.sum(data.column("length_stopped")).as_py() or 0)
         out["truncated_rows"] = int(pc.sum(data.column("truncated")).as_py() or 0)
         out["content_null_rows"] = int(pc.sum(data.column("content_null")).as_py() or 0)

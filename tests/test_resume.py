@@ -71,7 +71,7 @@ def _start_until_answers(args: list[str], cwd: Path, out: Path, answers: int) ->
 
 
 def test_kill_at_random_moments_then_resume(tmp_path: Path, tiny_model: Path) -> None:
-    n_docs = 150
+    n_docs = 200
     data = write_jsonl(
         tmp_path / "d.jsonl", [{"id": f"doc{i}", "prompt": f"write about topic {i}"} for i in range(n_docs)]
     )
@@ -81,7 +81,7 @@ def test_kill_at_random_moments_then_resume(tmp_path: Path, tiny_model: Path) ->
     rng = random.Random(seed)
     kills = 0
     # first kill at a random moment (often during start-up), then after a random number of answers
-    plan = [("seconds", rng.uniform(1, 8))] + [("answers", rng.randint(5, 80)) for _ in range(3)]
+    plan = [("seconds", rng.uniform(1, 5))] + [("answers", rng.randint(5, 80)) for _ in range(3)]
     for kind, amount in plan:
         before = _posts(out) if (out / "logs").exists() else 0
         proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.cache import RequestCache, request_key
+from forge.cache import CacheWriteError, RequestCache, request_key
 from forge.config import EngineKind, GenerationConfig
 from forge.engine import EngineError, RequestFailed, RequestRejected
 from forge.generate import FAILED_IN_A_ROW, SessionStats, cache_identity, engine_gone, request_body
@@ -67,6 +67,11 @@ class Lane:
     client: Any = None
     limit: asyncio.Semaphore | None = None
     in_flight: int = 1
+    # per engine: a dead judge must stop the run even while the model answers, and a judge that
+    # refuses everything (a wrong served name) must not have its refusals cached as answers
+    failed_in_a_row: int = 0
+    answered: int = 0
+    refusals: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,11 +83,12 @@ class Calls:
     stats: SessionStats
     cache_was_empty: bool
     on_tokens: Any = None
+    # the first engine or cache failure: it stops the run even if a user's `except Exception`
+    # around generate() swallowed it (the driver re-raises it once the rollout returns)
+    fatal: BaseException | None = None
     _written: set[str] = field(default_factory=set)
     _pending: list[tuple[str, asyncio.Future]] = field(default_factory=list)
-    _failed_in_a_row: int = 0
-    _answered: int = 0
-    _refusals: list[tuple[int, str]] = field(default_factory=list)
+    _lookups: set[asyncio.Task] = field(default_factory=set)
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
         if self.cache_was_empty and key not in self._written:
@@ -90,8 +96,17 @@ class Calls:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((key, fut))
         if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._lookup_batch()))
-        return await fut
+            asyncio.get_running_loop().call_soon(self._start_lookup)
+        try:
+            return await fut
+        except CacheWriteError as exc:
+            self.fatal = self.fatal or exc
+            raise
+
+    def _start_lookup(self) -> None:
+        task = asyncio.ensure_future(self._lookup_batch())
+        self._lookups.add(task)  # referenced until done (the loop keeps only weak references)
+        task.add_done_callback(self._lookups.discard)
 
     async def _lookup_batch(self) -> None:
         batch, self._pending = self._pending, []
@@ -108,6 +123,13 @@ class Calls:
 
     async def send(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
         """The engine's answer (or its refusal, `{"error": ...}`), committed to the cache."""
+        try:
+            return await self._send(lane, body, key)
+        except (EngineError, CacheWriteError) as exc:
+            self.fatal = self.fatal or exc
+            raise
+
+    async def _send(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
         s = self.stats
         assert lane.client is not None and lane.limit is not None
         async with lane.limit:
@@ -117,18 +139,18 @@ class Calls:
             try:
                 answer = (await lane.client.complete(body)).to_json()
             except RequestRejected as exc:
-                if not self._answered:
+                if not lane.answered:
                     self._refused_before_any_answer(lane, exc)
                 answer = {"error": {"status": exc.status, "message": exc.message}}
             except RequestFailed as exc:
-                self._failed_in_a_row += 1
-                gone = engine_gone(self._failed_in_a_row, lane.in_flight, exc, f"the {lane.name} engine")
+                lane.failed_in_a_row += 1
+                gone = engine_gone(lane.failed_in_a_row, lane.in_flight, exc, f"the {lane.name} engine")
                 if gone is not None:
                     raise gone from None
                 raise StepFailed("request", str(exc), retryable=True) from None
-        self._failed_in_a_row = 0
+        lane.failed_in_a_row = 0
         if "error" not in answer:
-            self._answered += 1
+            lane.answered += 1
             s.answers += 1
             s.prompt_tokens += answer["prompt_tokens"]
             s.completion_tokens += answer["completion_tokens"]
@@ -141,8 +163,8 @@ class Calls:
 
     def _refused_before_any_answer(self, lane: Lane, exc: RequestRejected) -> None:
         """Refusals before any answer may be the config's fault: retryable, not cached; 16 alike stop."""
-        self._refusals.append((exc.status, exc.message))
-        if len(self._refusals) == FAILED_IN_A_ROW and len(set(self._refusals)) == 1:
+        lane.refusals.append((exc.status, exc.message))
+        if len(lane.refusals) == FAILED_IN_A_ROW and len(set(lane.refusals)) == 1:
             raise EngineError(
                 f"the {lane.name} engine refused the first {FAILED_IN_A_ROW} requests alike (HTTP {exc.status}: "
                 f"{exc.message}); check {lane.name}.name_or_path / served_name and generation.*, then re-run "
@@ -171,6 +193,7 @@ class Generate:
         self.finish_reason: str | None = None
         self.length_stopped = False
         self.content_null = False
+        self.truncated = False  # a prompt was cut to fit the context (ctx.messages)
 
     def where(self) -> str:
         """The step a failure happened in, for its quarantine reason."""
@@ -197,13 +220,20 @@ class Generate:
 
             value = sampling.pop("json_schema")
             schema = value if isinstance(value, JsonSchema) or value is None else load_schema(value)
+        if "rollouts" in sampling:
+            raise TypeError("generate() takes no rollouts: generation.rollouts samples whole rollouts")
+        retries = sampling.pop("json_retries", lane.gen.json_retries)
+        extra = sampling.pop("extra_body", None) or {}
         known = {k: sampling.pop(k) for k in list(sampling) if k in SAMPLING}
+        if isinstance(known.get("stop"), str):
+            known["stop"] = [known["stop"]]
         gen = dataclasses.replace(lane.gen, **known) if known else lane.gen
         body = request_body(list(messages), lane.served, gen, self.sample)
+        body.update(extra)
         body.update(sampling)
         if schema is not None:
             body.update(schema.request_fields(lane.engine))
-        attempts = 1 + (lane.gen.json_retries if schema is not None else 0)
+        attempts = 1 + (retries if schema is not None else 0)
         base = request_key(cache_identity(body), lane.identity, self.sample)
         repeat = self.seen[base]
         self.seen[base] += 1

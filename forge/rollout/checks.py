@@ -98,5 +98,7 @@ def validate_rollout(cfg: ForgeConfig) -> None:
         for name in getattr(fn, "prompts", ()):
             if name not in r.prompts:
                 raise ConfigError(f"rollout.prompts.{name}: {r.fn} needs this prompt; set it in conf/rollout/")
+    if "n" in (uses or ()) and cfg.generation.temperature == 0:
+        log.warning("rollout.n: generation.temperature=0 makes the %d samples identical", r.n)
     if cfg.judge_model is not None and not uses_rollout_path(cfg):
         log.warning("judge_model is set, but rollout=chat never calls it; pick rollout=judge or best_of_n")

@@ -28,6 +28,7 @@ TAIL = [("requests", pa.int32())] + [
     (f.name, f.type) for f in DATA_SCHEMA if f.name in KEPT or f.name in ("model", "revision", "engine", "metadata")
 ]
 RESERVED = {name for name, _ in HEAD}
+FORGES = RESERVED | {name for name, _ in TAIL}  # a JSON schema's field of such a name gets `json_`
 NAMED: dict[str, Kind] = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -44,7 +45,7 @@ NAMED: dict[str, Kind] = {
 def parse_declared(columns: dict[str, str]) -> dict[str, Kind]:
     out: dict[str, Kind] = {}
     for name, kind in columns.items():
-        if name in RESERVED:
+        if name in FORGES:
             raise ConfigError(f"rollout.columns.{name}: {name} is forge's own column; pick another name")
         if str(kind) not in NAMED:
             raise ConfigError(f"rollout.columns.{name}: unknown type {kind!r}; one of: {', '.join(NAMED)}")
@@ -80,26 +81,41 @@ def _is_message(m: object) -> bool:
     return isinstance(m, dict) and set(m) <= {"role", "content"} and all(isinstance(v, str | None) for v in m.values())
 
 
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800" parses to one): Parquet refuses it
+        return False
+    return True
+
+
 def _fits(value: Any, kind: Kind) -> tuple[bool, Any]:
-    """(fits, the value as written)."""
+    """(fits, the value as written): checked here, so a shard write never fails on a value."""
     if value is None:
         return True, None
     if kind == JSON_TEXT:
         try:
-            return True, json.dumps(value, ensure_ascii=False, default=str)
+            text = json.dumps(value, ensure_ascii=False, default=str)
         except (TypeError, ValueError):
             return False, None
+        return _utf8(text), text
     if kind == pa.string():
-        return isinstance(value, str), value
+        return isinstance(value, str) and _utf8(value), value
     if kind == pa.bool_():
         return isinstance(value, bool), value
     if kind in (pa.int64(), pa.int32()):
-        return isinstance(value, int) and not isinstance(value, bool), value
+        if isinstance(value, float) and value.is_integer():  # JSON 3.0 is a valid "integer"
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+        return ok, value
     if kind == pa.float64():
-        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e308, value
     try:
         pa.array([value], type=kind)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+    except (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeEncodeError):
         return False, None
     return True, value
 
@@ -117,6 +133,7 @@ class ColumnPin:
         self.declared = declared
         self.kinds: dict[str, Kind] = dict(declared)
         self.tail = dict(TAIL)
+        self.version = 0  # bumped when a column is pinned (the writer rebuilds its schema)
         self._load()
 
     def _load(self) -> None:
@@ -134,7 +151,7 @@ class ColumnPin:
                 value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
             kind = self.kinds.get(name) or self.tail.get(name)
             if kind is None:
-                if value is None:
+                if value is None or value == []:  # nothing to learn a type from yet
                     continue
                 kind = self._pin(name, infer(value))
             ok, written = _fits(value, kind)
@@ -156,9 +173,12 @@ class ColumnPin:
             try:
                 with contextlib.suppress(FileNotFoundError):
                     for other, theirs in _decode(json.loads(self.path.read_text())).items():
-                        self.kinds.setdefault(other, theirs)
+                        if other not in self.kinds:
+                            self.kinds[other] = theirs
+                            self.version += 1
                 if name not in self.kinds:
                     self.kinds[name] = kind
+                    self.version += 1
                     pinned = {k: v for k, v in self.kinds.items() if k not in self.declared}
                     write_json_atomic(self.path, _encode(pinned))
             finally:
@@ -185,3 +205,36 @@ def _decode(data: dict[str, Any]) -> dict[str, Kind]:
     arrow = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["arrow"])))
     types = {f.name: f.type for f in arrow}
     return {n: (JSON_TEXT if n in data["json"] else types[n]) for n in data["order"]}
+
+
+def harmonize_shards(out_dir: Path) -> int:
+    """At the end of a rollout run: give every data/ shard the run's full column set (a column
+    first seen in a later shard is null in the earlier ones), so readers that take the first
+    shard's schema (`datasets`, pyarrow) see every column. Each shard is rewritten atomically,
+    only if it lacks a column. Returns the shards rewritten."""
+    import pyarrow.parquet as pq
+
+    from forge.output import shard_files, write_atomic
+
+    if not (out_dir / "state" / "columns.json").exists():
+        return 0
+    files = shard_files(out_dir / "data")
+    schemas = [pq.read_schema(f) for f in files]
+    if not schemas:
+        return 0
+    full = max(schemas, key=len)
+    for schema in schemas:
+        for f in schema:
+            if full.get_field_index(f.name) < 0:
+                full = full.insert(len(full) - len(TAIL), f)
+    rewritten = 0
+    for path, schema in zip(files, schemas, strict=True):
+        if set(schema.names) == set(full.names):
+            continue
+        table = pq.read_table(path)
+        for f in full:
+            if table.schema.get_field_index(f.name) < 0:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        write_atomic(path, table.select(full.names))
+        rewritten += 1
+    return rewritten

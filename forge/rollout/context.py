@@ -61,9 +61,14 @@ class Context:
     def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The row's prompt as the `prompt:` group builds it (template, system prompt, length fit).
         A row whose prompt cannot be built raises forge.prompt.RowRejected (quarantined as `prompt`)."""
+        from forge.rollout.driver import CURRENT
+
         built = build(row.get(self._forge.dataset.prompt_column), self._forge.prompt, self._template)
         if self._fitter is not None:
-            built, _ = self._fitter.fit(built)
+            built, truncated = self._fitter.fit(built)
+            rollout = CURRENT.get()
+            if truncated and rollout is not None:
+                rollout.truncated = True
         return built.as_dicts()
 
     def render(self, name: str, **fields: Any) -> str:

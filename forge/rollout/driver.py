@@ -8,19 +8,19 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forge.cache import CacheWriteError
-from forge.engine import EngineError
 from forge.generate import Reject, dump_prompt, run_pool
-from forge.output import ChunkWriter, OutputError, write_atomic
+from forge.output import ChunkWriter, write_atomic
 from forge.prompt import RowRejected
 from forge.rollout.calls import Calls, Generate, StepFailed
 from forge.rollout.columns import RESERVED, ColumnPin
 
-STOPS_THE_RUN = (EngineError, CacheWriteError, OutputError, OSError)
+# the rollout being run by the current asyncio task (ctx.messages records a truncated prompt on it)
+CURRENT: ContextVar[Generate | None] = ContextVar("forge_rollout", default=None)
 
 
 @dataclass
@@ -38,11 +38,18 @@ class RolloutWriter(ChunkWriter):
     def __init__(self, directory: Path, task: int, columns: ColumnPin, rows_per_chunk: int) -> None:
         super().__init__(directory, task, columns.schema(), rows_per_chunk)
         self.columns = columns
+        self._version = columns.version
+
+    async def add_group(self, rows: list[dict[str, Any]]) -> None:
+        if self._version != self.columns.version:  # a new column: the schema is rebuilt here, on
+            self._version = self.columns.version  # the loop; a shard's thread reads this snapshot
+            self.schema = self.columns.schema()
+        await super().add_group(rows)
 
     def _write(self, path: Path, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
 
-        write_atomic(path, pa.Table.from_pylist(rows, schema=self.columns.schema()))
+        write_atomic(path, pa.Table.from_pylist(rows, schema=self.schema))
 
 
 def user_frame(exc: BaseException) -> str:
@@ -95,26 +102,32 @@ class RolloutDriver:
 
     async def _run_one(self, item: RolloutItem) -> None:
         gen = Generate(self.calls, item.sample)
+        CURRENT.set(gen)  # each worker is its own asyncio task, so this is this rollout's
         try:
             result = await self.fn(item.row, gen, self.ctx)
-        except StepFailed as exc:
-            await self._fail(item, exc.stage, f"{gen.where()}: {exc.reason}", exc.retryable, gen, exc.answer)
+        except Exception as exc:
+            if self.calls.fatal is not None:  # the engine, cache or disk: stop, whatever fn did
+                raise self.calls.fatal from None
+            await self._failed(item, gen, exc)
             return
-        except RowRejected as exc:
-            await self._fail(item, "prompt", f"{item.where}: {exc}", False, gen)
-            return
-        except STOPS_THE_RUN:
-            raise
-        except Exception as exc:  # the user's code: quarantine the row, keep going
-            reason = f"{type(exc).__name__}: {exc} (raised at {user_frame(exc)}, {gen.where()})"
-            await self._fail(item, "rollout", reason, True, gen)
-            return
+        if self.calls.fatal is not None:  # fn swallowed it: its row must not count as done
+            raise self.calls.fatal
         rows, problem = self._rows(item, gen, result)
         if problem is not None:
             await self._fail(item, "rollout", problem, "no rows" not in problem, gen)
             return
         await self.data.add_group(rows)
         self.on_row_done(item.key)
+
+    async def _failed(self, item: RolloutItem, gen: Generate, exc: Exception) -> None:
+        """Quarantine a rollout that raised: forge's own failures by stage, anything else as the user's."""
+        if isinstance(exc, StepFailed):
+            await self._fail(item, exc.stage, f"{gen.where()}: {exc.reason}", exc.retryable, gen, exc.answer)
+        elif isinstance(exc, RowRejected):
+            await self._fail(item, "prompt", f"{item.where}: {exc}", False, gen)
+        else:  # the user's code: quarantine the row (retryable: fix the code, re-run), keep going
+            reason = f"{type(exc).__name__}: {exc} (raised at {user_frame(exc)}, {gen.where()})"
+            await self._fail(item, "rollout", reason, True, gen)
 
     def _rows(self, item: RolloutItem, gen: Generate, result: Any) -> tuple[list[dict[str, Any]], str | None]:
         outs = [result] if isinstance(result, dict) else result
@@ -126,7 +139,7 @@ class RolloutDriver:
             "requests": gen.requests,
             "finish_reason": gen.finish_reason,
             "length_stopped": gen.length_stopped,
-            "truncated": False,
+            "truncated": gen.truncated,
             "content_null": gen.content_null,
             "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": gen.completion_tokens,
@@ -135,6 +148,8 @@ class RolloutDriver:
         }
         rows = []
         for i, out in enumerate(outs):
+            if i == 1:  # the sample's requests and tokens are counted once, on its first row
+                keep.update(requests=0, prompt_tokens=0, completion_tokens=0)
             clash = next((k for k in out if k in RESERVED or not isinstance(k, str)), None)
             if clash is not None:
                 return (

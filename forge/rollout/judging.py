@@ -1,6 +1,7 @@
 """Reading a judge's verdict: an integer score on the rubric's scale and its rationale, from
-JSON, `Score: 8`, `**Rating:** 8/10`, `[[8]]` or a bare number — the last verdict wins, as
-judges often restate the scale before they decide."""
+JSON, `Score: 8`, `**Rating:** 8/10`, `[[8]]` or a bare number. A labelled score that opens a
+line beats one inside a sentence, which beats a bare fraction (a rationale may quote "2/10 of
+the claims"); among equals the last wins, as judges often restate the scale before they decide."""
 
 from __future__ import annotations
 
@@ -41,17 +42,19 @@ def parse_judgment(text: str, lo: int, hi: int) -> tuple[int | None, str]:
             if score is not None:
                 why = next((str(data[k]) for k in data if k.lower() in RATIONALE_KEYS), "")
                 return score, why or _without(text, blob)
-    candidates: list[tuple[int, int, str]] = []  # (position, score, matched text)
-    for pattern in (LABELLED, BRACKETED, FRACTION):
+    candidates: list[tuple[int, int, int, str]] = []  # (rank, position, score, matched text)
+    for pattern, rank in ((LABELLED, 2), (BRACKETED, 2), (FRACTION, 1)):
         for m in pattern.finditer(text):
             scale = m.group(2) if pattern is not BRACKETED and m.lastindex and m.lastindex >= 2 else None
             if scale is not None and int(scale) != hi:
                 continue  # "4/5" on a 1-10 rubric is not this rubric's score
             score = _integer(m.group(1), lo, hi)
             if score is not None:
-                candidates.append((m.start(), score, m.group(0)))
+                line_start = text.rfind("\n", 0, m.start()) + 1
+                opens_line = pattern is LABELLED and not re.search(r"\w", text[line_start : m.start()])
+                candidates.append((rank + opens_line, m.start(), score, m.group(0)))
     if candidates:
-        _, score, matched = max(candidates)
+        _, _, score, matched = max(candidates)
         return score, _without(text, matched)
     bare = BARE.match(text)
     if bare:

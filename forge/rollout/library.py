@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from forge.output import MESSAGE
 from forge.rollout.calls import StepFailed
+from forge.rollout.columns import FORGES
 from forge.rollout.judging import parse_judgment
 
 MESSAGES = pa.list_(MESSAGE)
@@ -24,6 +25,11 @@ def _ready(uses: tuple[str, ...], prompts: tuple[str, ...], columns: dict[str, A
     return mark
 
 
+def json_field(name: str, taken: Any) -> str:
+    """A JSON schema field's column: its name, or `json_<name>` where that name is taken."""
+    return f"json_{name}" if name in taken or name in FORGES else name
+
+
 def transcript(messages: list[dict[str, Any]]) -> str:
     """A conversation as plain text for a judge or critic prompt."""
     if len(messages) == 1:
@@ -34,12 +40,13 @@ def transcript(messages: list[dict[str, Any]]) -> str:
 @_ready((), (), {"messages": MESSAGES, "text": pa.string(), "reasoning": pa.string()})
 async def chat(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
     """One request per sample (today's behaviour); with generation.json_schema the answer's
-    fields become columns (a field named like one of these gets a `json_` prefix)."""
+    fields become columns (a field named like one of these or like forge's own columns gets a
+    `json_` prefix)."""
     messages = ctx.messages(row)
     answer = await generate(messages, step="answer")
     out: dict[str, Any] = {"messages": messages, "text": answer.text, "reasoning": answer.reasoning}
     if isinstance(answer.parsed, dict):
-        out.update({(f"json_{k}" if k in out else k): v for k, v in answer.parsed.items()})
+        out.update({json_field(k, out): v for k, v in answer.parsed.items()})
     elif answer.parsed is not None:
         out["json"] = answer.parsed
     return out
@@ -55,7 +62,7 @@ async def score_answer(
     )
     text = ""
     for _ in range(1 + r.parse_retries):
-        verdict = await generate([{"role": "user", "content": prompt}], model="judge", step=step)
+        verdict = await generate([{"role": "user", "content": prompt}], model="judge", step=step, json_schema=None)
         text = verdict.text
         score, rationale = parse_judgment(text, r.score_min, r.score_max)
         if score is not None:
@@ -121,7 +128,10 @@ async def critique_revise(row: dict[str, Any], generate: Any, ctx: Any) -> dict[
     question = transcript(messages)
     for n in range(1, ctx.cfg.rounds + 1):
         critique = await generate(
-            ctx.render("critique", question=question, answer=answer), model="judge", step=f"critique {n}"
+            ctx.render("critique", question=question, answer=answer),
+            model="judge",
+            step=f"critique {n}",
+            json_schema=None,  # generation.json_schema shapes the answer, not the critique
         )
         revise = ctx.render("revise", critique=critique.text)
         turns = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": revise}]
@@ -149,7 +159,11 @@ async def multi_turn(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, 
             if m["role"] != "system"
         ]
         persona = ctx.render("user_simulator", task=transcript(system) if system else "")
-        user = await generate([{"role": "system", "content": persona}, *swapped], step=f"user turn {turn + 1}")
+        # strict chat templates want a user turn first: the simulator's view opens with one
+        opening = {"role": "user", "content": "(You start the conversation.)"}
+        user = await generate(
+            [{"role": "system", "content": persona}, opening, *swapped], step=f"user turn {turn + 1}", json_schema=None
+        )
         conversation.append({"role": "user", "content": user.text})
     return {"messages": conversation, "num_turns": ctx.cfg.turns}
 

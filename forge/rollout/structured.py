@@ -5,6 +5,7 @@ where the engine guided the decoding, since a cut-off answer (max_tokens) is sti
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,9 @@ def load_schema(value: Any, base: Path | None = None) -> JsonSchema | None:
     origin = "inline"
     if isinstance(value, str) and not value.lstrip().startswith("{"):
         path = Path(value).expanduser()
-        base = base or Path(__file__).resolve().parents[2]  # conf/schema/*.json of forge itself
+        # conf/schema/*.json of forge itself ($FORGE_CONF_DIR's parent when set, as for conf/)
+        conf = os.environ.get("FORGE_CONF_DIR")
+        base = base or (Path(conf).resolve().parent if conf else Path(__file__).resolve().parents[2])
         if not path.is_absolute() and not path.exists() and (base / path).exists():
             path = base / path
         try:

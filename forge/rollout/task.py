@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.cache import RequestCache, check_cache
-from forge.config import ConfigError, ForgeConfig, ModelConfig
+from forge.config import ConfigError, ForgeConfig, ModelConfig, gpus_per_task
 from forge.engine import Engine, open_engine
 from forge.generate import SessionStats
 from forge.output import REJECT_SCHEMA, ChunkWriter, check_task_input, done_keys, prune_rejected, record_manifest
@@ -34,10 +34,21 @@ def declared_columns(cfg: ForgeConfig, fn: Any) -> dict[str, Any]:
     kinds: dict[str, Any] = dict(getattr(fn, "columns", {}) or {})
     schema = load_schema(cfg.generation.json_schema)
     if schema is not None and cfg.rollout.fn.endswith(":chat"):
+        from forge.rollout.library import json_field
+
         for name, kind in schema.columns().items():
-            kinds.setdefault(f"json_{name}" if name in kinds else name, kind)
+            kinds.setdefault(json_field(name, kinds), kind)
     kinds.update(parse_declared(cfg.rollout.columns))
     return kinds
+
+
+def own_tokenizer(m: ModelConfig, model_path: str) -> Any:
+    """The judge's own tokenizer and chat template (an in-process judge renders its prompts)."""
+    if m.engine.value != "vllm_async":
+        return None
+    from forge.tokenizer import load_tokenizer
+
+    return load_tokenizer(m.tokenizer or model_path, m.revision, m.trust_remote_code)
 
 
 def identity_of(m: ModelConfig, model_path: str, tiny: str) -> dict[str, Any]:
@@ -79,7 +90,7 @@ async def run_rollout_task(
         cfg.rollout.fn,
     )
     models = {"model": cfg.model} | ({"judge_model": cfg.judge_model} if cfg.judge_model is not None else {})
-    gpus = sum(m.tp * m.pp * m.dp for m in models.values() if m.engine in runner.GPU_ENGINES)
+    gpus = gpus_per_task(cfg)
     stats = SessionStats()
     if not scan.pending:
         prune_rejected(rej_dir, data_dir, task)
@@ -111,8 +122,10 @@ async def run_rollout_task(
             bar = LiveProgress(label, scan.rows, finished, r.progress, r.log_every_s, task_progress_path(out_dir, task))
             try:
                 with bar:
-                    started = await asyncio.gather(*(runner.start_engine(engines[n], m) for n, m in models.items()))
-                    notes.update(started[0])
+                    for name, m in models.items():  # one after the other: vLLM compiles under a file lock
+                        started = await runner.start_engine(engines[name], m)
+                        if name == "model":
+                            notes.update(started)
                     fitter = runner.make_fitter(cfg, await tokenizer_job, main.reported_max_model_len, paths["model"])
                     lanes: dict[str, Lane] = {}
                     async with AsyncExitStack() as stack:
@@ -121,16 +134,17 @@ async def run_rollout_task(
                             # in bursts, and the next requests exist only once a burst is processed
                             sized = await runner.size_in_flight(cfg, engines[name], planner, fitter, m, 1.0)
                             notes[f"{name}_in_flight" if name != "model" else "in_flight"] = sized["in_flight"]
-                            client = runner.make_client(
-                                cfg, engines[name], fitter.tok, sized["in_flight"], stats.on_retry, m
-                            )
+                            tok = fitter.tok
+                            if name != "model":  # an in-process judge renders with its own template
+                                tok = await asyncio.to_thread(own_tokenizer, m, paths[name])
+                            client = runner.make_client(cfg, engines[name], tok, sized["in_flight"], stats.on_retry, m)
                             lanes[name] = Lane(
                                 name,
                                 engines[name].served_model,
                                 identity_of(m, paths[name], runner.TINY),
                                 cfg.generation,
                                 m.engine,
-                                schema,
+                                schema if name == "model" else None,  # the schema shapes the model's answers
                                 await stack.enter_async_context(client),
                                 asyncio.Semaphore(sized["in_flight"]),
                                 sized["in_flight"],

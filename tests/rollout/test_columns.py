@@ -73,3 +73,42 @@ def test_a_rollout_file_path_loads_with_its_setup(tmp_path: Path) -> None:
     )
     cfg = RolloutConfig(fn=f"{tmp_path}/my_rollout_file.py:fn")
     assert rollout_fn(cfg).__name__ == "fn" and setup_fn(cfg)(None) == 1
+
+
+def test_a_late_column_is_added_to_earlier_shards_at_the_end(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from forge.output import write_atomic
+    from forge.rollout.columns import harmonize_shards
+
+    pin = ColumnPin(tmp_path / "state", {})
+    first = {"id": "a", "rollout": 0, "output_index": 0, "x": 1}
+    assert pin.conform(first) is None
+    (tmp_path / "data").mkdir()
+    write_atomic(tmp_path / "data" / "00000_00000.parquet", pa.Table.from_pylist([first], schema=pin.schema()))
+    second = {"id": "b", "rollout": 0, "output_index": 0, "x": 2, "late": "yes"}
+    assert pin.conform(second) is None
+    write_atomic(tmp_path / "data" / "00000_00001.parquet", pa.Table.from_pylist([second], schema=pin.schema()))
+    assert harmonize_shards(tmp_path) == 1
+    table = pq.read_table(tmp_path / "data" / "00000_00000.parquet")
+    assert table.schema == pq.read_schema(tmp_path / "data" / "00000_00001.parquet")
+    assert table.column("late").to_pylist() == [None] and table.column("x").to_pylist() == [1]
+    assert harmonize_shards(tmp_path) == 0
+
+
+def test_values_parquet_would_refuse_are_the_rows_problem(tmp_path: Path) -> None:
+    pin = ColumnPin(tmp_path, parse_declared({"blob": "json"}))
+    assert pin.conform({"s": "ok", "n": 1, "whole": 2}) is None
+    assert "column 's' got str" in pin.conform({"s": "lone \ud800 surrogate"})  # JSON "\ud800" parses to this
+    assert "column 'n' got int" in pin.conform({"n": 2**70})
+    assert pin.conform({"blob": {"k": "\udfff"}}) is not None
+    row = {"whole": 3.0}  # a JSON schema's "integer" accepts 3.0
+    assert pin.conform(row) is None and row["whole"] == 3 and isinstance(row["whole"], int)
+    assert pin.conform({"empty": []}) is None and "empty" not in pin.schema().names  # no type learnt yet
+
+
+def test_schema_fields_named_like_forges_columns_get_a_prefix() -> None:
+    from forge.rollout.library import json_field
+
+    assert json_field("id", {}) == "json_id" and json_field("prompt_tokens", {}) == "json_prompt_tokens"
+    assert json_field("text", {"text": 1}) == "json_text" and json_field("question", {"text": 1}) == "question"

@@ -24,6 +24,8 @@ from forge.rollout.judging import parse_judgment
         ("It is a 4/5 answer.", None),  # another scale
         ("no verdict here", None),
         ("", None),
+        ("Score: 8\nRationale: only 2/10 of the claims hold.", 8),  # a labelled line beats a fraction
+        ("Score: 8\nRationale: the grade is 5 points below par.", 8),  # and a label inside a sentence
     ],
 )
 def test_scores(text: str, score: int | None) -> None:

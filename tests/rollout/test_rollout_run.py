@@ -21,6 +21,8 @@ async def three_steps(row, generate, ctx):
     ctx.state["calls"] += 1
     draft = await generate(row["prompt"], step="draft")
     assert await ctx.run(len, draft.text) == len(draft.text)  # CPU work in ctx's process pool
+    if row["id"].endswith("7"):
+        open("/nonexistent/notes.txt")  # an OSError of the user's: the row's, not the run's
     short = await generate(
         [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": draft.text},
          {"role": "user", "content": "Shorter."}],
@@ -32,6 +34,14 @@ async def three_steps(row, generate, ctx):
     return {"draft": draft.text, "short": short.text, "title": title.text, "suffix": ctx.state["suffix"],
             "tokens": [draft.completion_tokens, short.completion_tokens, title.completion_tokens]}
 """
+
+
+def bad_rows(n: int) -> tuple[set[str], int]:
+    """The rows USER_MODULE fails (ids ending in 3: after step 2; in 7: after step 1) and the
+    requests a whole run sends."""
+    bad3 = {f"doc{i}" for i in range(n) if str(i).endswith("3")}
+    bad7 = {f"doc{i}" for i in range(n) if str(i).endswith("7")}
+    return bad3 | bad7, 3 * (n - len(bad3) - len(bad7)) + 2 * len(bad3) + len(bad7)
 
 
 def posts(server: dict) -> int:
@@ -63,18 +73,24 @@ def test_user_rollout_bug_quarantines_rows_and_rerun_sends_nothing(tmp_path: Pat
     before = posts(cpu_server)
     first = forge_cli(args, project)
     assert first.returncode == 0, first.stderr
-    bad = {f"doc{i}" for i in range(20) if str(i).endswith("3")}
+    bad, requests = bad_rows(20)
     rows = read_rows(out)
     assert {r["id"] for r in rows} == {f"doc{i}" for i in range(20)} - bad
     assert all(r["suffix"] == "bang" and r["requests"] == 3 and len(r["tokens"]) == 3 for r in rows)
     rejected = read_rows(out, "rejected")
     assert {r["id"] for r in rejected} == bad
-    reason = rejected[0]["reason"]
+    reason = next(r for r in rejected if r["id"] == "doc3")["reason"]
     assert reason.startswith("ZeroDivisionError: division by zero (raised at rollouts.py:")
     assert reason.endswith("in three_steps, step 2 (shorten))"), reason
-    assert rejected[0]["stage"] == "rollout" and rejected[0]["step"] == "step 2 (shorten)"
+    assert all(r["stage"] == "rollout" and r["retryable"] for r in rejected)
+    assert next(r for r in rejected if r["id"] == "doc3")["step"] == "step 2 (shorten)"
+    oserror = next(r for r in rejected if r["id"] == "doc7")
+    assert oserror["reason"].startswith(
+        "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/notes.txt'"
+    )
+    assert oserror["step"] == "step 1 (draft)"
     sent = posts(cpu_server) - before
-    assert sent == 3 * len(rows) + 2 * len(bad)
+    assert sent == requests
     stats = read_stats(out)
     assert stats["requests_sent"] == sent and stats["rejected_by_stage"] == {"rollout": len(bad)}
 
@@ -83,7 +99,7 @@ def test_user_rollout_bug_quarantines_rows_and_rerun_sends_nothing(tmp_path: Pat
     assert posts(cpu_server) - before == sent
     assert Counter(r["id"] for r in read_rows(out)) == Counter(r["id"] for r in rows)
     assert sorted(r["id"] for r in read_rows(out, "rejected")) == sorted(bad)
-    assert read_stats(out)["sessions"][-1]["cache_hits"] == 2 * len(bad)  # only they ran again
+    assert read_stats(out)["sessions"][-1]["cache_hits"] == requests - 3 * len(rows)  # only they ran again
 
 
 def test_json_schema_the_model_cannot_satisfy_quarantines_with_raw_text(tmp_path: Path, cpu_server: dict) -> None:
