@@ -42,6 +42,12 @@ class Answer:
     def __str__(self) -> str:
         return self.text
 
+    def __getitem__(self, key: str) -> Any:
+        """answer["text"] as well as answer.text (code written for dict-shaped answers)."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(f"{key!r}: an answer has {', '.join(self.__dataclass_fields__)}")
+        return getattr(self, key)
+
 
 class StepFailed(Exception):
     """A call that gave no usable answer: its row is quarantined with this stage and reason."""

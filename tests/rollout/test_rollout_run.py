@@ -30,7 +30,7 @@ async def three_steps(row, generate, ctx):
     )
     if row["id"].endswith("3"):
         ratio = len(short.text) / 0  # the deliberate bug
-    title = await generate("A title for: " + short.text, step="title", max_tokens=6)
+    title = await generate("A title for: " + short["text"], step="title", max_tokens=6, stop="###")
     return {"draft": draft.text, "short": short.text, "title": title.text, "suffix": ctx.state["suffix"],
             "tokens": [draft.completion_tokens, short.completion_tokens, title.completion_tokens]}
 """
