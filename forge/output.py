@@ -212,12 +212,21 @@ class ChunkWriter:
                 del self.ends[:n]
                 path = self.directory / f"{self.task:05d}_{self.next_chunk:05d}.parquet"
                 self.next_chunk += 1
-                # shielded: the thread writes the whole chunk even when the run is being stopped
-                await asyncio.shield(asyncio.to_thread(self._write, path, rows))
+                # shielded: the thread writes the whole chunk even when the run is being stopped;
+                # the error of a write whose waiter was cancelled is already the run's (or a
+                # sibling's) reason to stop, so it is retrieved here rather than logged as a traceback
+                write = asyncio.ensure_future(asyncio.to_thread(self._write, path, rows))
+                write.add_done_callback(_retrieve)
+                await asyncio.shield(write)
                 self.rows_written += len(rows)
 
     def _write(self, path: Path, rows: list[dict[str, Any]]) -> None:
         write_atomic(path, pa.Table.from_pylist(rows, schema=self.schema))
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def done_keys(data_dir: Path, rejected_dir: Path, task: int, retry_failed: bool) -> tuple[set, set]:
