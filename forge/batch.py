@@ -155,6 +155,10 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
     if drop_unrecorded(out_dir, task, done_batches):
         log.info("task %d: removed the chunks of an unfinished batch %d; redoing it", task, done_batches)
     stage.restore(read_columns(shard_files(out_dir / "data", task), ["id"]))
+    # a stage may add columns of its own to rejected/ (dedup: duplicate_of, jaccard)
+    reject_schema = BATCH_REJECT_SCHEMA
+    for extra in getattr(stage, "reject_fields", []):
+        reject_schema = reject_schema.append(extra)
     label = f"task {task}" if tasks > 1 else "forge"
     share = None if total is None else len(range(task, total, tasks))  # rows g with g % tasks == task
     bar = LiveProgress(
@@ -181,7 +185,7 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
                 (out_dir / "rejected").mkdir(exist_ok=True)
                 write_atomic(
                     out_dir / "rejected" / f"{task:05d}_{k:05d}.parquet",
-                    pa.Table.from_pylist(rows, schema=BATCH_REJECT_SCHEMA),
+                    pa.Table.from_pylist(rows, schema=reject_schema),
                 )
             state = {
                 "batches": k + 1,

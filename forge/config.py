@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from forge.curate.config import CurateConfig
+from forge.dedup.config import DedupConfig
 from forge.rollout.config import RolloutConfig
 
 
@@ -336,6 +337,7 @@ class SweepConfig:
 class Stage(str, Enum):
     generate = "generate"  # prompts -> engine -> completions (forge/generate.py)
     curate = "curate"  # normalize, filter, pool (forge/curate/)
+    dedup = "dedup"  # exact and MinHash near-dedup across every shard and source (forge/dedup/)
 
     def __str__(self) -> str:  # `${pipeline.stage}` in a path interpolates as `curate`
         return self.value
@@ -348,7 +350,7 @@ class PipelineConfig:
     runner's. Any forge run dir is a valid dataset.name for the next stage.
 
     Attributes:
-        stage: generate | curate.
+        stage: generate | curate | dedup.
     """
 
     stage: Stage = Stage.generate
@@ -358,6 +360,7 @@ class PipelineConfig:
 class ForgeConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -424,6 +427,8 @@ def validate(cfg: ForgeConfig) -> None:
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
     validate_cluster(cfg)
+    if cfg.pipeline.stage == Stage.dedup:
+        cfg.dedup.validate()
     gpu = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
     j = cfg.judge_model
     if j is not None and m.engine in gpu and j.engine in gpu:

@@ -674,6 +674,26 @@ def run_forge(
     return 0
 
 
+def run_step(cfg: ForgeConfig, raw: DictConfig | dict, step: str, task: int, log_name: str) -> int:
+    """One task of a step before the shards (a Slurm step array's task); returns the exit code."""
+    out_dir = Path(cfg.output.dir)
+    setup_logging()
+    register_config_secrets(raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True))
+    try:
+        run = prepare_run(cfg)
+        attach_run_log(out_dir, log_name)
+        log.info("=== forge step %s, task %d, in %s", step, task, out_dir)
+        run.run_step(step, task)
+    except (ConfigError, DatasetError, RunChanged, OutputError, OSError, RuntimeError) as exc:
+        log.error("%s", _one_line(exc), extra={"file_only": True})
+        print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"forge: interrupted: step {step} task {task}; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     """An error as one line: forge's own messages as they are; an OSError with its path and
     cause (`cannot write /x/y: No space left on device`), and what to do."""

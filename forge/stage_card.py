@@ -42,6 +42,9 @@ def _sample(out_dir: Path) -> list[str]:
     return lines
 
 
+VERBS = {"dedup": "deduplicated"}
+
+
 def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None = None) -> str:
     cfg = yaml.safe_load((out_dir / "config.yaml").read_text()) if (out_dir / "config.yaml").exists() else {}
     stage = (cfg.get("pipeline") or {}).get("stage", "curate")
@@ -58,9 +61,10 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
         "configs": configs,
     }
     settings = cfg.get(stage) or {}
+    verb = VERBS.get(stage, stage + "d")
     lines = [
         *front_matter(header),
-        f"Rows {stage}d by forge: {stats.get('rows_kept', 0):,} kept of {stats.get('rows_in', 0):,} read; "
+        f"Rows {verb} by forge: {stats.get('rows_kept', 0):,} kept of {stats.get('rows_in', 0):,} read; "
         f"{stats.get('rows_removed', 0):,} removed, each in `rejected/` with its filter, reason and value.",
         "",
         "Reproduce:",
@@ -96,6 +100,10 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
             }
             lines.append(f"| `{name}` | {n:,} | {', '.join(f'{k}: {v:,}' for k, v in per.items())} |")
         lines.append("")
+    if stage == "dedup":
+        from forge.dedup.report import card_lines
+
+        lines += card_lines(stats)
     if settings.get("filters"):
         lines += [
             "Filters, in order:",

@@ -28,7 +28,13 @@ log = logging.getLogger("forge.stages")
 
 # stage -> "module:factory" of the object run_forge drives; a batch stage's factory takes (cfg, mix)
 RUNS = {Stage.generate: "forge.runner:GenerationRun"}
-BATCH_STAGES = {Stage.curate: "forge.curate.stage:CurateStage"}
+BATCH_STAGES = {Stage.curate: "forge.curate.stage:CurateStage", Stage.dedup: "forge.dedup.stage:DedupStage"}
+# batch stages whose filter needs steps over the whole input first: "module:factory" of a workflow
+# taking (cfg, mix, stage, manifest), with steps(), done(step, task), run(step, task), run_all(),
+# require_done() and check() (forge/dedup/steps.py)
+WORKFLOWS = {Stage.dedup: "forge.dedup.steps:Workflow"}
+# a stage's additions to stats.json and the card: "module:function" taking (out_dir, stats)
+STAGE_REPORTS = {Stage.dedup.value: "forge.dedup.report:add_report"}
 
 
 def _load(ref: str) -> Any:
@@ -119,6 +125,7 @@ class BatchRun:
         self.stage: Any = None
         self.wanted: dict[str, Any] = {}
         self.total: int | None = None
+        self.workflow: Any = None
 
     def prepare(self) -> None:
         """Open the sources (each local one's first row is read: an unreadable file or a source
@@ -133,7 +140,7 @@ class BatchRun:
             if s.reader.files:
                 probe_columns(s)
         self.stage = self.make_stage(cfg, self.mix)
-        if self.mix.targeted and cfg.dataset.pilot_rows > 0:
+        if self.mix.targeted and cfg.dataset.pilot_rows > 0 and getattr(self.stage, "pilot", True):
             aim_at_kept_rows(self.mix, pilot_pass_rates(self.stage, self.mix, cfg.dataset.pilot_rows))
         pass_rates = {s.label: round(s.pass_rate, 4) for s in self.mix.sources}
         self.wanted = {
@@ -143,13 +150,36 @@ class BatchRun:
             "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
             "settings": self.stage.fingerprint(),
         }
+        if cfg.pipeline.stage in WORKFLOWS:
+            self.workflow = _load(WORKFLOWS[cfg.pipeline.stage])(cfg, self.mix, self.stage, self.wanted)
         try:
             check_manifest(Path(cfg.output.dir), self.wanted)
+            if self.workflow:
+                self.workflow.check()
         except RunChanged as exc:
             start_fresh(cfg, self.wanted, "previous results", exc)
 
     def start(self) -> None:
         self.total = expected_rows(self.mix) if self.mix else None
+        if self.workflow:
+            self.workflow.total = self.total
+            record_manifest(Path(self.cfg.output.dir), self.wanted)
+            if self.cfg.cluster.task_index is None:
+                self.workflow.run_all()  # a local run: every step, then the filter per task
+            else:
+                self.workflow.require_done()  # a Slurm filter task: the step arrays ran before it
+
+    def pre_steps(self) -> list[tuple[str, list[int]]]:
+        """The steps before the per-shard tasks, each with its unfinished tasks (Slurm chains
+        one array per step)."""
+        if not self.workflow:
+            return []
+        return [(s, [t for t in range(n) if not self.workflow.done(s, t)]) for s, n in self.workflow.steps()]
+
+    def run_step(self, step: str, task: int) -> None:
+        record_manifest(Path(self.cfg.output.dir), self.wanted)
+        self.workflow.total = expected_rows(self.mix) if step == "signatures" else None
+        self.workflow.run(step, task)
 
     def run_task(self, task: int) -> None:
         record_manifest(Path(self.cfg.output.dir), self.wanted)
@@ -188,6 +218,9 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
     pass_rate = (manifest.get("dataset") or {}).get("pass_rate") or {}
     by_tokens = (manifest.get("dataset") or {}).get("target_tokens") is not None  # shares of tokens
     stats = batch_totals(out_dir)
+    stage = (manifest.get("settings") or {}).get("stage")
+    if stage in STAGE_REPORTS:
+        _load(STAGE_REPORTS[stage])(out_dir, stats)
     by_source = stats.get("by_source") or {}
     kept_key = "chars_kept" if by_tokens else "rows_kept"
     kept_all = sum(v.get(kept_key, 0) for v in by_source.values()) or 1

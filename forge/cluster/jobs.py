@@ -71,6 +71,26 @@ class ShardJob(submitit.helpers.Checkpointable):
         return "complete"
 
 
+class StepJob(submitit.helpers.Checkpointable):
+    """One task of a step that runs before the shard array (dedup's signatures, buckets,
+    clusters): one array per step, each `afterok` on the one before, the shard array last.
+    Resumable like a shard: a requeued task skips the files it already wrote."""
+
+    def __call__(self, job_cfg: dict[str, Any], step: str, task: int) -> str:
+        from forge.runner import run_step
+
+        cfg = job_config(job_cfg, task)
+        logfile = step_log(cfg.output.dir, step, task)
+        code = run_step(cfg, job_cfg, step, task, log_name=str(logfile.relative_to(cfg.output.dir)))
+        if code != 0:
+            raise ShardFailed(f"{step} task {task} stopped (exit {code}); log: {logfile}")
+        return "complete"
+
+
+def step_log(out_dir: str | Path, step: str, task: int) -> Path:
+    return Path(out_dir) / "logs" / f"forge_{step}{task:05d}.log"
+
+
 class MonitorJob(submitit.helpers.Checkpointable):
     """Refreshes progress.json every `interval` seconds until no task of the array is left."""
 

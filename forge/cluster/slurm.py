@@ -24,7 +24,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
-from forge.cluster.jobs import FinalizeJob, MonitorJob, ShardJob, task_log
+from forge.cluster.jobs import FinalizeJob, MonitorJob, ShardJob, StepJob, task_log
 from forge.cluster.state import (
     ACTIVE,
     SlurmError,
@@ -113,7 +113,10 @@ def job_payload(cfg: ForgeConfig, raw: DictConfig | dict) -> dict[str, Any]:
 
 def _executor(cfg: ForgeConfig, role: str, folder: Path, **extra: Any) -> submitit.SlurmExecutor:
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
-    ex.update_parameters(**sbatch_params(cfg, role, run_name(cfg)), **extra)
+    params = sbatch_params(cfg, role, run_name(cfg))
+    if role == "shards" and "dependency" in extra:  # after a step array: gone if that step fails
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
+    ex.update_parameters(**params, **extra)
     return ex
 
 
@@ -159,7 +162,8 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
         _say(f"error: {exc}")
         return 1
     try:
-        prepare_run(cfg)
+        run = prepare_run(cfg)
+        steps = run.pre_steps() if hasattr(run, "pre_steps") else []
         hub = target_from(cfg.output)
         if hub:
             preflight(hub)  # a bad token fails now, not in a job after GPU hours
@@ -167,7 +171,7 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
         _say(f"error: {exc}")
         return 2
     pending = [s for s in range(c.tasks) if not shard_complete(out, s)]
-    if not pending and (out / "slurm" / "finalized.json").exists():
+    if not pending and not any(t for _, t in steps) and (out / "slurm" / "finalized.json").exists():
         _say(f"all {c.tasks} shard(s) of {out} are complete; nothing to submit. stats: {out / 'stats.json'}")
         return 0
     payload = job_payload(cfg, raw)
@@ -176,7 +180,7 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
         record_command(out, overrides)
     folder = out / "slurm" / "%j"
     try:
-        sub = _submit_jobs(cfg, out, folder, payload, pending)
+        sub = _submit_jobs(cfg, out, folder, payload, pending, steps)
     except (SlurmError, submitit.core.utils.FailedJobError, RuntimeError) as exc:
         _say(f"error: submission failed: {exc}")
         return 1
@@ -185,13 +189,33 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
     return wait(out, sub, c.tasks) if c.wait else 0
 
 
-def _submit_jobs(cfg: ForgeConfig, out: Path, folder: Path, payload: dict, pending: list[int]) -> Submission:
+def _submit_steps(cfg: ForgeConfig, folder: Path, payload: dict, steps: list[tuple[str, list[int]]]) -> dict[str, str]:
+    """One array per step with unfinished tasks, each `afterok` on the one before: step -> array id."""
+    arrays: dict[str, str] = {}
+    after = None
+    for step, tasks in steps:
+        if not tasks:
+            continue
+        ex = _executor(cfg, "shards", folder, **({"dependency": f"afterok:{after}"} if after else {}))
+        parallel = cfg.cluster.workers or len(tasks)
+        ex.update_parameters(job_name=f"forge-{step}-{run_name(cfg)}", array_parallelism=parallel)
+        with ex.batch():
+            submitted = [ex.submit(StepJob(), payload, step, t) for t in tasks]
+        after = arrays[step] = submitted[0].job_id.split("_")[0]
+    return arrays
+
+
+def _submit_jobs(
+    cfg: ForgeConfig, out: Path, folder: Path, payload: dict, pending: list[int], steps: list | None = None
+) -> Submission:
     c = cfg.cluster
     jobs: dict[str, str] = {}
     logs: dict[str, str] = {}
     array_id = monitor_id = None
+    step_arrays = _submit_steps(cfg, folder, payload, steps or [])
+    last_step = list(step_arrays.values())[-1] if step_arrays else None
     if pending:
-        ex = _executor(cfg, "shards", folder)
+        ex = _executor(cfg, "shards", folder, **({"dependency": f"afterok:{last_step}"} if last_step else {}))
         with ex.batch():
             submitted = [(s, ex.submit(ShardJob(), payload, s)) for s in pending]
         for shard, job in submitted:
@@ -201,7 +225,8 @@ def _submit_jobs(cfg: ForgeConfig, out: Path, folder: Path, payload: dict, pendi
         first = submitted[0][1].job_id
         mon = _executor(cfg, "monitor", folder, dependency=f"after:{first}")
         monitor_id = mon.submit(MonitorJob(), str(out), array_id, jobs, c.monitor_interval_s).job_id
-    fin_extra = {"dependency": f"afterok:{array_id}"} if array_id else {}
+    fin_after = array_id or last_step
+    fin_extra = {"dependency": f"afterok:{fin_after}"} if fin_after else {}
     fin = _executor(cfg, "finalize", folder, **fin_extra)
     finalize_id = fin.submit(FinalizeJob(), str(out), c.tasks).job_id
     return Submission(
@@ -212,11 +237,14 @@ def _submit_jobs(cfg: ForgeConfig, out: Path, folder: Path, payload: dict, pendi
         monitor_id=monitor_id,
         finalize_id=finalize_id,
         command=" ".join(shlex.quote(a) for a in ["forge", *sys.argv[1:]]),
+        extra={"steps": step_arrays} if step_arrays else {},
     )
 
 
 def _print_submitted(out: Path, sub: Submission, tasks: int) -> None:
     done = tasks - len(sub.jobs)
+    for step, array in (sub.extra.get("steps") or {}).items():
+        _say(f"submitted step {step}: array {array}")
     if sub.array_id:
         throttle = f"{len(sub.jobs)} shard(s)" + (f", {done} already complete" if done else "")
         _say(f"submitted array {sub.array_id} ({throttle}), monitor {sub.monitor_id}, finalize {sub.finalize_id}")

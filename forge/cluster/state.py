@@ -206,5 +206,5 @@ def shard_reports(out_dir: Path, tasks: int, history: list[Submission] | None = 
 def active_jobs(out_dir: Path) -> dict[str, str]:
     """Jobs of this run dir that Slurm still runs or holds (array tasks and finalize)."""
     history = load_history(out_dir)
-    ids = [j for sub in history for j in (sub.array_id, sub.finalize_id) if j]
+    ids = [j for sub in history for j in (sub.array_id, sub.finalize_id, *(sub.extra.get("steps") or {}).values()) if j]
     return {jid: st for jid, st in live_states(ids).items() if st in ACTIVE}
