@@ -324,3 +324,31 @@ def test_curate_runs_as_an_array_then_finalizes(tmp_path: Path) -> None:
     stats = read_stats(out)
     assert stats["rows_in"] == 60 and stats["tasks"] == 2 and stats["rows_kept"] == 59
     assert (out / "slurm" / "finalized.json").exists() and "chat_structure" in (out / "README.md").read_text()
+
+
+def test_dedup_runs_each_step_as_an_array_chained_afterok(tmp_path: Path) -> None:
+    """signatures (3 tasks) -> buckets -> clusters -> the filter array -> finalize, on Slurm;
+    the same rows out as a local run."""
+    from forge.dedup.planted import removed_in_run, write
+
+    data = tmp_path / "planted"
+    write(data, 300, seed=7)
+    sources = f"dataset.sources=[{{name:{data / 'a.jsonl'},label:a}},{{name:{data / 'b.jsonl'},label:b}}]"
+    common = ["pipeline=dedup", sources, "cluster.tasks=3", "dedup.signature_rows=40"]
+    local = forge_cli([*common, f"output.dir={tmp_path / 'local'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "slurm"
+    proc = forge_cli([*common, "cluster=slurm_ci", "cluster.wait=true", f"output.dir={out}"], tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for step in ("signatures", "buckets", "clusters"):
+        assert f"submitted step {step}" in proc.stdout, proc.stdout
+    assert sorted(r["source"]["id"] for r in read_rows(out)) == sorted(
+        r["source"]["id"] for r in read_rows(tmp_path / "local")
+    )
+    assert removed_in_run(out) == removed_in_run(tmp_path / "local") and removed_in_run(out)
+    assert (out / "logs" / "forge_signatures00002.log").exists() and (out / "logs" / "forge_clusters00000.log").exists()
+    stats = read_stats(out)
+    assert stats["rows_in"] == 300 and stats["dedup"]["clusters"] > 0
+    assert (out / "slurm" / "finalized.json").exists() and "## Deduplication" in (out / "README.md").read_text()
+    again = forge_cli([*common, "cluster=slurm_ci", f"output.dir={out}"], tmp_path)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr[-2000:]
