@@ -81,3 +81,40 @@ def row_text(row: dict[str, Any]) -> str:
     if row.get("text") is not None:
         return row["text"]
     return "\n\n".join(m.get("content") or "" for m in row.get("messages") or [])
+
+
+BAD_UNICODE = "invalid Unicode: a lone surrogate (such as \\ud800) that no file can hold"
+
+
+def kept_table(
+    kept: list[tuple[dict[str, Any], Any]],
+    schema: pa.Schema,
+    sources: list[Any],
+    rejected: list[dict[str, Any]],
+    by_source: dict[str, dict[str, Any]],
+    by_filter: dict[str, int],
+) -> pa.Table:
+    """The kept (row, mixed row) pairs of a batch as one table. A string no file can hold (a lone
+    surrogate that json let through as `"\\ud800"`) fails the whole batch in Arrow: then each row
+    is tried alone, and those that fail move to `rejected` (step `normalize`) and their counts."""
+    from forge.batch import reject_row
+
+    try:
+        return pa.Table.from_pylist([r for r, _ in kept], schema=schema)
+    except UnicodeEncodeError:
+        pass
+    good = []
+    for row, mr in kept:
+        try:
+            pa.Table.from_pylist([row], schema=schema)
+        except UnicodeEncodeError:
+            label = sources[mr.source].label
+            rejected.append(reject_row(mr, label, "normalize", BAD_UNICODE, None, row["id"]))
+            counts = by_source[label]
+            counts["rows_kept"] -= 1
+            counts["chars_kept"] -= len(row_text(row))
+            counts["removed"]["normalize"] = counts["removed"].get("normalize", 0) + 1
+            by_filter["normalize"] = by_filter.get("normalize", 0) + 1
+            continue
+        good.append(row)
+    return pa.Table.from_pylist(good, schema=schema)

@@ -15,7 +15,7 @@ from forge.config import ForgeConfig
 from forge.curate.filters import build_filters, set_vocab_warmup
 from forge.curate.normalize import check_spec, meta_columns, normalize
 from forge.curate.pools import compile_pools, pool_tables
-from forge.curate.rows import Unnormalizable, curated_schema, row_text
+from forge.curate.rows import Unnormalizable, curated_schema, kept_table, row_text
 from forge.mix import Mix, MixedRow
 
 log = logging.getLogger("forge.curate")
@@ -88,29 +88,7 @@ class CurateStage:
         return BatchResult({"data": table, **pools}, rejected, counts)
 
     def _table(self, kept: list, rows: list, rejected: list, by_source: dict, removed: dict) -> pa.Table:
-        """The kept rows as a table. A string no file can hold (a lone surrogate that json let
-        through as `"\ud800"`) fails the whole batch in Arrow: then each row is tried alone and
-        those rows go to rejected/ instead."""
-        try:
-            return pa.Table.from_pylist([r for r, _ in kept], schema=self.schema)
-        except UnicodeEncodeError:
-            pass
-        good = []
-        for row, mr in kept:
-            try:
-                pa.Table.from_pylist([row], schema=self.schema)
-            except UnicodeEncodeError:
-                label = self.sources[mr.source].label
-                why = "invalid Unicode: a lone surrogate (such as \\ud800) that no file can hold"
-                rejected.append(reject_row(mr, label, "normalize", why, None, row["id"]))
-                counts = by_source[label]
-                counts["rows_kept"] -= 1
-                counts["chars_kept"] -= len(row_text(row))
-                counts["removed"]["normalize"] = counts["removed"].get("normalize", 0) + 1
-                removed["normalize"] = removed.get("normalize", 0) + 1
-                continue
-            good.append(row)
-        return pa.Table.from_pylist(good, schema=self.schema)
+        return kept_table(kept, self.schema, self.sources, rejected, by_source, removed)
 
     def _verdict(self, mr: MixedRow, src: Any) -> tuple[dict | None, str | None, str, Any, str | None]:
         """(row, None, ...) when kept; else (None, step, reason, value, id) for rejected/."""

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from forge.batch import BatchResult, reject_row
 from forge.config import ConfigError, ForgeConfig
 from forge.curate.normalize import check_spec, meta_columns, normalize
-from forge.curate.rows import Unnormalizable, curated_schema, row_text
+from forge.curate.rows import Unnormalizable, curated_schema, kept_table, row_text
 from forge.dedup.fields import FieldError, field_text
 from forge.mix import Mix, MixedRow
 
@@ -127,7 +127,9 @@ class DedupStage:
         removed = self._removals(rows[0].index % self.tasks) if rows else {"gid": np.empty(0, np.int64)}
         gids = np.fromiter((mr.index for mr in rows), dtype=np.int64, count=len(rows))
         at = np.searchsorted(removed["gid"], gids)
-        hit = (at < len(removed["gid"])) & (removed["gid"][np.minimum(at, len(removed["gid"]) - 1)] == gids)
+        hit = np.zeros(len(rows), bool)
+        if len(removed["gid"]):
+            hit = (at < len(removed["gid"])) & (removed["gid"][np.minimum(at, len(removed["gid"]) - 1)] == gids)
         kept, rejected = [], []
         by_source: dict[str, dict[str, Any]] = {}
         by_filter: dict[str, int] = {}
@@ -150,14 +152,14 @@ class DedupStage:
                 row = reject_row(mr, label, step, reason, value, p.row["id"])
                 rejected.append({**row, "duplicate_of": of, "jaccard": jac})
             else:
-                kept.append(p.row)
+                kept.append((p.row, mr))
                 counts["rows_kept"] += 1
                 counts["chars_kept"] += len(row_text(p.row))
                 continue
             step = rejected[-1]["filter"]
             counts["removed"][step] = counts["removed"].get(step, 0) + 1
             by_filter[step] = by_filter.get(step, 0) + 1
-        table = pa.Table.from_pylist(kept, schema=self.schema)
+        table = kept_table(kept, self.schema, self.sources, rejected, by_source, by_filter)
         counts_all = {
             "rows_kept": table.num_rows,
             "rows_removed": len(rejected),

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from forge.config import ForgeConfig
-from forge.dedup.minhash import MinHasher, band_keys, connected_components
+from forge.dedup.minhash import MinHasher, band_keys, candidate_probability, connected_components
 from forge.dedup.stage import EXACT, NEAR, DedupStage, removals_path
 from forge.generate import batched
 from forge.mix import Mix
@@ -124,10 +124,11 @@ class Workflow:
         if self.d.exact:
             parts.append("exact")
         if m.enabled:
+            p = candidate_probability(m.threshold, self.bands, self.rows_per_band)
             parts.append(
                 f"MinHash {m.num_hashes} hashes of {m.n_grams}-{'char' if m.char_ngrams else 'word'} shingles, "
                 f"{self.bands} bands x {self.rows_per_band} rows (a pair at Jaccard {m.threshold} is a candidate "
-                f"with probability {1 - (1 - m.threshold**self.rows_per_band) ** self.bands:.3f}; candidates "
+                f"with probability {p:.3f}; candidates "
                 f"verified at estimated Jaccard >= {m.threshold})"
             )
         return "dedup: " + ", ".join(parts)

@@ -31,7 +31,9 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(data: Path, out: Path, *extra: str, source: str = "") -> list[str]:
-    sources = f"dataset.sources=[{{name:{data / 'a.jsonl'},label:a{source}}},{{name:{data / 'b.jsonl'},label:b{source}}}]"
+    sources = (
+        f"dataset.sources=[{{name:{data / 'a.jsonl'},label:a{source}}},{{name:{data / 'b.jsonl'},label:b{source}}}]"
+    )
     return ["pipeline=dedup", sources, f"output.dir={out}", f"dedup.minhash.threshold={THRESHOLD}", *extra]
 
 
