@@ -23,10 +23,14 @@ WORD = re.compile(r"\w+", re.UNICODE)
 EMPTY = np.uint32(0xFFFFFFFF)  # the signature of a document with no shingle
 
 
+INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")  # soft hyphen, zero-width, BOM
+
+
 def normalize(text: str) -> str:
-    """What dedup compares: NFKC, case-folded, whitespace-collapsed (unicode and spacing variants
-    of one text are one text)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """What dedup compares: NFKC, case-folded, invisible characters (zero-width, soft hyphen,
+    BOM, direction marks) dropped, whitespace collapsed: unicode and spacing variants of one
+    text are one text."""
+    return " ".join(INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold().split())
 
 
 def candidate_probability(jaccard: float, bands: int, rows: int) -> float:

@@ -17,6 +17,8 @@ def _words(rng: random.Random, n: int) -> list[str]:
 
 def test_normalize_folds_unicode_case_and_spacing() -> None:
     assert normalize("Ｈｅｌｌｏ\u00a0  World\n") == normalize("hello world") == "hello world"
+    assert normalize("he\u200bllo\u00ad \ufeffWORLD") == "hello world"
+    assert normalize("caf\u0065\u0301") == normalize("caf\u00e9")  # decomposed and composed accents
 
 
 def test_signature_agreement_estimates_jaccard() -> None:
