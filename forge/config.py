@@ -86,6 +86,8 @@ class DatasetConfig:
         max_examples: read at most this many rows (before sharding); null = all.
         keep_columns: input columns copied into each output row's `metadata` (JSON).
         format, columns, meta: curate only: the shape of this dataset's rows (see SourceSpec).
+        text_column: batch stages: the column holding plain text (sets format=text and
+            columns.text); a row without it stops the run naming the column.
         sources: curate only: a weighted mix; when set, name/format/columns/meta above are unused.
         target_rows, target_tokens: size the mix to this many rows (or about this many tokens,
             counted as characters / 4); null = every row of every source once (weights unused).
@@ -106,6 +108,7 @@ class DatasetConfig:
     keep_columns: list[str] = field(default_factory=list)
     # curate (forge pipeline=curate): the single dataset's shape, or a weighted mix of sources
     format: str = "auto"
+    text_column: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     sources: list[SourceSpec] = field(default_factory=list)

@@ -130,8 +130,8 @@ def source_specs(d: DatasetConfig) -> list[tuple[str, SourceSpec]]:
         split=d.split,
         revision=d.revision,
         max_rows=d.max_examples,
-        format=d.format,
-        columns=dict(d.columns),
+        format="text" if d.text_column and d.format == "auto" else d.format,
+        columns={**d.columns, **({"text": d.text_column} if d.text_column else {})},
         meta=dict(d.meta),
     )
     return [("dataset", single)]

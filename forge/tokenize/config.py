@@ -1,0 +1,52 @@
+"""The tokenize stage's schema: `tokenize:` in the config (conf/pipeline/tokenize.yaml sets its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMATS = ("megatron", "npy")
+MASKS = ("assistant", "last", "all")
+
+
+@dataclass
+class TokenizeConfig:
+    """What `forge pipeline=tokenize` writes (forge/tokenize/).
+
+    Attributes:
+        tokenizer: a local tokenizer dir or a Hub id already in the local cache; null = the model's
+            (model.tokenizer, else model.name_or_path: the tiny model by default, built offline).
+        format: megatron (.bin/.idx as Megatron-LM's indexed dataset writes them, plus a loss-mask
+            .mask.bin/.mask.idx in the same layout) | npy (.tokens.npy, .mask.npy, .docs.npy).
+        seq_len: the training sequence length: recorded in index.json (the loader's default) and
+            counted per shard in stats.json; sequences are packed when read (forge.data.TokenShards).
+        shard_tokens: tokens per output shard at most (shards end at document boundaries); a row
+            longer than this is quarantined.
+        mask: which tokens of a chat carry the loss: assistant (every assistant turn) | last (the
+            last assistant turn) | all (every token). Documents: every token.
+        reasoning: assistant reasoning (as the chat template renders it) is in the loss mask.
+        eos: end every document with the tokenizer's EOS token.
+        workers: processes that tokenize (null = every core).
+    """
+
+    tokenizer: str | None = None
+    format: str = "megatron"
+    seq_len: int | None = None
+    shard_tokens: int = 100_000_000
+    mask: str = "assistant"
+    reasoning: bool = True
+    eos: bool = True
+    workers: int | None = None
+
+    def validate(self) -> None:
+        from forge.config import ConfigError
+
+        if self.format not in FORMATS:
+            raise ConfigError(f"tokenize.format: {self.format!r}; one of {', '.join(FORMATS)}")
+        if self.mask not in MASKS:
+            raise ConfigError(f"tokenize.mask: {self.mask!r}; one of {', '.join(MASKS)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"tokenize.seq_len: must be >= 1 (got {self.seq_len})")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"tokenize.shard_tokens: must be >= 1 (got {self.shard_tokens})")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"tokenize.workers: must be >= 1 (got {self.workers})")

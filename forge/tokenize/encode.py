@@ -1,0 +1,205 @@
+"""Rows to token ids and a loss mask, with the model's tokenizer and chat template.
+
+Documents are encoded with the `tokenizers` library's batch encoder (no offsets: the fast path).
+A chat is rendered with its chat template; the loss mask is computed by forge itself, from the
+rendered prefixes, not from `{% generation %}` markers (most templates have none, and then
+transformers' assistant mask is silently all zero): assistant turn i covers the characters between
+render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]), which must both be
+prefixes of the whole render. A template that rewrites earlier turns (Qwen3 drops the reasoning of
+past turns) breaks that; then the turn is found by its content in the whole render, followed by
+what the template writes after a turn. Tokens whose first character is in a turn's span are in the
+mask. A chat whose mask comes out empty, or whose turns cannot be found, is quarantined with the
+reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from forge.tokenize.config import TokenizeConfig
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be loaded (offline); the message says what was tried."""
+
+
+class RowError(ValueError):
+    """This row cannot be tokenized (its reason goes to rejected/)."""
+
+
+def load_tokenizer(name: str) -> Any:
+    """A transformers fast tokenizer from a local dir or the local Hub cache (never downloads)."""
+    from transformers import AutoTokenizer
+
+    where = "a local directory" if os.path.isdir(name) else "a Hub id, looked up in the local cache only"
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(
+            f"tokenize.tokenizer: cannot load {name!r} ({where}; forge never downloads at run time): {first}. "
+            "Pass a local tokenizer dir, or fetch the tokenizer into the cache first (`hf download <id>`)"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise TokenizerError(f"tokenize.tokenizer: {name!r} has no fast (Rust) tokenizer; forge needs tokenizer.json")
+    return tok
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class Encoded:
+    tokens: np.ndarray
+    mask: np.ndarray
+
+
+class Encoder:
+    def __init__(self, name: str, cfg: TokenizeConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.hf = load_tokenizer(name)
+        self.fast = self.hf.backend_tokenizer
+        self.vocab_size = len(self.hf)
+        self.dtype = token_dtype(self.vocab_size)
+        self.eos = self.hf.eos_token_id
+        if cfg.eos and self.eos is None:
+            raise TokenizerError(f"tokenize.tokenizer: {name!r} has no EOS token; set tokenize.eos=false")
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change under a run dir (the stage fingerprint)."""
+        return {
+            "tokenizer": self.name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos,
+            "dtype": self.dtype.name,
+            "vocab_hash": hash_vocab(self.fast),
+        }
+
+    def documents(self, texts: list[str]) -> list[Encoded]:
+        encode = getattr(self.fast, "encode_batch_fast", self.fast.encode_batch)
+        out = []
+        for enc in encode(texts, add_special_tokens=False):
+            ids = enc.ids
+            if self.cfg.eos:
+                ids.append(self.eos)
+            toks = np.array(ids, dtype=self.dtype)
+            out.append(Encoded(toks, np.ones(len(toks), dtype=np.uint8)))
+        return out
+
+    def chats(self, chats: list[list[dict[str, Any]]]) -> list[Encoded | RowError]:
+        rendered: list[tuple[str, list[tuple[int, int]]] | RowError] = []
+        for messages in chats:
+            try:
+                rendered.append(self.render(messages))
+            except RowError as exc:
+                rendered.append(exc)
+        texts = [r[0] for r in rendered if not isinstance(r, RowError)]
+        encodings = iter(self.fast.encode_batch(texts, add_special_tokens=False))
+        out: list[Encoded | RowError] = []
+        for r in rendered:
+            if isinstance(r, RowError):
+                out.append(r)
+                continue
+            enc = next(encodings)
+            starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
+            mask = np.zeros(len(starts), dtype=np.uint8)
+            for lo, hi in r[1]:
+                mask[(starts >= lo) & (starts < hi)] = 1
+            ids = enc.ids
+            if self.cfg.eos and ids[-1:] != [self.eos]:
+                ids.append(self.eos)
+                mask = np.append(mask, np.uint8(0))
+            if not mask.any():
+                out.append(RowError("empty loss mask: no token of an assistant turn (tokenize.mask)"))
+                continue
+            out.append(Encoded(np.array(ids, dtype=self.dtype), mask))
+        return out
+
+    def _render(self, messages: list[dict[str, Any]], generation: bool = False) -> str:
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except Exception as exc:  # jinja2 errors, a template's raise_exception
+            raise RowError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """(the rendered chat, the character spans of the loss mask)."""
+        msgs = [template_message(m) for m in messages]
+        full = self._render(msgs)
+        if self.cfg.mask == "all":
+            return full, [(0, len(full))]
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if self.cfg.mask == "last":
+            turns = turns[-1:]
+        if not turns:
+            raise RowError("no assistant turn: nothing to train on (tokenize.mask)")
+        spans, cursor = [], 0
+        for i in turns:
+            before = self._render(msgs[:i], generation=True)
+            after = self._render(msgs[: i + 1])
+            if after.startswith(before) and full.startswith(after):
+                lo, hi = len(before), len(after)
+            else:  # the template rewrites earlier turns: find this turn by its content
+                lo, hi = self._find(full, msgs[i], after, cursor, i)
+            if not self.cfg.reasoning and msgs[i].get("reasoning_content"):
+                content = msgs[i].get("content") or ""
+                at = full.rfind(content, lo, hi) if content else -1
+                if at < 0:
+                    raise RowError(f"turn {i}: its content is not in its rendered turn; cannot leave out the reasoning")
+                lo = at
+            spans.append((lo, hi))
+            cursor = hi
+        return full, spans
+
+    def _find(self, full: str, m: dict[str, Any], after: str, cursor: int, i: int) -> tuple[int, int]:
+        content = m.get("content") or ""
+        if not content:
+            raise RowError(f"turn {i}: the chat template renders earlier turns differently and this turn has no text")
+        at = full.find(content, cursor)
+        if at < 0:
+            raise RowError(f"turn {i}: its content is not where the chat template renders the whole chat")
+        end = at + len(content)
+        tail_at = after.rfind(content)
+        tail = after[tail_at + len(content) :] if tail_at >= 0 else ""
+        if tail and full.startswith(tail, end):
+            end += len(tail)  # the end-of-turn marker the model must learn to write
+        lo = at
+        reasoning = m.get("reasoning_content")
+        if reasoning:
+            r = full.rfind(reasoning, cursor, at)
+            if r >= 0:
+                lo = r
+        return lo, end
+
+
+def template_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A curated message as chat templates expect it: content a string, reasoning as
+    `reasoning_content`, tool calls as a list of dicts."""
+    out: dict[str, Any] = {"role": m.get("role") or "user", "content": m.get("content") or ""}
+    if m.get("reasoning"):
+        out["reasoning_content"] = m["reasoning"]
+    calls = m.get("tool_calls")
+    if calls:
+        try:
+            parsed = json.loads(calls) if isinstance(calls, str) else calls
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list):
+            out["tool_calls"] = parsed
+    return out
+
+
+def hash_vocab(fast: Any) -> str:
+    import xxhash
+
+    vocab = fast.get_vocab(with_added_tokens=True)
+    h = xxhash.xxh3_64()
+    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{i}\x00{token}\x01".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()

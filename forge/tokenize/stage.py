@@ -1,0 +1,189 @@
+"""The tokenize stage's transformation of one batch: each row brought into the curated schema
+(any source shape), then tokenized (documents) or rendered with the chat template and tokenized
+with a loss mask (chats), in `tokenize.workers` processes. The batch's tokens go to data/ as one
+Parquet chunk (id, source, num_tokens, tokens, mask); once every shard is done, the runner's finish
+writes the trainer's shards from them (forge/tokenize/shards.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from forge.batch import BatchResult, reject_row
+from forge.config import ConfigError, ForgeConfig
+from forge.curate.normalize import check_spec, normalize
+from forge.curate.rows import Unnormalizable
+from forge.mix import Mix, MixedRow
+from forge.tokenize.encode import Encoded, Encoder, RowError, TokenizerError
+
+log = logging.getLogger("forge.tokenize")
+
+
+def tokenizer_name(cfg: ForgeConfig) -> str:
+    """tokenize.tokenizer, else the model's tokenizer (the tiny model's by default: built offline)."""
+    if cfg.tokenize.tokenizer:
+        return cfg.tokenize.tokenizer
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    from forge.runner import resolve_model
+
+    return resolve_model(cfg.model.name_or_path)
+
+
+def schema(dtype: np.dtype) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),  # the source's label (one token stream per source)
+            ("num_tokens", pa.int32()),
+            ("tokens", pa.list_(pa.from_numpy_dtype(dtype))),
+            ("mask", pa.list_(pa.uint8())),  # 1: the token is trained on
+        ]
+    )
+
+
+# one Encoder per worker process, built by the pool's initializer
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(name: str, cfg: dict[str, Any], specs: list[Any], shard_tokens: int) -> None:
+    from forge.tokenize.config import TokenizeConfig
+
+    _WORKER["encoder"] = Encoder(name, TokenizeConfig(**cfg))
+    _WORKER["specs"] = specs
+    _WORKER["shard_tokens"] = shard_tokens
+
+
+def _encode(rows: list[MixedRow]) -> list[tuple[str | None, Encoded | None, str | None, str | None]]:
+    return encode_rows(_WORKER["encoder"], _WORKER["specs"], rows, _WORKER["shard_tokens"])
+
+
+def encode_rows(
+    encoder: Encoder, specs: list[Any], rows: list[MixedRow], shard_tokens: int
+) -> list[tuple[str | None, Encoded | None, str | None, str | None]]:
+    """Per row (id, encoded, step, reason): encoded, or the step and reason it failed at."""
+    out: list[Any] = [None] * len(rows)
+    docs, chats = [], []
+    for n, mr in enumerate(rows):
+        if mr.row.record is None:
+            out[n] = (None, None, "input", mr.row.error or "unreadable row")
+            continue
+        try:
+            row = normalize(mr.row.record, specs[mr.source], mr.row.where)
+        except Unnormalizable as exc:
+            out[n] = (None, None, "normalize", str(exc))
+            continue
+        rid = row["id"] + (f".{mr.copy}" if mr.copy else "")
+        (docs if row.get("text") is not None else chats).append((n, rid, row))
+    if docs:
+        for (n, rid, _), enc in zip(docs, encoder.documents([r["text"] for _, _, r in docs]), strict=True):
+            out[n] = (rid, enc, None, None)
+    if chats:
+        for (n, rid, _), enc in zip(chats, encoder.chats([r["messages"] for _, _, r in chats]), strict=True):
+            out[n] = (rid, None, "chat_template", str(enc)) if isinstance(enc, RowError) else (rid, enc, None, None)
+    for n, (rid, enc, _, _) in enumerate(out):
+        if enc is not None and len(enc.tokens) > shard_tokens:
+            why = f"{len(enc.tokens)} tokens: longer than tokenize.shard_tokens={shard_tokens}"
+            out[n] = (rid, None, "length", why)
+    return out
+
+
+class TokenizeStage:
+    name = "tokenize"
+
+    def __init__(self, cfg: ForgeConfig, mix: Mix) -> None:
+        self.cfg = cfg.tokenize
+        self.sources = mix.sources
+        for s in self.sources:
+            check_spec(s.spec, s.key)
+        name = tokenizer_name(cfg)
+        try:
+            self.encoder = Encoder(name, self.cfg)
+        except TokenizerError as exc:
+            raise ConfigError(str(exc)) from None
+        self.schema = schema(self.encoder.dtype)
+        self.workers = self.cfg.workers or len(os.sched_getaffinity(0))
+        self._pool: ProcessPoolExecutor | None = None
+        self._name = name
+
+    def fingerprint(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.cfg)
+        settings.pop("workers")  # speed only
+        return {"stage": self.name, "tokenize": settings, "tokenizer": self.encoder.identity()}
+
+    def restore(self, kept: pa.Table | None) -> None:
+        pass
+
+    def _encode(self, rows: list[MixedRow]) -> list[Any]:
+        specs = [s.spec for s in self.sources]
+        if self.workers <= 1 or len(rows) < 2 * self.workers:
+            return encode_rows(self.encoder, specs, rows, self.cfg.shard_tokens)
+        if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            init = (self._name, dataclasses.asdict(self.cfg), specs, self.cfg.shard_tokens)
+            self._pool = ProcessPoolExecutor(self.workers, ctx, initializer=_init_worker, initargs=init)
+        size = -(-len(rows) // self.workers)
+        parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+        return [r for part in self._pool.map(_encode, parts) for r in part]
+
+    def process(self, rows: list[MixedRow]) -> BatchResult:
+        results = self._encode(rows)
+        kept: list[tuple[str, str, Encoded]] = []
+        rejected: list[dict[str, Any]] = []
+        by_source: dict[str, dict[str, Any]] = {}
+        by_filter: dict[str, int] = {}
+        for mr, (rid, enc, step, reason) in zip(rows, results, strict=True):
+            label = self.sources[mr.source].label
+            counts = by_source.setdefault(
+                label, {"rows_in": 0, "rows_kept": 0, "tokens": 0, "loss_tokens": 0, "chars_kept": 0, "removed": {}}
+            )
+            counts["rows_in"] += 1
+            if enc is None:
+                rejected.append(reject_row(mr, label, step, reason, None, rid))
+                counts["removed"][step] = counts["removed"].get(step, 0) + 1
+                by_filter[step] = by_filter.get(step, 0) + 1
+                continue
+            kept.append((rid, label, enc))
+            counts["rows_kept"] += 1
+            counts["tokens"] += len(enc.tokens)
+            counts["loss_tokens"] += int(enc.mask.sum())
+            counts["chars_kept"] += 4 * len(enc.tokens)  # the mix's token targets count chars / 4
+        table = self._table(kept)
+        totals = {
+            "rows_kept": len(kept),
+            "rows_removed": len(rejected),
+            "tokens": int(sum(len(e.tokens) for _, _, e in kept)),
+            "loss_tokens": int(sum(int(e.mask.sum()) for _, _, e in kept)),
+            "removed_by_filter": by_filter,
+            "by_source": by_source,
+        }
+        return BatchResult({"data": table}, rejected, totals)
+
+    def _table(self, kept: list[tuple[str, str, Encoded]]) -> pa.Table:
+        lengths = np.fromiter((len(e.tokens) for _, _, e in kept), dtype=np.int32, count=len(kept))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
+        empty_t, empty_m = np.empty(0, self.encoder.dtype), np.empty(0, np.uint8)
+        tokens = np.concatenate([e.tokens for _, _, e in kept]) if kept else empty_t
+        mask = np.concatenate([e.mask for _, _, e in kept]) if kept else empty_m
+        return pa.Table.from_arrays(
+            [
+                pa.array([k for k, _, _ in kept], pa.string()),
+                pa.array([s for _, s, _ in kept], pa.string()),
+                pa.array(lengths),
+                pa.ListArray.from_arrays(offsets, pa.array(tokens)),
+                pa.ListArray.from_arrays(offsets, pa.array(mask)),
+            ],
+            schema=self.schema,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
