@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from forge.curate.config import CurateConfig
 from forge.dedup.config import DedupConfig
 from forge.rollout.config import RolloutConfig
+from forge.tokenize.config import TokenizeConfig
 
 
 class ConfigError(ValueError):
@@ -341,6 +342,7 @@ class Stage(str, Enum):
     generate = "generate"  # prompts -> engine -> completions (forge/generate.py)
     curate = "curate"  # normalize, filter, pool (forge/curate/)
     dedup = "dedup"  # exact and MinHash near-dedup across every shard and source (forge/dedup/)
+    tokenize = "tokenize"  # token shards a trainer reads, with loss masks (forge/tokenize/)
 
     def __str__(self) -> str:  # `${pipeline.stage}` in a path interpolates as `curate`
         return self.value
@@ -353,7 +355,7 @@ class PipelineConfig:
     runner's. Any forge run dir is a valid dataset.name for the next stage.
 
     Attributes:
-        stage: generate | curate | dedup.
+        stage: generate | curate | dedup | tokenize.
     """
 
     stage: Stage = Stage.generate
@@ -364,6 +366,7 @@ class ForgeConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -432,6 +435,8 @@ def validate(cfg: ForgeConfig) -> None:
     validate_cluster(cfg)
     if cfg.pipeline.stage == Stage.dedup:
         cfg.dedup.validate()
+    if cfg.pipeline.stage == Stage.tokenize:
+        cfg.tokenize.validate()
     gpu = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
     j = cfg.judge_model
     if j is not None and m.engine in gpu and j.engine in gpu:

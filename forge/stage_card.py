@@ -24,6 +24,8 @@ def _sample(out_dir: Path) -> list[str]:
     if not files:
         return []
     table = pq.read_table(files[0]).slice(0, 2)
+    if "tokens" in table.column_names:  # token rows: the card's token section says what they hold
+        return []
     lines = []
     for row in table.to_pylist():
         if row.get("messages"):
@@ -42,7 +44,7 @@ def _sample(out_dir: Path) -> list[str]:
     return lines
 
 
-VERBS = {"dedup": "deduplicated"}
+VERBS = {"dedup": "deduplicated", "tokenize": "tokenized"}
 
 
 def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None = None) -> str:
@@ -100,10 +102,10 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
             }
             lines.append(f"| `{name}` | {n:,} | {', '.join(f'{k}: {v:,}' for k, v in per.items())} |")
         lines.append("")
-    if stage == "dedup":
-        from forge.dedup.report import card_lines
+    from forge.stages import STAGE_CARDS, _load
 
-        lines += card_lines(stats)
+    if stage in STAGE_CARDS:
+        lines += _load(STAGE_CARDS[stage])(stats)
     if settings.get("filters"):
         lines += [
             "Filters, in order:",

@@ -28,13 +28,26 @@ log = logging.getLogger("forge.stages")
 
 # stage -> "module:factory" of the object run_forge drives; a batch stage's factory takes (cfg, mix)
 RUNS = {Stage.generate: "forge.runner:GenerationRun"}
-BATCH_STAGES = {Stage.curate: "forge.curate.stage:CurateStage", Stage.dedup: "forge.dedup.stage:DedupStage"}
+BATCH_STAGES = {
+    Stage.curate: "forge.curate.stage:CurateStage",
+    Stage.dedup: "forge.dedup.stage:DedupStage",
+    Stage.tokenize: "forge.tokenize.stage:TokenizeStage",
+}
 # batch stages whose filter needs steps over the whole input first: "module:factory" of a workflow
 # taking (cfg, mix, stage, manifest), with steps(), done(step, task), run(step, task), run_all(),
 # require_done() and check() (forge/dedup/steps.py)
 WORKFLOWS = {Stage.dedup: "forge.dedup.steps:Workflow"}
-# a stage's additions to stats.json and the card: "module:function" taking (out_dir, stats)
-STAGE_REPORTS = {Stage.dedup.value: "forge.dedup.report:add_report"}
+# a stage's work once every shard is done, and its part of stats.json: "module:function" taking
+# (out_dir, stats) (dedup: the cluster report; tokenize: the trainer's shards and index.json)
+STAGE_FINISH = {
+    Stage.dedup.value: "forge.dedup.report:add_report",
+    Stage.tokenize.value: "forge.tokenize.shards:add_report",
+}
+# a stage's section of the card: "module:function" taking stats, returning Markdown lines
+STAGE_CARDS = {
+    Stage.dedup.value: "forge.dedup.report:card_lines",
+    Stage.tokenize.value: "forge.tokenize.shards:card_lines",
+}
 
 
 def _load(ref: str) -> Any:
@@ -219,8 +232,8 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
     by_tokens = (manifest.get("dataset") or {}).get("target_tokens") is not None  # shares of tokens
     stats = batch_totals(out_dir)
     stage = (manifest.get("settings") or {}).get("stage")
-    if stage in STAGE_REPORTS:
-        _load(STAGE_REPORTS[stage])(out_dir, stats)
+    if stage in STAGE_FINISH:
+        _load(STAGE_FINISH[stage])(out_dir, stats)
     by_source = stats.get("by_source") or {}
     kept_key = "chars_kept" if by_tokens else "rows_kept"
     kept_all = sum(v.get(kept_key, 0) for v in by_source.values()) or 1

@@ -116,3 +116,22 @@ def read_stats(out_dir: Path) -> dict:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run_batch_stage(cfg) -> dict:
+    """A batch stage through the runner's run object, in this process (no CLI): prepare, start,
+    every task, finish; returns stats.json."""
+    from omegaconf import OmegaConf
+
+    from forge.runner import save_config
+    from forge.stages import stage_run
+
+    run = stage_run(cfg)
+    run.prepare()
+    Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+    save_config(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), Path(cfg.output.dir))
+    run.start()
+    for task in range(cfg.cluster.tasks):
+        run.run_task(task)
+    stats, _ = run.finish(None)
+    return stats

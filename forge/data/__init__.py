@@ -5,6 +5,6 @@
 (This folder also holds forge's bundled sample data files.)"""
 
 from forge.data.mixture import MixtureDataset, MixtureSampler, shares
-from forge.data.shards import TokenShards, read_index, read_megatron_index
+from forge.data.shards import IGNORE, TokenShards, read_index, read_megatron_index
 
-__all__ = ["MixtureDataset", "MixtureSampler", "TokenShards", "read_index", "read_megatron_index", "shares"]
+__all__ = ["IGNORE", "MixtureDataset", "MixtureSampler", "TokenShards", "read_index", "read_megatron_index", "shares"]

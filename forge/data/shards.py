@@ -17,6 +17,7 @@ starts another document; position ids restart at every document start (and at th
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
 from dataclasses import dataclass
@@ -96,10 +97,21 @@ class TokenShards:
     (-100 outside the loss mask and across document boundaries) and `position_ids` (restarting
     per document). Picklable: worker processes of a DataLoader map the files themselves."""
 
-    def __init__(self, run_dir: str | Path, seq_len: int, sources: list[str] | str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        seq_len: int | None = None,
+        sources: list[str] | str | None = None,
+        dtype: str = "int64",
+    ) -> None:
         self.run_dir = Path(run_dir)
-        self.seq_len = int(seq_len)
+        self.dtype = np.dtype(dtype)  # of every array returned (torch's cross-entropy wants int64 labels)
+        self._ignore = self.dtype.type(IGNORE)
         index = read_index(self.run_dir)
+        seq_len = seq_len or index.get("seq_len")
+        if not seq_len:
+            raise ValueError(f"{self.run_dir}: pass seq_len (the run was tokenized without tokenize.seq_len)")
+        self.seq_len = int(seq_len)
         wanted = [sources] if isinstance(sources, str) else sources
         known = list(index["sources"])
         if wanted is not None:
@@ -114,7 +126,10 @@ class TokenShards:
         ]
         counts = [max(0, (s.tokens - 1) // self.seq_len) for s in self.shards]  # the next token is a label
         self.bounds = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._bounds = self.bounds.tolist()
         self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._positions = np.arange(self.seq_len, dtype=self.dtype)
+        self._positions.flags.writeable = False  # shared by every sequence without a document start
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
@@ -123,33 +138,57 @@ class TokenShards:
         return {**self.__dict__, "_open": {}}
 
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, runs, doc starts + [end]) of shard k: plain ndarray views of the memory maps,
+        and the [start, end) runs of tokens outside the loss mask (none for documents), found once."""
         found = self._open.get(k)
         if found is None:
-            found = self._open[k] = self.shards[k].open()
+            toks, mask, starts = self.shards[k].open()
+            mask = np.asarray(mask)
+            edges = np.flatnonzero(np.diff(mask.view(np.int8))) + 1
+            bounds = np.concatenate([[0], edges, [len(mask)]]).astype(np.int64)
+            off = bounds[:-1][mask[bounds[:-1]] == 0] if len(mask) else bounds[:0]
+            ends = bounds[1:][mask[bounds[:-1]] == 0] if len(mask) else bounds[:0]
+            runs = np.stack([off, ends], axis=1) if len(off) else np.empty((0, 2), np.int64)
+            found = self._open[k] = (np.asarray(toks), runs, np.asarray(starts, dtype=np.int64))
         return found
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard, first token) of sequence i."""
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} of {len(self)}")
-        k = int(np.searchsorted(self.bounds, i, side="right")) - 1
-        return k, (i - int(self.bounds[k])) * self.seq_len
+        k = bisect.bisect_right(self._bounds, i) - 1
+        return k, (i - self._bounds[k]) * self.seq_len
+
+    def _fill(self, toks: np.ndarray, runs: np.ndarray, starts: np.ndarray, s: int, labels: np.ndarray) -> np.ndarray:
+        """-100 into labels (the tokens s+1..s+n) outside the mask and at document starts;
+        returns the position ids."""
+        n = self.seq_len
+        if len(runs):  # runs of unmasked tokens overlapping (s, s + n]
+            a = int(np.searchsorted(runs[:, 1], s + 1, side="right"))
+            b = int(np.searchsorted(runs[:, 0], s + n + 1))
+            for lo, hi in runs[a:b]:
+                labels[max(lo, s + 1) - s - 1 : min(hi, s + n + 1) - s - 1] = IGNORE
+        lo, hi = np.searchsorted(starts, (s + 1, s + n + 1)).tolist()  # starts in (s, s + n]
+        if lo == hi:  # no document starts inside: the shared positions 0..n-1
+            return self._positions
+        positions = self._positions.copy()
+        for st in starts[lo:hi] - s:
+            labels[st - 1] = IGNORE  # that label would predict across documents
+            if st < n:
+                positions[st:] = self._positions[: n - st]
+        return positions
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         k, s = self.locate(int(i))
-        toks, mask, starts = self._shard(k)
-        n = self.seq_len
-        window = np.asarray(toks[s : s + n + 1], dtype=np.int64)
+        toks, runs, starts = self._shard(k)
+        window = toks[s : s + self.seq_len + 1].astype(self.dtype)
         labels = window[1:].copy()
-        labels[np.asarray(mask[s + 1 : s + n + 1]) == 0] = IGNORE
-        # document starts inside (s, s + n]: the label before one predicts across documents
-        inner = np.asarray(starts[np.searchsorted(starts, s + 1) : np.searchsorted(starts, s + n, side="right")]) - s
-        labels[inner - 1] = IGNORE
-        reset = np.zeros(n, dtype=np.int64)
-        inside = inner[inner < n]
-        reset[inside] = inside
-        positions = np.arange(n, dtype=np.int64) - np.maximum.accumulate(reset)
-        return {"input_ids": window[:n], "labels": labels, "position_ids": positions}
+        positions = self._fill(toks, runs, starts, s, labels)
+        return {"input_ids": window[:-1], "labels": labels, "position_ids": positions}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+        """A batch (torch's DataLoader calls this when it exists)."""
+        return [self[i] for i in indices]
 
     def documents(self) -> int:
         return sum(s.documents for s in self.shards)

@@ -4,7 +4,8 @@ Documents are encoded with the `tokenizers` library's batch encoder (no offsets:
 A chat is rendered with its chat template; the loss mask is computed by forge itself, from the
 rendered prefixes, not from `{% generation %}` markers (most templates have none, and then
 transformers' assistant mask is silently all zero): assistant turn i covers the characters between
-render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]), which must both be
+render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) (its content and
+end-of-turn marker, not the whitespace the template writes after it), both of which must be
 prefixes of the whole render. A template that rewrites earlier turns (Qwen3 drops the reasoning of
 past turns) breaks that; then the turn is found by its content in the whole render, followed by
 what the template writes after a turn. Tokens whose first character is in a turn's span are in the
@@ -141,10 +142,17 @@ class Encoder:
             raise RowError("no assistant turn: nothing to train on (tokenize.mask)")
         spans, cursor = [], 0
         for i in turns:
+            m = msgs[i]
+            if (
+                not m["content"].strip()
+                and not m.get("tool_calls")
+                and not (self.cfg.reasoning and m.get("reasoning_content"))
+            ):
+                raise RowError(f"turn {i}: an empty assistant turn (nothing but its end marker to train on)")
             before = self._render(msgs[:i], generation=True)
             after = self._render(msgs[: i + 1])
             if after.startswith(before) and full.startswith(after):
-                lo, hi = len(before), len(after)
+                lo, hi = len(before), len(before) + len(after[len(before) :].rstrip())
             else:  # the template rewrites earlier turns: find this turn by its content
                 lo, hi = self._find(full, msgs[i], after, cursor, i)
             if not self.cfg.reasoning and msgs[i].get("reasoning_content"):
@@ -166,7 +174,7 @@ class Encoder:
             raise RowError(f"turn {i}: its content is not where the chat template renders the whole chat")
         end = at + len(content)
         tail_at = after.rfind(content)
-        tail = after[tail_at + len(content) :] if tail_at >= 0 else ""
+        tail = after[tail_at + len(content) :].rstrip() if tail_at >= 0 else ""
         if tail and full.startswith(tail, end):
             end += len(tail)  # the end-of-turn marker the model must learn to write
         lo = at

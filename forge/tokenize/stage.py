@@ -24,6 +24,7 @@ from forge.mix import Mix, MixedRow
 from forge.tokenize.encode import Encoded, Encoder, RowError, TokenizerError
 
 log = logging.getLogger("forge.tokenize")
+POOL_ROWS = 256  # rows per worker below which a batch is tokenized in this process
 
 
 def tokenizer_name(cfg: ForgeConfig) -> str:
@@ -123,7 +124,7 @@ class TokenizeStage:
 
     def _encode(self, rows: list[MixedRow]) -> list[Any]:
         specs = [s.spec for s in self.sources]
-        if self.workers <= 1 or len(rows) < 2 * self.workers:
+        if self.workers <= 1 or len(rows) < POOL_ROWS * self.workers:  # small batches: no IPC
             return encode_rows(self.encoder, specs, rows, self.cfg.shard_tokens)
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")

@@ -352,3 +352,30 @@ def test_dedup_runs_each_step_as_an_array_chained_afterok(tmp_path: Path) -> Non
     assert (out / "slurm" / "finalized.json").exists() and "## Deduplication" in (out / "README.md").read_text()
     again = forge_cli([*common, "cluster=slurm_ci", f"output.dir={out}"], tmp_path)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+def test_tokenize_array_then_finalize_writes_every_shard_once(tmp_path: Path, tiny_model: Path) -> None:
+    """Two array tasks tokenize their input shards; finalize builds tokens/ and index.json."""
+    texts = [f"the water of the river number {i} " * (1 + i % 7) for i in range(120)]
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "tok"
+    args = [
+        "pipeline=tokenize",
+        "cluster=slurm_ci",
+        "cluster.tasks=2",
+        "cluster.wait=true",
+        f"dataset.name={data}",
+        f"tokenize.tokenizer={tiny_model}",
+        "tokenize.shard_tokens=500",
+        "output.examples_per_chunk=20",
+        f"output.dir={out}",
+    ]
+    proc = forge_cli(args, tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    [source] = index["sources"].values()
+    prefixes = [s["prefix"] for s in source["shards"]]
+    assert len(prefixes) == len(set(prefixes)) > 1 and source["documents"] == 120
+    assert all((out / (p + ".bin")).exists() and (out / (p + ".mask.idx")).exists() for p in prefixes)
+    assert sorted(r["id"] for r in read_rows(out)) == sorted(f"d{i}" for i in range(120))
+    assert read_stats(out)["tokenize"]["documents"] == 120

@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_rows, write_jsonl
-from omegaconf import OmegaConf
+from conftest import read_rows, run_batch_stage, write_jsonl
 
 from forge.config import ForgeConfig, SourceSpec, validate
 from forge.dedup.planted import Planter, jaccard
 from forge.output import RunChanged
-from forge.runner import save_config
 from forge.stages import stage_run
 
 
@@ -34,18 +32,6 @@ def _config(tmp_path: Path, *files: Path, **dedup: object) -> ForgeConfig:
     return cfg
 
 
-def _run(cfg: ForgeConfig) -> dict:
-    run = stage_run(cfg)
-    run.prepare()
-    Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
-    save_config(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), Path(cfg.output.dir))
-    run.start()
-    for task in range(cfg.cluster.tasks):
-        run.run_task(task)
-    stats, _ = run.finish(None)
-    return stats
-
-
 def _kept(cfg: ForgeConfig) -> set[str]:
     return {r["source"]["id"] for r in read_rows(Path(cfg.output.dir))}
 
@@ -59,7 +45,7 @@ def test_exact_only_writes_no_signatures_and_finds_normalized_copies(tmp_path: P
         {"id": "c", "text": p.near_copy(text, 0.9)},
     ]
     cfg = _config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), minhash_enabled=False)
-    stats = _run(cfg)
+    stats = run_batch_stage(cfg)
     assert _kept(cfg) == {"a", "c"}
     assert not list((tmp_path / "out" / "state" / "dedup" / "signatures").glob("*.npy"))
     assert stats["dedup"]["exact_duplicates"] == 1 and stats["dedup"]["near_duplicates"] == 0
@@ -77,7 +63,7 @@ def test_shards_without_removals_and_a_chain_of_copies(tmp_path: Path) -> None:
     rows = [{"id": "a", "text": a}, {"id": "b", "text": b}, {"id": "c", "text": c}]
     rows += [{"id": f"u{i}", "text": p.document()} for i in range(20)]
     cfg = _config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), tasks=5)
-    stats = _run(cfg)
+    stats = run_batch_stage(cfg)
     assert _kept(cfg) == {r["id"] for r in rows} - {"b"}
     [gone] = read_rows(Path(cfg.output.dir), "rejected")
     assert json.loads(gone["row"])["id"] == "b" and gone["filter"] == "dedup_near" and gone["jaccard"] >= 0.7
@@ -91,7 +77,7 @@ def test_unusable_rows_are_rejected_and_the_rest_deduplicated(tmp_path: Path) ->
         fh.write("{not json\n")
         fh.write(json.dumps({"id": "a2", "text": "SAME   words here"}) + "\n")
     cfg = _config(tmp_path, data)
-    stats = _run(cfg)
+    stats = run_batch_stage(cfg)
     assert _kept(cfg) == {"a"}
     why = {r["filter"] for r in read_rows(Path(cfg.output.dir), "rejected")}
     assert why == {"input", "normalize", "dedup_exact"}
@@ -102,7 +88,7 @@ def test_empty_input(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("")
     cfg = _config(tmp_path, data)
-    stats = _run(cfg)
+    stats = run_batch_stage(cfg)
     assert stats["rows_in"] == 0 and stats["dedup"]["clusters"] == 0
 
 

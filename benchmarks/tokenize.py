@@ -1,0 +1,203 @@
+"""forge `pipeline=tokenize` vs datatrove 0.10.1's DocumentTokenizer, side by side in one run, and
+the loader's read speed.
+
+Same corpus (>= 200 MB of text this script makes: documents of Zipf-distributed words, 8 Parquet
+files), same tokenizer (a 32,000-token byte-level BPE trained here on the corpus's first 20 MB,
+saved as tokenizer.json and as a transformers dir), same parallelism (2 processes each), EOS after
+every document, token ids written to disk:
+
+- forge: the real CLI, `forge pipeline=tokenize dataset.name=<dir> dataset.text_column=text
+  tokenize.format=megatron tokenize.workers=2` (Megatron .bin/.idx + mask, index.json);
+- datatrove: ParquetReader -> DocumentTokenizer(eos_token, shuffle_documents=False: its cheapest
+  setting, no second pass) on LocalPipelineExecutor(tasks=2, workers=2).
+
+Megatron-LM's tools/preprocess_data.py is not in the megatron-core wheel (PyPI), so it is not run.
+
+Prints tokens, wall seconds, CPU seconds (user + sys of the side's whole process tree) and tokens
+per CPU-second (per core) for each side and the ratio; then forge.data.TokenShards' read speed at
+seq_len 4096 from page cache on one core: per item (`ds[i]`) and per batch (`ds.__getitems__`).
+
+    python benchmarks/tokenize.py [--mb 200] [--work /tmp/forge_tok_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_corpus(out: Path, mb: int, files: int = 8) -> int:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkqjxz"))
+    vocab = ["".join(rng.choice(letters, rng.integers(2, 11))) for _ in range(50_000)]
+    ranks = np.arange(1, len(vocab) + 1)
+    p = 1.0 / ranks**1.1
+    p /= p.sum()
+    out.mkdir(parents=True, exist_ok=True)
+    written = docs = 0
+    per_file = mb * 1_000_000 // files
+    for f in range(files):
+        texts, size = [], 0
+        while size < per_file:
+            words = rng.choice(len(vocab), size=int(rng.integers(50, 800)), p=p)
+            text = " ".join(vocab[w] for w in words) + "."
+            texts.append(text)
+            size += len(text)
+        pq.write_table(pa.table({"id": [f"f{f}_{i}" for i in range(len(texts))], "text": texts}), out / f"part_{f}.parquet")
+        written += size
+        docs += len(texts)
+    return docs
+
+
+def train_tokenizer(corpus: Path, out: Path) -> None:
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = pq.read_table(sorted(corpus.glob("*.parquet"))[0], columns=["text"]).column("text").to_pylist()
+    sample, size = [], 0
+    for t in texts:
+        sample.append(t)
+        size += len(t)
+        if size > 20_000_000:
+            break
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=32_000, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(sample, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+
+
+def cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_forge(corpus: Path, tok: Path, work: Path) -> dict:
+    out = work / "forge_out"
+    shutil.rmtree(out, ignore_errors=True)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    subprocess.run(
+        [sys.executable, "-m", "forge.cli", "pipeline=tokenize", f"dataset.name={corpus}", "dataset.text_column=text",
+         f"tokenize.tokenizer={tok}", "tokenize.format=megatron", "tokenize.workers=2", "run.progress=false",
+         "output.examples_per_chunk=20000", f"output.dir={out}"],
+        cwd=work, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    index = json.loads((out / "index.json").read_text())
+    tokens = sum(s["tokens"] for s in index["sources"].values())
+    docs = sum(s["documents"] for s in index["sources"].values())
+    return {"tokens": tokens, "documents": docs, "wall_s": wall, "cpu_s": cpu}
+
+
+def run_datatrove(corpus: Path, tok: Path, work: Path) -> dict:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    from loguru import logger
+
+    logger.remove()
+    out = work / "datatrove_out"
+    shutil.rmtree(out, ignore_errors=True)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    LocalPipelineExecutor(
+        [
+            ParquetReader(str(corpus), glob_pattern="*.parquet", text_key="text", id_key="id"),
+            DocumentTokenizer(
+                str(out / "tokens"),
+                tokenizer_name_or_path=str(tok / "tokenizer.json"),
+                eos_token="<|endoftext|>",
+                shuffle_documents=False,
+            ),
+        ],
+        tasks=2,
+        workers=2,
+        logging_dir=str(out / "logs"),
+    ).run()
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    tokens = sum(f.stat().st_size for f in (out / "tokens").glob("*.ds")) // 2  # uint16 ids
+    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu}
+
+
+def loader_speed(run: Path, seq_len: int = 4096, seconds: float = 3.0) -> dict:
+    import numpy as np
+
+    from forge.data import TokenShards
+
+    ds = TokenShards(run, seq_len)
+    n = len(ds)
+    order = np.random.default_rng(0).permutation(n)
+    for i in order[: min(n, 2000)]:  # warm the page cache
+        ds[int(i)]
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for i in order[:10_000]:
+            ds[int(i)]
+        done += min(n, 10_000)
+    item = done / (time.perf_counter() - t0)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for b in range(0, min(n, 10_000), 64):
+            ds.__getitems__(order[b : b + 64].tolist())
+        done += min(n, 10_000)
+    batch = done / (time.perf_counter() - t0)
+    return {"sequences": n, "per_item_seq_s": round(item), "per_batch64_seq_s": round(batch)}
+
+
+def side(name: str, work: Path) -> None:
+    corpus, tok = work / "corpus", work / "tokenizer"
+    result = run_forge(corpus, tok, work) if name == "forge" else run_datatrove(corpus, tok, work)
+    result["tokens_per_cpu_s"] = round(result["tokens"] / result["cpu_s"])
+    result["tokens_per_s"] = round(result["tokens"] / result["wall_s"])
+    print(json.dumps({"side": name, **result}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/forge_tok_bench"))
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        side(args.side, args.work)
+        return
+    corpus, tok = args.work / "corpus", args.work / "tokenizer"
+    if not (tok / "tokenizer.json").exists():
+        t = time.perf_counter()
+        docs = make_corpus(corpus, args.mb)
+        train_tokenizer(corpus, tok)
+        print(f"made {args.mb} MB of text ({docs:,} documents) and a 32k BPE in {time.perf_counter() - t:.0f} s")
+    results = {}
+    for name in ("forge", "datatrove"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--work", str(args.work), "--side", name], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[name]))
+    f, d = results["forge"], results["datatrove"]
+    print(f"tokens: forge {f['tokens']:,}, datatrove {d['tokens']:,}")
+    print(f"tokens per CPU-second (per core): forge {f['tokens_per_cpu_s']:,}, datatrove {d['tokens_per_cpu_s']:,}")
+    print(f"forge / datatrove per core: {f['tokens_per_cpu_s'] / d['tokens_per_cpu_s']:.2f}x")
+    print(f"wall: forge {f['wall_s']:.1f} s, datatrove {d['wall_s']:.1f} s ({d['wall_s'] / f['wall_s']:.2f}x)")
+    print("loader (seq_len 4096, one core, page cache):", json.dumps(loader_speed(args.work / "forge_out")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""forge/tokenize/encode.py: the loss mask of chats, token by token, under templates without
+`{% generation %}`: ChatML (the tiny model's) and a Qwen3-like one that drops the reasoning of past
+turns and renders tool calls; documents; quarantine reasons; tokenizers that cannot load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forge.tokenize.config import TokenizeConfig
+from forge.tokenize.encode import Encoder, RowError, TokenizerError
+
+# Qwen3's behaviour, shortened: reasoning only for assistant turns after the last user turn, tool
+# calls as <tool_call> JSON, tool results as a user turn
+QWEN_LIKE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
+    "{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- m.content -}}"
+    "{%- for c in m.tool_calls or [] -%}{{- '\\n<tool_call>\\n' + (c | tojson) + '\\n</tool_call>' -}}{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif m.role == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_like(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = QWEN_LIKE
+    out = tmp_path_factory.mktemp("qwen_like")
+    tok.save_pretrained(out)
+    return out
+
+
+def _masked_text(enc: Encoder, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """The text of each run of masked tokens."""
+    runs, current = [], []
+    for t, m in zip(tokens.tolist(), mask.tolist(), strict=True):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [enc.hf.decode(r) for r in runs]
+
+
+def test_chatml_masks_each_assistant_turn_and_its_end_marker(tiny_model: Path) -> None:
+    enc = Encoder(str(tiny_model), TokenizeConfig())
+    chat = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is water"},
+        {"role": "assistant", "content": "a liquid"},
+        {"role": "user", "content": "and light"},
+        {"role": "assistant", "content": "energy, fast"},
+    ]
+    [out] = enc.chats([chat])
+    assert _masked_text(enc, out.tokens, out.mask) == ["a liquid<|im_end|>", "energy, fast<|im_end|>"]
+    assert out.tokens[-1] == enc.eos and out.mask[-1] == 0  # the document separator is not trained on
+    [last] = Encoder(str(tiny_model), TokenizeConfig(mask="last")).chats([chat])
+    assert _masked_text(enc, last.tokens, last.mask) == ["energy, fast<|im_end|>"]
+    [every] = Encoder(str(tiny_model), TokenizeConfig(mask="all")).chats([chat])
+    assert every.mask[:-1].all()
+
+
+def _agent_chat() -> list[dict]:
+    return [
+        {"role": "user", "content": "plan a trip"},
+        {"role": "assistant", "content": "first the weather", "reasoning": "check the sky"},
+        {"role": "user", "content": "ok go"},
+        {
+            "role": "assistant",
+            "content": "calling the tool",
+            "reasoning": "need data",
+            "tool_calls": '[{"name": "weather", "arguments": {"city": "Paris"}}]',
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "it is sunny", "reasoning": "the tool said so"},
+    ]
+
+
+def test_a_template_that_drops_past_reasoning_and_renders_tool_calls(qwen_like: Path) -> None:
+    enc = Encoder(str(qwen_like), TokenizeConfig())
+    [out] = enc.chats([_agent_chat()])
+    call = '\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert _masked_text(enc, out.tokens, out.mask) == [
+        "first the weather<|im_end|>",  # its reasoning is not rendered any more: nothing to mask
+        "<think>\nneed data\n</think>\n\ncalling the tool" + call + "<|im_end|>",
+        "<think>\nthe tool said so\n</think>\n\nit is sunny<|im_end|>",
+    ]
+    no_reasoning = Encoder(str(qwen_like), TokenizeConfig(reasoning=False))
+    [out] = no_reasoning.chats([_agent_chat()])
+    assert _masked_text(enc, out.tokens, out.mask) == [
+        "first the weather<|im_end|>",
+        "calling the tool" + call + "<|im_end|>",
+        "it is sunny<|im_end|>",
+    ]
+
+
+def test_chats_without_a_trainable_token_are_quarantined_with_the_reason(tiny_model: Path) -> None:
+    enc = Encoder(str(tiny_model), TokenizeConfig())
+    no_answer = [{"role": "user", "content": "hello"}]
+    empty = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]
+    a, b = enc.chats([no_answer, empty])
+    assert isinstance(a, RowError) and "no assistant turn" in str(a)
+    assert isinstance(b, RowError) and "empty assistant turn" in str(b)
+
+
+def test_documents_end_with_eos_and_train_on_every_token(tiny_model: Path) -> None:
+    enc = Encoder(str(tiny_model), TokenizeConfig())
+    a, b = enc.documents(["the water of the river", "one"])
+    assert a.tokens[-1] == b.tokens[-1] == enc.eos and a.mask.all() and b.mask.all()
+    assert enc.hf.decode(a.tokens[:-1].tolist()) == "the water of the river"
+    assert a.tokens.dtype == np.uint16  # a 1,024-token vocab
+
+
+def test_a_tokenizer_that_cannot_load_says_what_was_tried(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match="tokenize.tokenizer: cannot load .*local cache only"):
+        Encoder("nobody/no-such-tokenizer", TokenizeConfig())
+    with pytest.raises(TokenizerError, match="a local directory"):
+        Encoder(str(tmp_path), TokenizeConfig())
