@@ -56,7 +56,8 @@ def make_corpus(out: Path, mb: int, files: int = 8) -> int:
             text = " ".join(vocab[w] for w in words) + "."
             texts.append(text)
             size += len(text)
-        pq.write_table(pa.table({"id": [f"f{f}_{i}" for i in range(len(texts))], "text": texts}), out / f"part_{f}.parquet")
+        ids = [f"f{f}_{i}" for i in range(len(texts))]
+        pq.write_table(pa.table({"id": ids, "text": texts}), out / f"part_{f}.parquet")
         written += size
         docs += len(texts)
     return docs
