@@ -22,17 +22,22 @@ seq_len 4096 from page cache on one core: per item (`ds[i]`) and per batch (`ds.
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# this file's name is the standard library's `tokenize` (which pandas, inspect, linecache import):
+# take its folder off the import path before anything imports that
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+ROOT = _HERE.parent
 sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
 
 
 def make_corpus(out: Path, mb: int, files: int = 8) -> int:
