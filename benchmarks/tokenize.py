@@ -13,9 +13,11 @@ every document, token ids written to disk:
 
 Megatron-LM's tools/preprocess_data.py is not in the megatron-core wheel (PyPI), so it is not run.
 
-Prints tokens, wall seconds, CPU seconds (user + sys of the side's whole process tree) and tokens
-per CPU-second (per core) for each side and the ratio; then forge.data.TokenShards' read speed at
-seq_len 4096 from page cache on one core: per item (`ds[i]`) and per batch (`ds.__getitems__`).
+Each side runs twice, each time in its own process: pinned to one core (`taskset -c 0`, one
+worker, RAYON_NUM_THREADS=1: tokens per second are tokens per core) and on every core (forge
+tokenize.workers=N, datatrove tasks=workers=N). Prints tokens/s and the ratios, then
+forge.data.TokenShards' read speed at seq_len 4096 from page cache on one core, per item (`ds[i]`)
+and per batch of 64 (`ds.__getitems__`, what torch's DataLoader calls).
 
     python benchmarks/tokenize.py [--mb 200] [--work /tmp/forge_tok_bench]
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -94,13 +97,13 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_forge(corpus: Path, tok: Path, work: Path) -> dict:
+def run_forge(corpus: Path, tok: Path, work: Path, workers: int) -> dict:
     out = work / "forge_out"
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
     subprocess.run(
         [sys.executable, "-m", "forge.cli", "pipeline=tokenize", f"dataset.name={corpus}", "dataset.text_column=text",
-         f"tokenize.tokenizer={tok}", "tokenize.format=megatron", "tokenize.workers=2", "run.progress=false",
+         f"tokenize.tokenizer={tok}", "tokenize.format=megatron", f"tokenize.workers={workers}", "run.progress=false",
          "output.examples_per_chunk=20000", f"output.dir={out}"],
         cwd=work, check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -111,7 +114,7 @@ def run_forge(corpus: Path, tok: Path, work: Path) -> dict:
     return {"tokens": tokens, "documents": docs, "wall_s": wall, "cpu_s": cpu}
 
 
-def run_datatrove(corpus: Path, tok: Path, work: Path) -> dict:
+def run_datatrove(corpus: Path, tok: Path, work: Path, workers: int) -> dict:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.tokens import DocumentTokenizer
@@ -131,8 +134,8 @@ def run_datatrove(corpus: Path, tok: Path, work: Path) -> dict:
                 shuffle_documents=False,
             ),
         ],
-        tasks=2,
-        workers=2,
+        tasks=workers,
+        workers=workers,
         logging_dir=str(out / "logs"),
     ).run()
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
@@ -165,12 +168,24 @@ def loader_speed(run: Path, seq_len: int = 4096, seconds: float = 3.0) -> dict:
     return {"sequences": n, "per_item_seq_s": round(item), "per_batch64_seq_s": round(batch)}
 
 
-def side(name: str, work: Path) -> None:
+def side(name: str, work: Path, workers: int) -> None:
     corpus, tok = work / "corpus", work / "tokenizer"
-    result = run_forge(corpus, tok, work) if name == "forge" else run_datatrove(corpus, tok, work)
-    result["tokens_per_cpu_s"] = round(result["tokens"] / result["cpu_s"])
+    run = run_forge if name == "forge" else run_datatrove
+    result = run(corpus, tok, work, workers)
     result["tokens_per_s"] = round(result["tokens"] / result["wall_s"])
-    print(json.dumps({"side": name, **result}))
+    print(json.dumps({"side": name, "workers": workers, **result}))
+
+
+def measure(name: str, work: Path, workers: int) -> dict:
+    """One side in its own process: on one pinned core (`taskset`, one worker, one tokenizer
+    thread: tokens per wall-second are tokens per core), or on every core."""
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"} if workers == 1 else None
+    pin = ["taskset", "-c", "0"] if workers == 1 and shutil.which("taskset") else []
+    cmd = [*pin, sys.executable, __file__, "--work", str(work), "--side", name, "--workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -178,9 +193,10 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--work", type=Path, default=Path("/tmp/forge_tok_bench"))
     ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        side(args.side, args.work)
+        side(args.side, args.work, args.workers)
         return
     corpus, tok = args.work / "corpus", args.work / "tokenizer"
     if not (tok / "tokenizer.json").exists():
@@ -188,20 +204,22 @@ def main() -> None:
         docs = make_corpus(corpus, args.mb)
         train_tokenizer(corpus, tok)
         print(f"made {args.mb} MB of text ({docs:,} documents) and a 32k BPE in {time.perf_counter() - t:.0f} s")
+    cores = len(os.sched_getaffinity(0))
     results = {}
-    for name in ("forge", "datatrove"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--work", str(args.work), "--side", name], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[name]))
-    f, d = results["forge"], results["datatrove"]
-    print(f"tokens: forge {f['tokens']:,}, datatrove {d['tokens']:,}")
-    print(f"tokens per CPU-second (per core): forge {f['tokens_per_cpu_s']:,}, datatrove {d['tokens_per_cpu_s']:,}")
-    print(f"forge / datatrove per core: {f['tokens_per_cpu_s'] / d['tokens_per_cpu_s']:.2f}x")
-    print(f"wall: forge {f['wall_s']:.1f} s, datatrove {d['wall_s']:.1f} s ({d['wall_s'] / f['wall_s']:.2f}x)")
+    for workers in (1, cores):
+        for name in ("forge", "datatrove"):
+            results[name, workers] = measure(name, args.work, workers)
+            print(json.dumps(results[name, workers]))
+    f, d = results["forge", 1], results["datatrove", 1]
+    assert f["tokens"] == d["tokens"], "the two sides wrote different token counts"
+    print(f"tokens: {f['tokens']:,} (both sides)")
+    print(f"one pinned core: forge {f['tokens_per_s']:,} tok/s, datatrove {d['tokens_per_s']:,} tok/s")
+    print(f"forge / datatrove per core: {f['tokens_per_s'] / d['tokens_per_s']:.2f}x")
+    fa, da = results["forge", cores], results["datatrove", cores]
+    print(
+        f"{cores} cores: forge {fa['tokens_per_s']:,} tok/s ({fa['wall_s']:.1f} s), "
+        f"datatrove {da['tokens_per_s']:,} tok/s ({da['wall_s']:.1f} s): {da['wall_s'] / fa['wall_s']:.2f}x"
+    )
     print("loader (seq_len 4096, one core, page cache):", json.dumps(loader_speed(args.work / "forge_out")))
 
 

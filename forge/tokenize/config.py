@@ -26,6 +26,8 @@ class TokenizeConfig:
         reasoning: assistant reasoning (as the chat template renders it) is in the loss mask.
         eos: end every document with the tokenizer's EOS token.
         workers: processes that tokenize (null = every core).
+        fast: encode documents with tiktoken (several times faster per core) where it gives exactly
+            the ids of the tokenizer (checked on its whole vocabulary at start; forge/tokenize/fast.py).
     """
 
     tokenizer: str | None = None
@@ -36,6 +38,7 @@ class TokenizeConfig:
     reasoning: bool = True
     eos: bool = True
     workers: int | None = None
+    fast: bool = True
 
     def validate(self) -> None:
         from forge.config import ConfigError

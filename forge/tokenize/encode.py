@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from forge.tokenize.config import TokenizeConfig
+from forge.tokenize.fast import tiktoken_for
 
 
 class TokenizerError(ValueError):
@@ -72,6 +74,9 @@ class Encoder:
         self.eos = self.hf.eos_token_id
         if cfg.eos and self.eos is None:
             raise TokenizerError(f"tokenize.tokenizer: {name!r} has no EOS token; set tokenize.eos=false")
+        self.tiktoken = tiktoken_for(self.fast) if cfg.fast else None  # documents only (forge/tokenize/fast.py)
+        added = sorted(self.hf.get_added_vocab(), key=len, reverse=True)
+        self.added = re.compile("|".join(map(re.escape, added))) if added else None
 
     def identity(self) -> dict[str, Any]:
         """What must not change under a run dir (the stage fingerprint)."""
@@ -83,11 +88,21 @@ class Encoder:
             "vocab_hash": hash_vocab(self.fast),
         }
 
-    def documents(self, texts: list[str]) -> list[Encoded]:
-        encode = getattr(self.fast, "encode_batch_fast", self.fast.encode_batch)
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if self.tiktoken is None:
+            encode = getattr(self.fast, "encode_batch_fast", self.fast.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         out = []
-        for enc in encode(texts, add_special_tokens=False):
-            ids = enc.ids
+        for text in texts:
+            if self.added is not None and self.added.search(text):  # tokenizers maps these to their ids
+                out.append(self.fast.encode(text, add_special_tokens=False).ids)
+            else:
+                out.append(self.tiktoken.encode_ordinary(text))
+        return out
+
+    def documents(self, texts: list[str]) -> list[Encoded]:
+        out = []
+        for ids in self._ids(texts):
             if self.cfg.eos:
                 ids.append(self.eos)
             toks = np.array(ids, dtype=self.dtype)

@@ -116,7 +116,8 @@ class TokenizeStage:
 
     def fingerprint(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self.cfg)
-        settings.pop("workers")  # speed only
+        settings.pop("workers")  # speed only: the same ids come out
+        settings.pop("fast")
         return {"stage": self.name, "tokenize": settings, "tokenizer": self.encoder.identity()}
 
     def restore(self, kept: pa.Table | None) -> None:

@@ -133,3 +133,23 @@ def test_a_tokenizer_that_cannot_load_says_what_was_tried(tmp_path: Path) -> Non
         Encoder("nobody/no-such-tokenizer", TokenizeConfig())
     with pytest.raises(TokenizerError, match="a local directory"):
         Encoder(str(tmp_path), TokenizeConfig())
+
+
+def test_tiktoken_gives_the_tokenizers_ids_or_is_not_used(tiny_model: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    fast = Encoder(str(tiny_model), TokenizeConfig())
+    slow = Encoder(str(tiny_model), TokenizeConfig(fast=False))
+    assert fast.tiktoken is not None and slow.tiktoken is None  # a byte-level BPE: checked and used
+    rng = np.random.default_rng(0)
+    pieces = ["the", " water", "Ünïcödé", "東京", "\n\n", "  ", "12345", "!?", "<|im_end|>", "don't", "🚀"]
+    texts = ["".join(rng.choice(pieces, rng.integers(1, 40))) for _ in range(300)]
+    got, want = fast.documents(texts), slow.documents(texts)
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(got, want, strict=True))
+    im_end = fast.hf.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in fast.documents(["a <|im_end|> b"])[0].tokens  # added tokens as tokenizers maps them
+    word = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    from forge.tokenize.fast import tiktoken_for
+
+    assert tiktoken_for(word) is None  # not byte-level BPE: tokenizers does the work
