@@ -179,7 +179,7 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
                 if table.num_rows:
                     path = out_dir / name / f"{task:05d}_{k:05d}.parquet"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    write_atomic(path, table)
+                    write_atomic(path, table, getattr(stage, "dictionary_columns", True))
             if result.rejected:
                 rows = [dict(r, stage=stage.name, retryable=False) for r in result.rejected]
                 (out_dir / "rejected").mkdir(exist_ok=True)

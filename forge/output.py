@@ -135,12 +135,13 @@ def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def write_atomic(path: Path, table: pa.Table) -> None:
+def write_atomic(path: Path, table: pa.Table, use_dictionary: bool | list[str] = True) -> None:
     """Temp file, fsync, rename: a kill leaves the whole shard or none. A failed write (disk
-    full) removes its temp file and raises OutputError naming the shard."""
+    full) removes its temp file and raises OutputError naming the shard. `use_dictionary`:
+    Parquet's dictionary encoding (for all columns, or the named ones)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=use_dictionary)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -171,12 +171,17 @@ class TokenShards:
         lo, hi = np.searchsorted(starts, (s + 1, s + n + 1)).tolist()  # starts in (s, s + n]
         if lo == hi:  # no document starts inside: the shared positions 0..n-1
             return self._positions
-        positions = self._positions.copy()
-        for st in starts[lo:hi] - s:
-            labels[st - 1] = IGNORE  # that label would predict across documents
-            if st < n:
+        inner = starts[lo:hi] - s
+        labels[inner - 1] = IGNORE  # those labels would predict across documents
+        inner = inner[inner < n]
+        if len(inner) <= 8:  # a few documents: a slice each
+            positions = self._positions.copy()
+            for st in inner.tolist():
                 positions[st:] = self._positions[: n - st]
-        return positions
+            return positions
+        # many short documents: each position minus its document's start, in one np.repeat
+        bounds = np.concatenate(([0], inner, [n]))
+        return self._positions - np.repeat(bounds[:-1].astype(self.dtype), np.diff(bounds))
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         k, s = self.locate(int(i))

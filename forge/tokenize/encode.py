@@ -60,7 +60,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @dataclass
 class Encoded:
     tokens: np.ndarray
-    mask: np.ndarray
+    mask: np.ndarray | None  # None: every token is trained on (a document)
+
+    def loss_tokens(self) -> int:
+        return len(self.tokens) if self.mask is None else int(self.mask.sum())
 
 
 class Encoder:
@@ -105,8 +108,7 @@ class Encoder:
         for ids in self._ids(texts):
             if self.cfg.eos:
                 ids.append(self.eos)
-            toks = np.array(ids, dtype=self.dtype)
-            out.append(Encoded(toks, np.ones(len(toks), dtype=np.uint8)))
+            out.append(Encoded(np.array(ids, dtype=self.dtype), None))
         return out
 
     def chats(self, chats: list[list[dict[str, Any]]]) -> list[Encoded | RowError]:

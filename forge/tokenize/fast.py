@@ -84,6 +84,8 @@ def tiktoken_for(fast_tokenizer: Any) -> Any | None:
                 ranks[bytes(decoder[c] for c in token)] = i
     except KeyError:  # a vocabulary entry that is not byte-level
         return None
+    if any(bytes([b]) not in ranks for b in range(256)):  # tiktoken needs every byte (it panics otherwise)
+        return None
     try:
         enc = tiktoken.Encoding("forge-check", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     except Exception as exc:  # a regex tiktoken's engine rejects, duplicate ranks...

@@ -98,6 +98,8 @@ def encode_rows(
 
 class TokenizeStage:
     name = "tokenize"
+    # Parquet dictionary encoding only where it pays: token lists write 4x faster without it
+    dictionary_columns = ["id", "source"]
 
     def __init__(self, cfg: ForgeConfig, mix: Mix) -> None:
         self.cfg = cfg.tokenize
@@ -155,14 +157,14 @@ class TokenizeStage:
             kept.append((rid, label, enc))
             counts["rows_kept"] += 1
             counts["tokens"] += len(enc.tokens)
-            counts["loss_tokens"] += int(enc.mask.sum())
+            counts["loss_tokens"] += enc.loss_tokens()
             counts["chars_kept"] += 4 * len(enc.tokens)  # the mix's token targets count chars / 4
         table = self._table(kept)
         totals = {
             "rows_kept": len(kept),
             "rows_removed": len(rejected),
             "tokens": int(sum(len(e.tokens) for _, _, e in kept)),
-            "loss_tokens": int(sum(int(e.mask.sum()) for _, _, e in kept)),
+            "loss_tokens": sum(c["loss_tokens"] for c in by_source.values()),
             "removed_by_filter": by_filter,
             "by_source": by_source,
         }
@@ -171,9 +173,12 @@ class TokenizeStage:
     def _table(self, kept: list[tuple[str, str, Encoded]]) -> pa.Table:
         lengths = np.fromiter((len(e.tokens) for _, _, e in kept), dtype=np.int32, count=len(kept))
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
-        empty_t, empty_m = np.empty(0, self.encoder.dtype), np.empty(0, np.uint8)
+        empty_t = np.empty(0, self.encoder.dtype)
         tokens = np.concatenate([e.tokens for _, _, e in kept]) if kept else empty_t
-        mask = np.concatenate([e.mask for _, _, e in kept]) if kept else empty_m
+        mask = np.ones(len(tokens), dtype=np.uint8)  # documents: every token; chats: their mask
+        for (_, _, e), start in zip(kept, offsets.to_numpy()[:-1], strict=True):
+            if e.mask is not None:
+                mask[start : start + len(e.mask)] = e.mask
         return pa.Table.from_arrays(
             [
                 pa.array([k for k, _, _ in kept], pa.string()),
