@@ -137,7 +137,7 @@ def drop_unrecorded(out_dir: Path, task: int, batches: int) -> int:
     """Chunks of a batch that a kill interrupted before it was recorded: removed, redone."""
     removed = 0
     for d in output_dirs(out_dir):
-        clean_temp_files(d)
+        clean_temp_files(d, f"{task:05d}_")
         for path in shard_files(d, task):
             if _chunk_index(path) >= batches:
                 path.unlink()

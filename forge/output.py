@@ -161,10 +161,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise write_failed(path, exc) from None
 
 
-def clean_temp_files(directory: Path) -> None:
-    """Temp files of a killed run: never renamed, so never counted; remove them."""
+def clean_temp_files(directory: Path, prefix: str = "") -> None:
+    """Temp files of a killed run: never renamed, so never counted; remove them. `prefix`: only
+    the files of one task (`00003_`): other tasks of a Slurm array may be writing theirs now."""
     if directory.is_dir():
-        for p in directory.glob(".*.tmp-*"):
+        for p in directory.glob(f".{prefix}*.tmp-*"):
             p.unlink(missing_ok=True)
 
 
@@ -177,7 +178,7 @@ class ChunkWriter:
         self.schema = schema
         self.rows_per_chunk = rows_per_chunk
         directory.mkdir(parents=True, exist_ok=True)
-        clean_temp_files(directory)
+        clean_temp_files(directory, f"{task:05d}_")
         existing = shard_files(directory, task)
         self.next_chunk = (int(_SHARD.match(existing[-1].name).group(2)) + 1) if existing else 0
         self.buffer: list[dict[str, Any]] = []

@@ -157,7 +157,13 @@ class Workflow:
         if not (self.root / "manifest.json").exists():
             write_json_atomic(self.root / "manifest.json", self.wanted)
         (self.root / step).mkdir(exist_ok=True)
-        clean_temp_files(self.root / step)
+        if step == "signatures":  # only this task's: the array's other tasks write theirs now
+            clean_temp_files(self.root / step, f"{task:05d}_")
+        elif step == "buckets":
+            for band in range(task, self.band_count, self.band_tasks):
+                clean_temp_files(self.root / step, f"band_{band:04d}.")
+        else:
+            clean_temp_files(self.root / step)
         if step != "signatures":
             self.require_before(step)
         t0 = time.monotonic()
