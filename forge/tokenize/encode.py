@@ -170,37 +170,50 @@ class Encoder:
             after = self._render(msgs[: i + 1])
             if after.startswith(before) and full.startswith(after):
                 lo, hi = len(before), len(before) + len(after[len(before) :].rstrip())
-            else:  # the template rewrites earlier turns: find this turn by its content
-                lo, hi = self._find(full, msgs[i], after, cursor, i)
-            if not self.cfg.reasoning and msgs[i].get("reasoning_content"):
-                content = msgs[i].get("content") or ""
-                at = full.rfind(content, lo, hi) if content else -1
-                if at < 0:
-                    raise RowError(f"turn {i}: its content is not in its rendered turn; cannot leave out the reasoning")
-                lo = at
+            else:  # the template rewrites earlier turns: find this turn in the whole render
+                lo, hi = self._find(full, msgs[i], before, after, cursor, i)
+            reasoning = msgs[i].get("reasoning_content")
+            if not self.cfg.reasoning and reasoning:
+                lo = _after_reasoning(full, lo, hi, reasoning)
             spans.append((lo, hi))
             cursor = hi
         return full, spans
 
-    def _find(self, full: str, m: dict[str, Any], after: str, cursor: int, i: int) -> tuple[int, int]:
+    def _find(self, full: str, m: dict[str, Any], before: str, after: str, cursor: int, i: int) -> tuple[int, int]:
+        """This turn's span in the whole render when the template renders it differently there
+        (Qwen3 drops the reasoning of turns before the last user turn): its own rendering, with or
+        without the reasoning, else its content followed by the end-of-turn marker."""
+        seg = after[len(before) :] if after.startswith(before) else ""
+        candidates = [seg.rstrip()]
+        reasoning = m.get("reasoning_content")
+        if seg and reasoning and reasoning in seg:
+            candidates.append(seg[_after_reasoning(seg, 0, len(seg), reasoning) :].rstrip())
+        for text in candidates:
+            at = full.find(text, cursor) if text else -1
+            if at >= 0:
+                return at, at + len(text)
         content = m.get("content") or ""
-        if not content:
-            raise RowError(f"turn {i}: the chat template renders earlier turns differently and this turn has no text")
-        at = full.find(content, cursor)
+        at = full.find(content, cursor) if content else -1
         if at < 0:
-            raise RowError(f"turn {i}: its content is not where the chat template renders the whole chat")
+            raise RowError(f"turn {i}: not found where the chat template renders the whole chat")
         end = at + len(content)
         tail_at = after.rfind(content)
         tail = after[tail_at + len(content) :].rstrip() if tail_at >= 0 else ""
         if tail and full.startswith(tail, end):
             end += len(tail)  # the end-of-turn marker the model must learn to write
-        lo = at
-        reasoning = m.get("reasoning_content")
-        if reasoning:
-            r = full.rfind(reasoning, cursor, at)
-            if r >= 0:
-                lo = r
-        return lo, end
+        return at, end
+
+
+_CLOSING = re.compile(r"\s*(</[^<>\s]+>)?\s*")
+
+
+def _after_reasoning(text: str, lo: int, hi: int, reasoning: str) -> int:
+    """Where a turn's span starts without its reasoning: after the reasoning text, the tag that
+    closes it and the whitespace around (lo when the reasoning is not rendered in [lo, hi))."""
+    at = text.find(reasoning, lo, hi)
+    if at < 0:
+        return lo
+    return _CLOSING.match(text, at + len(reasoning), hi).end()
 
 
 def template_message(m: dict[str, Any]) -> dict[str, Any]:

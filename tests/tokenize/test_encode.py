@@ -4,6 +4,7 @@ turns and renders tool calls; documents; quarantine reasons; tokenizers that can
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,26 @@ def test_a_template_that_drops_past_reasoning_and_renders_tool_calls(qwen_like: 
         "calling the tool" + call + "<|im_end|>",
         "it is sunny<|im_end|>",
     ]
+
+
+def test_an_agent_trace_whose_early_turns_lose_their_reasoning(qwen_like: Path) -> None:
+    """A tool-call-only turn and an answer before the last user turn: the template drops their
+    reasoning from the whole chat, so they are found there without it."""
+    call = {"name": "weather", "arguments": {"city": "Oslo"}}
+    chat = [
+        {"role": "user", "content": "weather in oslo"},
+        {"role": "assistant", "content": "", "reasoning": "need data", "tool_calls": json.dumps([call])},
+        {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "it rains", "reasoning": "the tool said so"},
+        {"role": "user", "content": "and tomorrow"},
+        {"role": "assistant", "content": "sun", "reasoning": "forecast"},
+    ]
+    rendered_call = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+    for reasoning, last in ((True, "<think>\nforecast\n</think>\n\nsun<|im_end|>"), (False, "sun<|im_end|>")):
+        enc = Encoder(str(qwen_like), TokenizeConfig(reasoning=reasoning))
+        [out] = enc.chats([chat])
+        assert not isinstance(out, RowError), out
+        assert _masked_text(enc, out.tokens, out.mask) == [rendered_call, "it rains<|im_end|>", last]
 
 
 def test_chats_without_a_trainable_token_are_quarantined_with_the_reason(tiny_model: Path) -> None:
