@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,25 @@ def run_batch_stage(cfg) -> dict:
         run.run_task(task)
     stats, _ = run.finish(None)
     return stats
+
+
+def kill_forge_at_random(
+    args: list[str], cwd: Path, ready: Callable[[], bool], max_delay: float, times: int = 2
+) -> None:
+    """Start the real CLI `times` times and kill -9 each once `ready()` is true, after a random
+    delay of up to `max_delay` s (or let it be if it already finished)."""
+    import random
+    import signal
+
+    rng = random.Random(int(time.time()))
+    for _ in range(times):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forge.cli", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, max_delay))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

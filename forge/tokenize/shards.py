@@ -50,7 +50,9 @@ def write_megatron_index(path: Path, dtype: np.dtype, lengths: np.ndarray) -> No
 class ShardWriter:
     """One shard being written (in a partial dir), of a known size."""
 
-    def __init__(self, partial: Path, final: Path, fmt: str, dtype: np.dtype, tokens: int, documents: int) -> None:
+    def __init__(self, out_dir: Path, rel: str, fmt: str, dtype: np.dtype, tokens: int, documents: int) -> None:
+        self.rel, self.tokens, self.documents = rel, tokens, documents
+        partial, final = out_dir / "tokens" / ".partial" / rel, out_dir / rel
         self.partial, self.final, self.fmt = partial, final, fmt
         self.dtype = np.dtype(np.int32) if fmt == "megatron" and dtype == np.uint32 else dtype
         self.lengths: list[int] = []
@@ -134,18 +136,14 @@ def write_shards(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     def start(source: str) -> ShardWriter:
         k = shard_no[source]
         tokens, docs = plan[source][k]
-        rel = f"tokens/{names[source]}/shard_{k:05d}"
-        w = ShardWriter(root / ".partial" / rel, out_dir / rel, fmt, dtype, tokens, docs)
-        w.rel, w.want = rel, (tokens, docs)  # type: ignore[attr-defined]
-        return w
+        return ShardWriter(out_dir, f"tokens/{names[source]}/shard_{k:05d}", fmt, dtype, tokens, docs)
 
     def finish(source: str) -> None:
         w = open_.pop(source)
         w.close()
-        tokens, docs = w.want  # type: ignore[attr-defined]
-        entry = {"prefix": w.rel, "tokens": tokens, "documents": docs}  # type: ignore[attr-defined]
+        entry = {"prefix": w.rel, "tokens": w.tokens, "documents": w.documents}
         if t.get("seq_len"):
-            entry["sequences"] = max(0, (tokens - 1) // t["seq_len"])
+            entry["sequences"] = max(0, (w.tokens - 1) // t["seq_len"])
         listed[source].append(entry)
         shard_no[source] += 1
 
@@ -160,7 +158,7 @@ def write_shards(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
             for i, source in enumerate(sources):
                 w = open_.get(source) or open_.setdefault(source, start(source))
                 a, b = offsets[i] - base, offsets[i + 1] - base
-                if w.lengths and len(w.lengths) == w.want[1]:  # type: ignore[attr-defined]
+                if w.lengths and len(w.lengths) == w.documents:  # the planned shard is full
                     finish(source)
                     w = open_.setdefault(source, start(source))
                 w.add(toks[a:b], masks[a:b])

@@ -189,8 +189,3 @@ class TokenizeStage:
             ],
             schema=self.schema,
         )
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None

@@ -6,16 +6,11 @@ changed settings, stats, card and PNG."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import forge_cli, read_rows, read_stats, write_jsonl
+from conftest import forge_cli, kill_forge_at_random, read_rows, read_stats, write_jsonl
 
 from forge.dedup.planted import evaluate, removed_in_run, write
 
@@ -150,22 +145,9 @@ def test_kill_9_in_each_step_then_rerun_gives_the_uninterrupted_result(
     want = _reference(planted, tmp_path, extra)
     out = tmp_path / "killed"
     args = _args(planted, out, *extra)
-    rng = random.Random(int(time.time()))
     watch = out / ("data" if step == "filter" else f"state/dedup/{step}")
-    for _ in range(2):  # two kills in the step (the second lands on a resumed session)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "forge.cli", *args],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while not (watch.exists() and any(watch.iterdir())) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # two kills in the step (the second lands on a resumed session)
+    kill_forge_at_random(args, tmp_path, lambda: watch.exists() and any(watch.iterdir()), 0.05)
     _run(args, tmp_path)
     kept, removed = _result(out)
     assert (kept, removed) == want

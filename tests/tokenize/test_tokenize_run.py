@@ -4,19 +4,15 @@ forge's .bin/.idx, the npy format, kill -9 then re-run, bad input, and a vocab t
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import forge_cli, read_rows, read_stats, write_jsonl
+from conftest import forge_cli, kill_forge_at_random, read_rows, read_stats, write_jsonl
 
 from forge.data import TokenShards
 
@@ -88,21 +84,7 @@ def test_killed_at_a_random_moment_then_rerun_tokenizes_every_document_once(tiny
     _run(_args(tiny_model, ref, *extra), tmp_path)
     out = tmp_path / "tok"
     args = _args(tiny_model, out, *extra, "run.progress=false")
-    rng = random.Random(int(time.time()))
-    for _ in range(2):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "forge.cli", *args],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while not (out / "data").is_dir() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 1.5))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_forge_at_random(args, tmp_path, (out / "data").is_dir, 1.5)
     _run(args, tmp_path)
     want, got = json.loads((ref / "index.json").read_text()), json.loads((out / "index.json").read_text())
     assert got == want
