@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from forge.curate.config import CurateConfig
 from forge.dedup.config import DedupConfig
 from forge.rollout.config import RolloutConfig
+from forge.score.config import ScoreConfig
 from forge.tokenize.config import TokenizeConfig
 
 
@@ -343,6 +344,7 @@ class Stage(str, Enum):
     curate = "curate"  # normalize, filter, pool (forge/curate/)
     dedup = "dedup"  # exact and MinHash near-dedup across every shard and source (forge/dedup/)
     tokenize = "tokenize"  # token shards a trainer reads, with loss masks (forge/tokenize/)
+    score = "score"  # completion-only NLL or embeddings per row, pools by score (forge/score/)
 
     def __str__(self) -> str:  # `${pipeline.stage}` in a path interpolates as `curate`
         return self.value
@@ -355,7 +357,7 @@ class PipelineConfig:
     runner's. Any forge run dir is a valid dataset.name for the next stage.
 
     Attributes:
-        stage: generate | curate | dedup | tokenize.
+        stage: generate | curate | dedup | tokenize | score.
     """
 
     stage: Stage = Stage.generate
@@ -367,6 +369,7 @@ class ForgeConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -437,6 +440,8 @@ def validate(cfg: ForgeConfig) -> None:
         cfg.dedup.validate()
     if cfg.pipeline.stage == Stage.tokenize:
         cfg.tokenize.validate()
+    if cfg.pipeline.stage == Stage.score:
+        cfg.score.validate()
     gpu = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
     j = cfg.judge_model
     if j is not None and m.engine in gpu and j.engine in gpu:

@@ -44,7 +44,7 @@ def _sample(out_dir: Path) -> list[str]:
     return lines
 
 
-VERBS = {"dedup": "deduplicated", "tokenize": "tokenized"}
+VERBS = {"dedup": "deduplicated", "tokenize": "tokenized", "score": "scored"}
 
 
 def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None = None) -> str:

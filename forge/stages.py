@@ -32,6 +32,7 @@ BATCH_STAGES = {
     Stage.curate: "forge.curate.stage:CurateStage",
     Stage.dedup: "forge.dedup.stage:DedupStage",
     Stage.tokenize: "forge.tokenize.stage:TokenizeStage",
+    Stage.score: "forge.score.stage:ScoreStage",
 }
 # batch stages whose filter needs steps over the whole input first: "module:factory" of a workflow
 # taking (cfg, mix, stage, manifest), with steps(), done(step, task), run(step, task), run_all(),
@@ -42,11 +43,13 @@ WORKFLOWS = {Stage.dedup: "forge.dedup.steps:Workflow"}
 STAGE_FINISH = {
     Stage.dedup.value: "forge.dedup.report:add_report",
     Stage.tokenize.value: "forge.tokenize.shards:add_report",
+    Stage.score.value: "forge.score.report:add_report",
 }
 # a stage's section of the card: "module:function" taking stats, returning Markdown lines
 STAGE_CARDS = {
     Stage.dedup.value: "forge.dedup.report:card_lines",
     Stage.tokenize.value: "forge.tokenize.shards:card_lines",
+    Stage.score.value: "forge.score.report:card_lines",
 }
 
 

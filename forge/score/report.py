@@ -1,0 +1,185 @@
+"""The finish of a score run, once every shard is done (locally or in Slurm's finalize job): a
+second pass over data/ that computes quantiles over the whole run, writes each pool
+(`score.pools`, `quantile(q)` allowed) to pools/<name>/, the optional embeddings.npy, the score
+histogram PNG and stats.json's `score` (tokens scored per second from engine-ready). A killed
+finish is simply done again: pools/ is rebuilt from data/."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from forge.config import ConfigError
+from forge.output import shard_files, write_atomic, write_json_atomic
+
+log = logging.getLogger("forge.score")
+PNG = "score_hist.png"
+
+
+def _settings(out_dir: Path) -> dict[str, Any]:
+    cfg = yaml.safe_load((out_dir / "config.yaml").read_text()) if (out_dir / "config.yaml").exists() else {}
+    return (cfg or {}).get("score") or {}
+
+
+def _column(out_dir: Path, name: str) -> np.ndarray:
+    files = shard_files(out_dir / "data")
+    parts = [pq.read_table(f, columns=[name]).column(name).to_numpy(zero_copy_only=False) for f in files]
+    return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+
+
+def with_quantiles(name: str, expression: str, out_dir: Path, columns: set[str]) -> str:
+    """The expression with each `quantile(q)` replaced by the q-quantile, over the whole run, of
+    the column it is compared with."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"score.pools.{name}: {exc.msg} in {expression!r}") from None
+
+    class Quantiles(ast.NodeTransformer):
+        def visit_Compare(self, node: ast.Compare) -> ast.AST:  # noqa: N802 (ast's name)
+            self.generic_visit(node)
+            sides = [node.left, *node.comparators]
+            cols = [s.id for s in sides if isinstance(s, ast.Name) and s.id in columns]
+            for i, side in enumerate(sides):
+                if isinstance(side, ast.Call) and getattr(side.func, "id", None) == "quantile":
+                    if not cols or len(side.args) != 1 or not isinstance(side.args[0], ast.Constant):
+                        raise ConfigError(f"score.pools.{name}: quantile(q) needs a number q and a column to compare")
+                    q = float(side.args[0].value)
+                    if not 0 <= q <= 1:
+                        raise ConfigError(f"score.pools.{name}: quantile({q}): q must be in [0, 1]")
+                    values = _column(out_dir, cols[0])
+                    value = float(np.nanquantile(values, q)) if len(values) else float("nan")
+                    constant = ast.copy_location(ast.Constant(value), side)
+                    if i == 0:
+                        node.left = constant
+                    else:
+                        node.comparators[i - 1] = constant
+            return node
+
+    return ast.unparse(Quantiles().visit(tree))
+
+
+def write_pools(out_dir: Path, pools: dict[str, str]) -> dict[str, Any]:
+    from forge.curate.pools import compile_pools, pool_tables
+
+    shutil.rmtree(out_dir / "pools", ignore_errors=True)
+    files = shard_files(out_dir / "data")
+    if not pools or not files:
+        return {}
+    schema = pq.read_schema(files[0])
+    resolved = {name: with_quantiles(name, expr, out_dir, set(schema.names)) for name, expr in pools.items()}
+    compiled = compile_pools(resolved, schema)
+    counts = dict.fromkeys(pools, 0)
+    for f in files:
+        for key, table in pool_tables(pq.read_table(f), compiled).items():
+            name = key.split("/", 1)[1]
+            if table.num_rows:
+                (out_dir / key).mkdir(parents=True, exist_ok=True)
+                write_atomic(out_dir / key / f.name, table)
+                counts[name] += table.num_rows
+    return {"counts": counts, "resolved": resolved}
+
+
+def write_npy(out_dir: Path) -> int:
+    files = shard_files(out_dir / "data")
+    tables = [pq.read_table(f, columns=["id", "embedding"]) for f in files]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    rows = [np.asarray(t.column("embedding").to_pylist(), dtype=np.float32) for t in tables if t.num_rows]
+    matrix = np.concatenate(rows) if rows else np.empty((0, 0), np.float32)
+    tmp = out_dir / ".embeddings.npy.tmp"
+    with open(tmp, "wb") as fh:  # a handle: np.save would add .npy to the temp name
+        np.save(fh, matrix)
+    tmp.replace(out_dir / "embeddings.npy")
+    write_json_atomic(out_dir / "embeddings_ids.json", ids)
+    return len(ids)
+
+
+def plot(values: np.ndarray, label: str, bins: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(values):
+        ax.hist(values[np.isfinite(values)], bins=bins, color="#4c72b0")
+    ax.set_xlabel(label)
+    ax.set_ylabel("rows")
+    ax.set_title(f"score: {label}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
+    s = _settings(out_dir)
+    kind = s.get("kind", "nll")
+    seconds = stats.get("score_seconds", 0) or 0
+    report: dict[str, Any] = {
+        "kind": kind,
+        "scored_tokens": stats.get("scored_tokens", 0),
+        "model_tokens": stats.get("model_tokens", 0),
+        "seconds_from_engine_ready": round(seconds, 3),
+        "scored_tokens_per_s": round(stats.get("scored_tokens", 0) / seconds, 1) if seconds else None,
+        "model_tokens_per_s": round(stats.get("model_tokens", 0) / seconds, 1) if seconds else None,
+    }
+    if kind == "nll":
+        values, label = _column(out_dir, "nll_mean"), "nll_mean (per scored token)"
+        if len(values):
+            report["nll_mean_quantiles"] = {
+                str(q): round(float(np.quantile(values, q)), 6) for q in (0.1, 0.25, 0.5, 0.75, 0.9)
+            }
+    else:
+        emb = [np.asarray(t, dtype=np.float32) for f in shard_files(out_dir / "data")
+               for t in pq.read_table(f, columns=["embedding"]).column("embedding").to_pylist()]  # fmt: skip
+        matrix = np.stack(emb) if emb else np.empty((0, 0))
+        centroid = matrix.mean(0) if len(matrix) else None
+        norm = np.linalg.norm(centroid) if centroid is not None else 0
+        values = matrix @ centroid / (np.linalg.norm(matrix, axis=1) * norm + 1e-12) if norm else np.empty(0)
+        label = "cosine similarity to the mean embedding"
+        report["dimensions"] = int(matrix.shape[1]) if len(matrix) else 0
+        if s.get("npy"):
+            report["npy_rows"] = write_npy(out_dir)
+    try:
+        plot(values, label, int(s.get("bins", 40)), out_dir / PNG)
+        report["plot"] = PNG
+    except Exception as exc:  # a figure never fails the run
+        log.warning("score plot not written: %s", exc)
+    pools = write_pools(out_dir, dict(s.get("pools") or {}))
+    if pools:
+        stats["pools"] = pools["counts"]
+        report["pools_resolved"] = pools["resolved"]
+    stats["score"] = report
+
+
+def card_lines(stats: dict[str, Any]) -> list[str]:
+    r = stats.get("score")
+    if not r:
+        return []
+    lines = [
+        "## Scores",
+        "",
+        f"`score.kind={r['kind']}`: {r['scored_tokens']:,} tokens scored ({r['model_tokens']:,} through the model) "
+        f"in {r['seconds_from_engine_ready']} s from engine-ready: {r['scored_tokens_per_s']} scored tokens/s.",
+        "",
+    ]
+    if r.get("nll_mean_quantiles"):
+        lines += ["| quantile | nll_mean |", "|---:|---:|"]
+        lines += [f"| {q} | {v} |" for q, v in r["nll_mean_quantiles"].items()]
+        lines.append("")
+    if r.get("pools_resolved"):
+        lines += ["Pools, with each quantile computed over the whole run:", ""]
+        lines += [f"- `{k}`: `{v}`" for k, v in r["pools_resolved"].items()]
+        lines.append("")
+    if r.get("plot"):
+        lines += [f"![score histogram]({r['plot']})", ""]
+    return lines

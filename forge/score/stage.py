@@ -1,0 +1,232 @@
+"""The score stage's transformation of one batch: each row brought into the curated schema, then
+
+- nll: tokenized with the loss mask of the tokenize stage (forge/tokenize/encode.py: one
+  implementation), the model's log-probability of every token given the ones before, and over
+  the masked tokens `nll_sum`, `nll_mean`, `n_scored_tokens`, and per assistant turn (each run of
+  masked tokens) `turn_nll_sum` and `turn_tokens`. A row longer than the context is scored in
+  windows that each repeat `score.overlap` tokens of context (or quarantined);
+- embed: the chosen view of the row (the conversation, its user turns or its answers) embedded.
+
+Scores are added as columns to the curated row; everything else (reading, shards, resume,
+rejected/, stats, Slurm) is the batch runner's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from forge.batch import BatchResult, reject_row
+from forge.config import ConfigError, ForgeConfig
+from forge.curate.normalize import check_spec, meta_columns, normalize
+from forge.curate.rows import Unnormalizable, curated_schema
+from forge.mix import Mix, MixedRow
+from forge.tokenize.config import TokenizeConfig
+from forge.tokenize.encode import Encoder, RowError, TokenizerError
+
+log = logging.getLogger("forge.score")
+NLL_FIELDS = [
+    pa.field("nll_sum", pa.float64()),
+    pa.field("nll_mean", pa.float64()),
+    pa.field("n_scored_tokens", pa.int64()),
+    pa.field("turn_nll_sum", pa.list_(pa.float64())),  # per assistant turn (run of scored tokens)
+    pa.field("turn_tokens", pa.list_(pa.int64())),
+]
+
+
+def view_text(row: dict[str, Any], view: str) -> str:
+    """What score.kind=embed embeds: a document's text, or a chat's turns (all, user, assistant)."""
+    if row.get("text") is not None:
+        return row["text"]
+    roles = {"conversation": None, "user": ("user",), "assistant": ("assistant",)}[view]
+    parts = [
+        (f"{m['role']}: " if roles is None else "") + (m.get("content") or "")
+        for m in row.get("messages") or []
+        if roles is None or m.get("role") in roles
+    ]
+    return "\n\n".join(parts)
+
+
+def windows(length: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored target) of each window over a sequence of `length` tokens: each
+    target t (1 <= t < length) is scored exactly once, with >= overlap tokens of context after
+    the first window."""
+    out, start, first = [], 0, 1
+    while True:
+        end = min(start + size, length)
+        out.append((start, end, first))
+        if end == length:
+            return out
+        first = end
+        start = end - overlap
+
+
+def turn_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    if not len(mask):
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+class ScoreStage:
+    name = "score"
+    pilot = False  # a mix's pass-rate pilot would load the model before the run is accepted
+
+    def __init__(self, cfg: ForgeConfig, mix: Mix) -> None:
+        self.cfg = cfg.score
+        self.forge_cfg = cfg
+        self.sources = mix.sources
+        for s in self.sources:
+            check_spec(s.spec, s.key)
+        from forge.runner import resolve_model
+
+        self.model_path = resolve_model(cfg.model.name_or_path)
+        tok = cfg.model.tokenizer or self.model_path
+        try:
+            mask_cfg = TokenizeConfig(mask=self.cfg.mask, reasoning=self.cfg.reasoning, eos=False)
+            self.encoder = Encoder(tok, mask_cfg)
+        except TokenizerError as exc:
+            raise ConfigError(str(exc).replace("tokenize.tokenizer", "model.tokenizer")) from None
+        extra = NLL_FIELDS if self.cfg.kind == "nll" else [pa.field("embedding", pa.list_(pa.float32()))]
+        self.schema = curated_schema(meta_columns([s.spec for s in self.sources]))
+        for f in extra:
+            self.schema = self.schema.append(f)
+        self.scorer: Any = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.cfg)
+        for key in ("batch_tokens", "pools", "bins", "npy"):  # speed, or the finish pass only
+            settings.pop(key)
+        return {"stage": self.name, "score": settings, "model": self.forge_cfg.model.name_or_path}
+
+    def restore(self, kept: pa.Table | None) -> None:
+        pass
+
+    def _load(self) -> None:
+        if self.scorer is None:
+            from forge.score.backends import make_scorer
+
+            t0 = time.monotonic()
+            self.scorer = make_scorer(self.forge_cfg, self.model_path)
+            self.max_len = self.cfg.max_len or self.forge_cfg.model.max_model_len or self.scorer.context or 4096
+            log.info("score: %s ready in %.1f s (max_len %d)", self.model_path, time.monotonic() - t0, self.max_len)
+
+    def process(self, rows: list[MixedRow]) -> BatchResult:
+        self._load()
+        ok: list[tuple[MixedRow, dict[str, Any]]] = []
+        rejected: list[dict[str, Any]] = []
+        for mr in rows:
+            label = self.sources[mr.source].label
+            if mr.row.record is None:
+                rejected.append(reject_row(mr, label, "input", mr.row.error or "unreadable row"))
+                continue
+            try:
+                ok.append((mr, normalize(mr.row.record, self.sources[mr.source].spec, mr.row.where)))
+            except Unnormalizable as exc:
+                rejected.append(reject_row(mr, label, "normalize", str(exc)))
+        t0 = time.monotonic()
+        scored, tokens = self._nll(ok, rejected) if self.cfg.kind == "nll" else self._embed(ok, rejected)
+        seconds = time.monotonic() - t0
+        kept = [row for row in scored]
+        by_source: dict[str, dict[str, Any]] = {}
+        for mr in rows:
+            c = by_source.setdefault(self.sources[mr.source].label, {"rows_in": 0, "rows_kept": 0, "removed": {}})
+            c["rows_in"] += 1
+        for r in kept:
+            by_source[r["source"]["dataset"]]["rows_kept"] += 1
+        by_filter: dict[str, int] = {}
+        for r in rejected:
+            by_filter[r["filter"]] = by_filter.get(r["filter"], 0) + 1
+            rem = by_source[r["source"]]["removed"]
+            rem[r["filter"]] = rem.get(r["filter"], 0) + 1
+        table = pa.Table.from_pylist(kept, schema=self.schema)
+        counts = {
+            "rows_kept": len(kept),
+            "rows_removed": len(rejected),
+            "removed_by_filter": by_filter,
+            "by_source": by_source,
+            "scored_tokens": tokens["scored"],
+            "model_tokens": tokens["model"],
+            "score_seconds": round(seconds, 6),
+        }
+        return BatchResult({"data": table}, rejected, counts)
+
+    def _nll(self, ok: list, rejected: list) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        docs = [(mr, row) for mr, row in ok if row.get("text") is not None]
+        chats = [(mr, row) for mr, row in ok if row.get("text") is None]
+        encoded: list[tuple[MixedRow, dict[str, Any], np.ndarray, np.ndarray]] = []
+        for (mr, row), enc in zip(docs, self.encoder.documents([r["text"] for _, r in docs]), strict=True):
+            encoded.append((mr, row, enc.tokens, np.ones(len(enc.tokens), np.uint8)))
+        for (mr, row), enc in zip(chats, self.encoder.chats([r["messages"] for _, r in chats]), strict=True):
+            if isinstance(enc, RowError):
+                label = self.sources[mr.source].label
+                rejected.append(reject_row(mr, label, "chat_template", str(enc), None, row["id"]))
+            else:
+                encoded.append((mr, row, enc.tokens, enc.mask))
+        seqs, plan = [], []
+        for mr, row, toks, mask in encoded:
+            label = self.sources[mr.source].label
+            if len(toks) < 2:
+                why = "fewer than 2 tokens: nothing to score"
+                rejected.append(reject_row(mr, label, "length", why, None, row["id"]))
+                continue
+            if len(toks) > self.max_len and self.cfg.on_long == "quarantine":
+                why = f"{len(toks)} tokens: longer than score.max_len={self.max_len} (score.on_long=quarantine)"
+                rejected.append(reject_row(mr, label, "length", why, None, row["id"]))
+                continue
+            parts = windows(len(toks), self.max_len, min(self.cfg.overlap, self.max_len - 1))
+            plan.append((mr, row, toks, mask, parts, len(seqs)))
+            seqs += [toks[a:b] for a, b, _ in parts]
+        logprobs = self.scorer.token_logprobs(seqs) if seqs else []
+        out, scored, model = [], 0, 0
+        for mr, row, toks, mask, parts, at in plan:
+            lp = np.empty(len(toks) - 1)
+            for k, (a, b, first) in enumerate(parts):
+                lp[first - 1 : b - 1] = logprobs[at + k][first - a - 1 :]
+                model += b - a
+            target = mask[1:].astype(bool)
+            nll = -lp[target]
+            if not len(nll):
+                why = "no token to score (score.mask)"
+                rejected.append(reject_row(mr, self.sources[mr.source].label, "mask", why, None, row["id"]))
+                continue
+            runs = turn_runs(mask[1:])
+            sums = [float(-lp[a:b].sum()) for a, b in runs]
+            scored += len(nll)
+            out.append(
+                {
+                    **row,
+                    "nll_sum": float(nll.sum()),
+                    "nll_mean": float(nll.mean()),
+                    "n_scored_tokens": len(nll),
+                    "turn_nll_sum": sums,
+                    "turn_tokens": [b - a for a, b in runs],
+                }
+            )
+        return out, {"scored": scored, "model": model}
+
+    def _embed(self, ok: list, rejected: list) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        texts = [view_text(row, self.cfg.view) for _, row in ok]
+        lengths = self.scorer.count(texts) if texts else []
+        keep, keep_texts = [], []
+        for (mr, row), text, n in zip(ok, texts, lengths, strict=True):
+            label = self.sources[mr.source].label
+            if not text.strip():
+                why = f"nothing to embed in score.view={self.cfg.view}"
+                rejected.append(reject_row(mr, label, "view", why, None, row["id"]))
+            elif n > self.max_len:
+                why = f"{n} tokens: longer than score.max_len={self.max_len}"
+                rejected.append(reject_row(mr, label, "length", why, None, row["id"]))
+            else:
+                keep.append((row, n))
+                keep_texts.append(text)
+        vectors = self.scorer.embed(keep_texts) if keep_texts else []
+        out = [{**row, "embedding": v.tolist()} for (row, _), v in zip(keep, vectors, strict=True)]
+        tokens = sum(n for _, n in keep)
+        return out, {"scored": tokens, "model": tokens}
