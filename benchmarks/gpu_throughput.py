@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
 OWN_PHASES = ("offline", "offline3", "datatrove")  # run by this script's code, so they can be started early
+SCORE_PHASES = ("score", "score_hf", "prefill")  # forge pipeline=score vs a transformers loop vs vLLM prefill
 
 
 def make_texts(tokenizer_json: str, n: int, words: int, seed: int = 0) -> list[str]:
@@ -345,10 +346,128 @@ class Phase:
         return json.loads(self.result_path.read_text())
 
 
+def score_rows(args: argparse.Namespace, work: Path) -> Path:
+    """--score-rows chats of ~1,000 tokens (a 300-word question, a 680-word answer), as JSONL."""
+    path = work / "score_rows.jsonl"
+    if not path.exists():
+        tokenizer = os.path.join(args.model, "tokenizer.json")
+        questions = make_texts(tokenizer, args.score_rows, 300, seed=1)
+        answers = make_texts(tokenizer, args.score_rows, 680, seed=2)
+        rows = [
+            {"id": f"s{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate(zip(questions, answers, strict=True))
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def encoded_rows(args: argparse.Namespace, rows: Path) -> list:
+    """(tokens, mask) of each row, exactly as forge's score stage computes them."""
+    sys.path.insert(0, str(REPO))
+    from forge.tokenize.config import TokenizeConfig
+    from forge.tokenize.encode import Encoder
+
+    enc = Encoder(args.model, TokenizeConfig(eos=False))
+    chats = [json.loads(line)["messages"] for line in rows.read_text().splitlines()]
+    return [(e.tokens, e.mask) for e in enc.chats(chats)]
+
+
+def phase_score(args: argparse.Namespace, work: Path) -> dict:
+    """forge pipeline=score score.kind=nll on vLLM (in process), tokens/s from engine-ready."""
+    rows = score_rows(args, work)
+    out = work / "score_out"
+    cmd = [sys.executable, "-m", "forge.cli", "pipeline=score", "score.kind=nll", f"dataset.name={rows}",
+           "model=qwen3_1.7b_dummy", f"model.name_or_path={args.model}", "model.engine=vllm", "run.progress=false",
+           f"output.dir={out}", "output.examples_per_chunk=5000", *shlex.split(args.forge_overrides)]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    s = json.loads((out / "stats.json").read_text())["score"]
+    return {
+        "rows": args.score_rows,
+        "model_tok_s": s["model_tokens_per_s"],
+        "scored_tok_s": s["scored_tokens_per_s"],
+        "model_tokens": s["model_tokens"],
+        "scored_tokens": s["scored_tokens"],
+        "seconds_from_engine_ready": s["seconds_from_engine_ready"],
+        "wall_s": time.time() - t0,
+    }
+
+
+def phase_score_hf(args: argparse.Namespace, work: Path) -> dict:
+    """A plain transformers bf16 loop over the first --score-hf-rows rows: rows sorted by length,
+    batches of at most B tokens (the best of --score-hf-batch-tokens), log_softmax + gather."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    encoded = encoded_rows(args, score_rows(args, work))[: args.score_hf_rows]
+    config = AutoConfig.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()  # random weights
+    best = {}
+    for budget in map(int, args.score_hf_batch_tokens.split(",")):
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        batches, cur = [], []
+        for i in order:
+            if cur and len(encoded[i][0]) * (len(cur) + 1) > budget:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+        torch.cuda.synchronize()
+        t0, model_tokens, scored = time.time(), 0, 0
+        for batch in batches:
+            longest = max(len(encoded[i][0]) for i in batch)
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, i in enumerate(batch):
+                toks = encoded[i][0]
+                ids[r, : len(toks)] = torch.from_numpy(toks.astype("int64"))
+                attn[r, : len(toks)] = 1
+            ids, attn = ids.cuda(), attn.cuda()
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=attn).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+                _ = logp.sum().item()
+            model_tokens += int(attn.sum())
+            scored += sum(int(encoded[i][1][1:].sum()) for i in batch)
+        torch.cuda.synchronize()
+        dt = time.time() - t0
+        r = {"batch_tokens": budget, "model_tok_s": model_tokens / dt, "scored_tok_s": scored / dt}
+        r["rows"] = len(encoded)
+        print(json.dumps(r), flush=True)
+        if not best or r["model_tok_s"] > best["model_tok_s"]:
+            best = r
+        torch.cuda.empty_cache()
+    return best
+
+
+def phase_prefill(args: argparse.Namespace, work: Path) -> dict:
+    """The bound: vLLM offline prefill of the same token sequences (max_tokens=1, no log-probabilities)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    encoded = encoded_rows(args, score_rows(args, work))
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.9,
+              max_model_len=4096, enable_prefix_caching=False)  # fmt: skip
+    prompts = [TokensPrompt(prompt_token_ids=t.astype("int64").tolist()) for t, _ in encoded]
+    t0 = time.time()
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    dt = time.time() - t0
+    tokens = sum(len(t) for t, _ in encoded)
+    return {"rows": len(encoded), "prefill_tok_s": tokens / dt, "tokens": tokens, "seconds": dt}
+
+
 def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
     name = args.phase_only
     try:
-        if name == "offline":
+        if name == "score":
+            result = phase_score(args, work)
+        elif name == "score_hf":
+            result = phase_score_hf(args, work)
+        elif name == "prefill":
+            result = phase_prefill(args, work)
+        elif name == "offline":
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
             result = phase_offline(args, texts)
         elif name == "offline3":
@@ -380,7 +499,18 @@ def device_info() -> str:
         return "unknown"
 
 
+def add_score_ratios(ph: dict) -> None:
+    """forge's NLL stage against the transformers loop (target >= 5x) and vLLM's prefill (>= 0.8x)."""
+    s = ph.get("score", {})
+    if s.get("model_tok_s"):
+        if ph.get("score_hf", {}).get("model_tok_s"):
+            s["vs_score_hf"] = s["model_tok_s"] / ph["score_hf"]["model_tok_s"]
+        if ph.get("prefill", {}).get("prefill_tok_s"):
+            s["vs_prefill"] = s["model_tok_s"] / ph["prefill"]["prefill_tok_s"]
+
+
 def add_ratios(ph: dict) -> None:
+    add_score_ratios(ph)
     off = ph.get("offline", {}).get("output_tok_s")
     off3 = ph.get("offline3", {}).get("output_tok_s")
     dt = ph.get("datatrove", {}).get("output_tok_s")
@@ -425,6 +555,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--no-early-start", action="store_true", help="start each phase's process only when its turn comes")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--score-rows", type=int, default=20_000, help="score phases: chats of ~1,000 tokens")
+    ap.add_argument("--score-hf-rows", type=int, default=2_000, help="score_hf: the first rows only (it is slow)")
+    ap.add_argument("--score-hf-batch-tokens", default="16384,32768", help="score_hf: batch sizes tried (tokens)")
     ap.add_argument(
         "--write-prompts",
         default=None,
@@ -442,7 +575,7 @@ def parse_args() -> argparse.Namespace:
         if not sep or not name or name in OWN_PHASES or name.startswith("forge"):
             ap.error(f"--variant {spec!r}: expected NAME=OVERRIDES with a NAME other than offline/datatrove/forge*")
         args.variants[name] = overrides
-    known = (*OWN_PHASES, "forge", "rollout3", "rollout3full", *args.variants)
+    known = (*OWN_PHASES, *SCORE_PHASES, "forge", "rollout3", "rollout3full", *args.variants)
     for phase in filter(None, args.phases.split(",")):
         if phase not in known and not phase.startswith("forge:"):
             ap.error(
@@ -499,6 +632,9 @@ def main() -> None:
         str(work),
         f"--forge-overrides={args.forge_overrides}",
         f"--variants-json={json.dumps(args.variants)}",
+        f"--score-rows={args.score_rows}",
+        f"--score-hf-rows={args.score_hf_rows}",
+        f"--score-hf-batch-tokens={args.score_hf_batch_tokens}",
     ]
     phases = [p for p in args.phases.split(",") if p]
     t_all = time.perf_counter()
