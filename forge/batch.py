@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,6 +146,24 @@ def drop_unrecorded(out_dir: Path, task: int, batches: int) -> int:
     return removed
 
 
+def results_in_order(stage: BatchStage, batches: Iterator[tuple[int, list[MixedRow]]]) -> Iterator[tuple]:
+    """(k, batch, result) in batch order. A stage with `submit(batch) -> wait()` (a GPU engine:
+    score) gets batch k+1 before batch k's result is awaited, so reading and preparing the next
+    batch overlaps the engine's work on this one; a kill still loses at most unrecorded batches."""
+    if not hasattr(stage, "submit"):
+        for k, batch in batches:
+            yield k, batch, stage.process(batch)
+        return
+    pending = None
+    for k, batch in batches:
+        wait = stage.submit(batch)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2]()
+        pending = (k, batch, wait)
+    if pending is not None:
+        yield pending[0], pending[1], pending[2]()
+
+
 def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, total: int | None) -> dict[str, Any]:
     """Run shard `task` of a batch stage to the end (or resume it); returns its state."""
     out_dir = Path(cfg.output.dir)
@@ -171,10 +190,8 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
     t0 = time.monotonic()
     bar.start()
     try:
-        for k, batch in enumerate(batched(mix.rows(task, tasks), size)):
-            if k < done_batches:
-                continue
-            result = stage.process(batch)
+        todo = ((k, b) for k, b in enumerate(batched(mix.rows(task, tasks), size)) if k >= done_batches)
+        for k, batch, result in results_in_order(stage, todo):
             for name, table in result.outputs.items():
                 if table.num_rows:
                     path = out_dir / name / f"{task:05d}_{k:05d}.parquet"

@@ -624,9 +624,13 @@ def run_forge(
         run.start()
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
         publishing = BackgroundPublisher(HubPublisher(out_dir, hub)) if hub else contextlib.nullcontext()
-        with publishing:
-            for task in tasks:
-                run.run_task(task)
+        try:
+            with publishing:
+                for task in tasks:
+                    run.run_task(task)
+        finally:
+            if hasattr(run, "close"):
+                run.close()  # a stage's engine (score) stops here, after its last task
     except (ConfigError, DatasetError, RunChanged, EngineError, OutputError, HubError, OSError) as exc:
         if merge and accepted:
             _merge_quietly(out_dir, run)

@@ -209,6 +209,10 @@ class BatchRun:
             c.get("rows_removed", 0),
         )
 
+    def close(self) -> None:
+        if hasattr(self.stage, "close"):
+            self.stage.close()
+
     def partial_stats(self) -> None:
         merge_batch_stats(Path(self.cfg.output.dir))
 

@@ -91,3 +91,49 @@ def test_drop_unrecorded_removes_only_chunks_past_the_state(tmp_path: Path) -> N
         "00000_00001.parquet",
         "00001_00005.parquet",
     ]
+
+
+class KeepEvenAhead(KeepEven):
+    """KeepEven with `submit`: the runner hands over batch k+1 before it waits for batch k (a GPU
+    stage's overlap). Records the order of events; `fail_at` crashes batch k's wait."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.fail_wait = fail_at
+        self.submitted = 0
+
+    def submit(self, rows):
+        k = self.submitted
+        self.submitted += 1
+        self.events.append(f"submit {k}")
+
+        def wait() -> BatchResult:
+            self.events.append(f"wait {k}")
+            if k == self.fail_wait:
+                raise RuntimeError("injected crash")
+            return KeepEven.process(self, rows)
+
+        return wait
+
+
+def test_a_stage_with_submit_gets_the_next_batch_before_this_one_is_awaited(tmp_path: Path) -> None:
+    cfg, mix = _setup(tmp_path, 35)
+    stage = KeepEvenAhead()
+    state = run_batch_task(cfg, 0, stage, mix, 35)
+    assert stage.events == ["submit 0", "submit 1", "wait 0", "submit 2", "wait 1", "submit 3", "wait 2", "wait 3"]
+    assert state["batches"] == 4 and sorted(int(r["id"]) for r in read_rows(Path(cfg.output.dir))) == list(
+        range(0, 35, 2)
+    )
+
+
+def test_a_crash_while_the_next_batch_is_in_flight_resumes_exactly_once(tmp_path: Path) -> None:
+    cfg, mix = _setup(tmp_path, 35)
+    out = Path(cfg.output.dir)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_batch_task(cfg, 0, KeepEvenAhead(fail_at=2), mix, 35)
+    assert read_state(out, 0)["batches"] == 2  # batch 3 was submitted, never recorded
+    state = run_batch_task(cfg, 0, KeepEvenAhead(), mix, 35)
+    assert state["rows_in"] == 35
+    assert sorted(int(r["id"]) for r in read_rows(out)) == list(range(0, 35, 2))
+    assert len(read_rows(out, "rejected")) == 17

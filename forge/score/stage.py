@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -109,15 +110,36 @@ class ScoreStage:
         pass
 
     def _load(self) -> None:
+        """Start the engine (vLLM starts on a thread of its own while the first batch is read and
+        tokenized)."""
         if self.scorer is None:
             from forge.score.backends import make_scorer
 
-            t0 = time.monotonic()
+            self.t_load = time.monotonic()
             self.scorer = make_scorer(self.forge_cfg, self.model_path)
-            self.max_len = self.cfg.max_len or self.forge_cfg.model.max_model_len or self.scorer.context or 4096
-            log.info("score: %s ready in %.1f s (max_len %d)", self.model_path, time.monotonic() - t0, self.max_len)
+            self.ready = False
+
+    def _wait_ready(self) -> None:
+        if not self.ready:
+            self.scorer.wait_ready()
+            wanted = self.cfg.max_len or self.forge_cfg.model.max_model_len or self.scorer.context or 4096
+            self.max_len = min(wanted, self.scorer.context or wanted)
+            self.mark = time.monotonic()  # engine-ready: batch k's seconds run from batch k-1's end
+            self.ready = True
+            log.info("score: %s ready in %.1f s (max_len %d)", self.model_path, self.mark - self.t_load, self.max_len)
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
 
     def process(self, rows: list[MixedRow]) -> BatchResult:
+        return self.submit(rows)()
+
+    def submit(self, rows: list[MixedRow]) -> Callable[[], BatchResult]:
+        """Prepare the batch and hand it to the engine; the returned call waits for the scores
+        and builds the batch's result. The runner submits batch k+1 before it waits for batch
+        k, so the GPU is never idle while forge reads, templates and tokenizes."""
         self._load()
         ok: list[tuple[MixedRow, dict[str, Any]]] = []
         rejected: list[dict[str, Any]] = []
@@ -130,10 +152,17 @@ class ScoreStage:
                 ok.append((mr, normalize(mr.row.record, self.sources[mr.source].spec, mr.row.where)))
             except Unnormalizable as exc:
                 rejected.append(reject_row(mr, label, "normalize", str(exc)))
-        t0 = time.monotonic()
-        scored, tokens = self._nll(ok, rejected) if self.cfg.kind == "nll" else self._embed(ok, rejected)
-        seconds = time.monotonic() - t0
-        kept = [row for row in scored]
+        finish = self._nll(ok, rejected) if self.cfg.kind == "nll" else self._embed(ok, rejected)
+
+        def result() -> BatchResult:
+            kept, tokens = finish()
+            now = time.monotonic()
+            seconds, self.mark = now - self.mark, now
+            return self._result(rows, kept, rejected, tokens, seconds)
+
+        return result
+
+    def _result(self, rows: list, kept: list, rejected: list, tokens: dict[str, int], seconds: float) -> BatchResult:
         by_source: dict[str, dict[str, Any]] = {}
         for mr in rows:
             c = by_source.setdefault(self.sources[mr.source].label, {"rows_in": 0, "rows_kept": 0, "removed": {}})
@@ -145,7 +174,6 @@ class ScoreStage:
             by_filter[r["filter"]] = by_filter.get(r["filter"], 0) + 1
             rem = by_source[r["source"]]["removed"]
             rem[r["filter"]] = rem.get(r["filter"], 0) + 1
-        table = pa.Table.from_pylist(kept, schema=self.schema)
         counts = {
             "rows_kept": len(kept),
             "rows_removed": len(rejected),
@@ -155,9 +183,9 @@ class ScoreStage:
             "model_tokens": tokens["model"],
             "score_seconds": round(seconds, 6),
         }
-        return BatchResult({"data": table}, rejected, counts)
+        return BatchResult({"data": pa.Table.from_pylist(kept, schema=self.schema)}, rejected, counts)
 
-    def _nll(self, ok: list, rejected: list) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    def _nll(self, ok: list, rejected: list) -> Callable[[], tuple[list[dict[str, Any]], dict[str, int]]]:
         docs = [(mr, row) for mr, row in ok if row.get("text") is not None]
         chats = [(mr, row) for mr, row in ok if row.get("text") is None]
         encoded: list[tuple[MixedRow, dict[str, Any], np.ndarray, np.ndarray]] = []
@@ -166,9 +194,11 @@ class ScoreStage:
         for (mr, row), enc in zip(chats, self.encoder.chats([r["messages"] for _, r in chats]), strict=True):
             if isinstance(enc, RowError):
                 label = self.sources[mr.source].label
-                rejected.append(reject_row(mr, label, "chat_template", str(enc), None, row["id"]))
+                why = str(enc).replace("(tokenize.", "(score.")  # the encoder is the tokenize stage's
+                rejected.append(reject_row(mr, label, "chat_template", why, None, row["id"]))
             else:
                 encoded.append((mr, row, enc.tokens, enc.mask))
+        self._wait_ready()
         seqs, plan = [], []
         for mr, row, toks, mask in encoded:
             label = self.sources[mr.source].label
@@ -183,36 +213,41 @@ class ScoreStage:
             parts = windows(len(toks), self.max_len, min(self.cfg.overlap, self.max_len - 1))
             plan.append((mr, row, toks, mask, parts, len(seqs)))
             seqs += [toks[a:b] for a, b, _ in parts]
-        logprobs = self.scorer.token_logprobs(seqs) if seqs else []
-        out, scored, model = [], 0, 0
-        for mr, row, toks, mask, parts, at in plan:
-            lp = np.empty(len(toks) - 1)
-            for k, (a, b, first) in enumerate(parts):
-                lp[first - 1 : b - 1] = logprobs[at + k][first - a - 1 :]
-                model += b - a
-            target = mask[1:].astype(bool)
-            nll = -lp[target]
-            if not len(nll):
-                why = "no token to score (score.mask)"
-                rejected.append(reject_row(mr, self.sources[mr.source].label, "mask", why, None, row["id"]))
-                continue
-            runs = turn_runs(mask[1:])
-            sums = [float(-lp[a:b].sum()) for a, b in runs]
-            scored += len(nll)
-            out.append(
-                {
-                    **row,
-                    "nll_sum": float(nll.sum()),
-                    "nll_mean": float(nll.mean()),
-                    "n_scored_tokens": len(nll),
-                    "turn_nll_sum": sums,
-                    "turn_tokens": [b - a for a, b in runs],
-                }
-            )
-        return out, {"scored": scored, "model": model}
+        pending = self.scorer.submit_logprobs(seqs) if seqs else None
 
-    def _embed(self, ok: list, rejected: list) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        def finish() -> tuple[list[dict[str, Any]], dict[str, int]]:
+            logprobs = pending.result() if pending is not None else []
+            out, scored, model = [], 0, 0
+            for mr, row, toks, mask, parts, at in plan:
+                lp = np.empty(len(toks) - 1)
+                for k, (a, b, first) in enumerate(parts):
+                    lp[first - 1 : b - 1] = logprobs[at + k][first - a - 1 :]
+                    model += b - a
+                target = mask[1:].astype(bool)
+                nll = -lp[target]
+                if not len(nll):
+                    why = "no token to score (score.mask)"
+                    rejected.append(reject_row(mr, self.sources[mr.source].label, "mask", why, None, row["id"]))
+                    continue
+                runs = turn_runs(mask[1:])
+                scored += len(nll)
+                out.append(
+                    {
+                        **row,
+                        "nll_sum": float(nll.sum()),
+                        "nll_mean": float(nll.mean()),
+                        "n_scored_tokens": len(nll),
+                        "turn_nll_sum": [float(-lp[a:b].sum()) for a, b in runs],
+                        "turn_tokens": [b - a for a, b in runs],
+                    }
+                )
+            return out, {"scored": scored, "model": model}
+
+        return finish
+
+    def _embed(self, ok: list, rejected: list) -> Callable[[], tuple[list[dict[str, Any]], dict[str, int]]]:
         texts = [view_text(row, self.cfg.view) for _, row in ok]
+        self._wait_ready()
         lengths = self.scorer.count(texts) if texts else []
         keep, keep_texts = [], []
         for (mr, row), text, n in zip(ok, texts, lengths, strict=True):
@@ -226,7 +261,12 @@ class ScoreStage:
             else:
                 keep.append((row, n))
                 keep_texts.append(text)
-        vectors = self.scorer.embed(keep_texts) if keep_texts else []
-        out = [{**row, "embedding": v.tolist()} for (row, _), v in zip(keep, vectors, strict=True)]
-        tokens = sum(n for _, n in keep)
-        return out, {"scored": tokens, "model": tokens}
+        pending = self.scorer.submit_embed(keep_texts) if keep_texts else None
+
+        def finish() -> tuple[list[dict[str, Any]], dict[str, int]]:
+            vectors = pending.result() if pending is not None else []
+            out = [{**row, "embedding": v.tolist()} for (row, _), v in zip(keep, vectors, strict=True)]
+            tokens = sum(n for _, n in keep)
+            return out, {"scored": tokens, "model": tokens}
+
+        return finish

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -380,3 +381,35 @@ def test_tokenize_array_then_finalize_writes_every_shard_once(tmp_path: Path, ti
     rows = read_rows(out)
     assert len(rows) == len({r["id"] for r in rows}) == 120
     assert read_stats(out)["tokenize"]["documents"] == 120
+
+
+def test_score_array_then_finalize_resolves_quantiles_over_every_shard(tmp_path: Path, tiny_model: Path) -> None:
+    """Two array tasks score their shards on the CPU engine; finalize computes the quantile over
+    both shards and writes the pool, as a local run does."""
+    rng = random.Random(5)
+    words = "the water of the river runs to the sea and light comes from a star".split()
+    rows = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choice(words) for _ in range(5))},
+                {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(3 + i % 9))},
+            ],
+        }
+        for i in range(80)
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    common = ["pipeline=score", "model=tiny_cpu", f"dataset.name={data}", "cluster.tasks=2"]
+    common += ["output.examples_per_chunk=15", "+score.pools.low=nll_mean <= quantile(0.25)"]
+    local = forge_cli([*common, f"output.dir={tmp_path / 'local'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "slurm"
+    proc = forge_cli([*common, "cluster=slurm_ci", "cluster.wait=true", f"output.dir={out}"], tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = {r["source"]["id"]: r["nll_sum"] for r in read_rows(out)}
+    want = {r["source"]["id"]: r["nll_sum"] for r in read_rows(tmp_path / "local")}
+    assert got.keys() == want.keys() and len(got) == 80
+    assert all(abs(got[k] - want[k]) < 1e-6 for k in got)
+    low = {r["id"] for r in read_rows(out / "pools", "low")}
+    assert low == {r["id"] for r in read_rows(tmp_path / "local" / "pools", "low")} and 15 <= len(low) <= 25
+    assert read_stats(out)["score"]["scored_tokens"] == read_stats(tmp_path / "local")["score"]["scored_tokens"]

@@ -1,7 +1,7 @@
 """`forge pipeline=score` on the CPU engine (transformers, the tiny model): completion-only NLL
 checked token by token against an independent computation (transformers' own assistant mask
 from a `{% generation %}` template), windows for long rows, embeddings and their .npy, pools by
-quantile over the whole run, kill -9 then re-run, and the GPU tier: vLLM against transformers."""
+quantile over the whole run, kill -9 then re-run. The GPU tier (vLLM) is test_score_gpu.py."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _chats(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _independent_nll(tiny_model: Path, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def _independent_nll(tiny_model: Path, messages: list[dict], template: str = GENERATION_TEMPLATE) -> tuple:
     """Per-token NLL of the assistant tokens, computed without forge."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +54,7 @@ def _independent_nll(tiny_model: Path, messages: list[dict]) -> tuple[np.ndarray
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     enc = tok.apply_chat_template(
-        messages, chat_template=GENERATION_TEMPLATE, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids = torch.tensor([enc["input_ids"]])
     mask = np.array(enc["assistant_masks"], dtype=bool)
@@ -84,6 +84,84 @@ def test_nll_matches_an_independent_computation_token_by_token(tiny_model: Path,
     stats = read_stats(out)
     assert stats["score"]["scored_tokens"] == sum(r["n_scored_tokens"] for r in got.values())
     assert stats["score"]["scored_tokens_per_s"] > 0 and (out / "score_hist.png").exists()
+
+
+# Qwen3's behaviour with transformers' markers: reasoning rendered only for assistant turns after
+# the last user turn; {% generation %} around what is scored (with or without the reasoning)
+QWEN_LIKE_MARKED = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "GEN_OPEN_R"
+    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
+    "{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "GEN_OPEN_C"
+    "{{- m.content + '<|im_end|>' -}}{% endgeneration %}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _reasoning_chats(n: int) -> list[dict]:
+    rng = random.Random(7)
+    words = "the water of the river runs to the sea and light comes from a star".split()
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    rows = []
+    for i in range(n):
+        turns = [{"role": "user", "content": say(5)}]
+        turns.append({"role": "assistant", "content": say(4), "reasoning": say(6)})  # dropped once a user follows
+        if i % 2:
+            turns.append({"role": "user", "content": say(5)})
+        turns.append({"role": "assistant", "content": say(3 + i % 4), "reasoning": say(5)})
+        turns.append({"role": "assistant", "content": say(4), "reasoning": say(3)})  # agent-like: two in a row
+        rows.append({"id": f"r{i}", "messages": turns})
+    return rows
+
+
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_reasoning_chats_match_an_independent_computation(tiny_model: Path, tmp_path: Path, reasoning: bool) -> None:
+    """A Qwen3-like template that drops past reasoning; forge (no generation markers: its own
+    masks) against transformers' assistant mask from the same template with markers."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "qwen_like"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    plain = QWEN_LIKE_MARKED.replace("GEN_OPEN_R", "").replace("GEN_OPEN_C", "").replace("{% endgeneration %}", "")
+    tok.chat_template = plain
+    tok.save_pretrained(model)
+    gen = ("GEN_OPEN_R", "GEN_OPEN_C") if reasoning else ("GEN_OPEN_C", "GEN_OPEN_R")
+    marked = QWEN_LIKE_MARKED.replace(gen[0], "{% generation %}").replace(gen[1], "")
+    rows = _reasoning_chats(8)
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    out = tmp_path / "nll"
+    args = ["pipeline=score", "model=tiny_cpu", f"model.name_or_path={model}", f"dataset.name={data}"]
+    proc = forge_cli([*args, f"output.dir={out}", f"score.reasoning={str(reasoning).lower()}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {r["source"]["id"]: r for r in read_rows(out)}
+    assert len(got) == len(rows)
+    for row in rows:
+        messages = [
+            {"role": m["role"], "content": m["content"], "reasoning_content": m.get("reasoning", "")}
+            for m in row["messages"]
+        ]
+        per_token, mask = _independent_nll(model, messages, marked)
+        r = got[row["id"]]
+        assert r["n_scored_tokens"] == mask.sum(), row["id"]
+        assert abs(r["nll_sum"] - per_token[mask].sum()) < 1e-3 * mask.sum()
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+        expected_turns = [float(per_token[a:b].sum()) for a, b in zip(runs[::2], runs[1::2], strict=True)]
+        assert r["turn_nll_sum"] == pytest.approx(expected_turns, abs=1e-3 * mask.sum())
 
 
 def test_long_rows_are_windowed_or_quarantined(tiny_model: Path, tmp_path: Path) -> None:
@@ -157,26 +235,3 @@ def test_killed_then_rerun_scores_every_row_once(tmp_path: Path) -> None:
     ids = [r["source"]["id"] for r in read_rows(out)]
     assert sorted(ids) == sorted(f"c{i}" for i in range(200))
     assert read_stats(out)["rows_in"] == 200
-
-
-@pytest.mark.gpu
-def test_vllm_prompt_logprobs_agree_with_transformers_per_token(tiny_model: Path, tmp_path: Path) -> None:
-    """On the GPU tier: the same rows scored by vLLM (in process) and by transformers."""
-    data = write_jsonl(tmp_path / "chats.jsonl", _chats(40))
-    runs = {}
-    for engine in ("transformers", "vllm"):
-        out = tmp_path / engine
-        args = [
-            "pipeline=score",
-            "model=tiny_cpu",
-            f"model.engine={engine}",
-            f"dataset.name={data}",
-            f"output.dir={out}",
-        ]
-        proc = forge_cli([*args, "model.gpu_memory_utilization=0.3", "model.engine_args={dtype: float32}"], tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[engine] = {r["source"]["id"]: r for r in read_rows(out)}
-    for key, r in runs["vllm"].items():
-        t = runs["transformers"][key]
-        assert r["n_scored_tokens"] == t["n_scored_tokens"]
-        assert abs(r["nll_mean"] - t["nll_mean"]) < 1e-3
