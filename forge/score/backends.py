@@ -171,6 +171,15 @@ class TransformersScorer:
         pass
 
 
+def engine_failed(exc: Exception) -> Exception:
+    """One line for the run's error: the engine's own words, with the cause AsyncLLM hides."""
+    from forge.engine.server import EngineError
+
+    cause = exc.__cause__ or exc.__context__
+    why = f"{exc.__class__.__name__}: {exc}" + (f" ({cause.__class__.__name__}: {cause})" if cause else "")
+    return EngineError(f"vLLM engine failed while scoring: {why}")
+
+
 class VllmScorer:
     """NLL from vLLM's prompt log-probabilities (one forward pass per row, no generation), or
     embeddings from a vLLM pooling model: AsyncLLM on an event loop of its own thread, so calls
@@ -232,8 +241,11 @@ class VllmScorer:
         async def one(seq: np.ndarray) -> np.ndarray:
             ids = seq.astype(np.int64).tolist()
             final = None
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
-                final = out
+            try:
+                async for out in self.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                    final = out
+            except Exception as exc:  # AsyncLLM wraps the real error (the engine died, ...)
+                raise engine_failed(exc) from exc
             flat = final.prompt_logprobs
             if flat.token_ids != ids[1:]:  # one entry per position: the prompt's own token
                 raise RuntimeError(f"vLLM prompt log-probabilities do not follow the prompt ({len(flat)} positions)")
@@ -248,8 +260,11 @@ class VllmScorer:
 
         async def one(text: str) -> np.ndarray:
             final = None
-            async for out in self.llm.encode(text, params, uuid.uuid4().hex):
-                final = out
+            try:
+                async for out in self.llm.encode(text, params, uuid.uuid4().hex):
+                    final = out
+            except Exception as exc:
+                raise engine_failed(exc) from exc
             return np.asarray(final.outputs.data.float().cpu().numpy(), dtype=np.float32)
 
         return list(await asyncio.gather(*(one(t) for t in texts)))
@@ -278,7 +293,10 @@ class VllmScorer:
         except Exception:  # the start failed: already reported
             llm = None
         if llm is not None:
-            llm.shutdown()
+            try:
+                llm.shutdown()
+            except Exception as exc:  # a dead engine: nothing left to stop
+                log.warning("vLLM shutdown: %s", exc)
         self.llm = None
         self.loop.call_soon_threadsafe(self.loop.stop)
 

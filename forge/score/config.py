@@ -26,6 +26,8 @@ class ScoreConfig:
         overlap: window: tokens of context each window after the first repeats (at most max_len - 1).
         batch_tokens: tokens (padding included) per forward pass on CPU / per engine call on vLLM:
             prompt log-probabilities are not in vLLM's KV sizing, so this bounds their memory.
+        per_token: nll: also the columns `scored_token_ids` and `token_nll`: each scored token
+            and its NLL, in order (for audits and token-level selection; large).
         npy: embed: also write embeddings.npy (rows in data/ order) and embeddings_ids.json.
         pools: named subsets by score, `{name: expression}` over the output columns;
             `quantile(q)` is the q-quantile of the compared column over the whole run.
@@ -40,6 +42,7 @@ class ScoreConfig:
     on_long: str = "window"
     overlap: int = 256
     batch_tokens: int = 8192
+    per_token: bool = False
     npy: bool = False
     pools: dict[str, str] = field(default_factory=dict)
     bins: int = 40

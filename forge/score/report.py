@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +88,49 @@ def write_pools(out_dir: Path, pools: dict[str, str]) -> dict[str, Any]:
     return {"counts": counts, "resolved": resolved}
 
 
+def embedding_blocks(out_dir: Path) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, rows x dims float32 matrix) of each data/ file, one file in memory at a time."""
+    for f in shard_files(out_dir / "data"):
+        table = pq.read_table(f, columns=["id", "embedding"])
+        if table.num_rows:
+            values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            yield table.column("id").to_pylist(), values.astype(np.float32).reshape(table.num_rows, -1)
+
+
 def write_npy(out_dir: Path) -> int:
-    files = shard_files(out_dir / "data")
-    tables = [pq.read_table(f, columns=["id", "embedding"]) for f in files]
-    ids = [i for t in tables for i in t.column("id").to_pylist()]
-    rows = [np.asarray(t.column("embedding").to_pylist(), dtype=np.float32) for t in tables if t.num_rows]
-    matrix = np.concatenate(rows) if rows else np.empty((0, 0), np.float32)
+    """embeddings.npy (rows in data/ order), filled file by file through a memory map, and
+    embeddings_ids.json."""
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(out_dir / "data"))
+    first = next(embedding_blocks(out_dir), None)
+    dims = first[1].shape[1] if first else 0
     tmp = out_dir / ".embeddings.npy.tmp"
-    with open(tmp, "wb") as fh:  # a handle: np.save would add .npy to the temp name
-        np.save(fh, matrix)
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dims))
+    ids: list[str] = []
+    for block_ids, block in embedding_blocks(out_dir):
+        matrix[len(ids) : len(ids) + len(block_ids)] = block
+        ids += block_ids
+    matrix.flush()
+    del matrix
     tmp.replace(out_dir / "embeddings.npy")
     write_json_atomic(out_dir / "embeddings_ids.json", ids)
     return len(ids)
+
+
+def centroid_similarity(out_dir: Path) -> tuple[np.ndarray, int]:
+    """Each row's cosine similarity to the mean embedding (two passes, a file at a time), and the
+    dimensions."""
+    total, count, dims = None, 0, 0
+    for _, block in embedding_blocks(out_dir):
+        total = block.sum(0, dtype=np.float64) if total is None else total + block.sum(0, dtype=np.float64)
+        count, dims = count + len(block), block.shape[1]
+    if not count or not np.linalg.norm(total):
+        return np.empty(0), dims
+    centroid = total / count
+    parts = [
+        block @ centroid / (np.linalg.norm(block, axis=1) * np.linalg.norm(centroid) + 1e-12)
+        for _, block in embedding_blocks(out_dir)
+    ]
+    return np.concatenate(parts), dims
 
 
 def plot(values: np.ndarray, label: str, bins: int, path: Path) -> None:
@@ -139,14 +171,9 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
                 str(q): round(float(np.quantile(values, q)), 6) for q in (0.1, 0.25, 0.5, 0.75, 0.9)
             }
     else:
-        emb = [np.asarray(t, dtype=np.float32) for f in shard_files(out_dir / "data")
-               for t in pq.read_table(f, columns=["embedding"]).column("embedding").to_pylist()]  # fmt: skip
-        matrix = np.stack(emb) if emb else np.empty((0, 0))
-        centroid = matrix.mean(0) if len(matrix) else None
-        norm = np.linalg.norm(centroid) if centroid is not None else 0
-        values = matrix @ centroid / (np.linalg.norm(matrix, axis=1) * norm + 1e-12) if norm else np.empty(0)
+        values, dims = centroid_similarity(out_dir)
         label = "cosine similarity to the mean embedding"
-        report["dimensions"] = int(matrix.shape[1]) if len(matrix) else 0
+        report["dimensions"] = dims
         if s.get("npy"):
             report["npy_rows"] = write_npy(out_dir)
     try:

@@ -40,6 +40,12 @@ NLL_FIELDS = [
 ]
 
 
+PER_TOKEN_FIELDS = [
+    pa.field("scored_token_ids", pa.list_(pa.int64())),  # score.per_token: each scored token, in order
+    pa.field("token_nll", pa.list_(pa.float64())),  # and its NLL
+]
+
+
 def view_text(row: dict[str, Any], view: str) -> str:
     """What score.kind=embed embeds: a document's text, or a chat's turns (all, user, assistant)."""
     if row.get("text") is not None:
@@ -95,6 +101,8 @@ class ScoreStage:
         except TokenizerError as exc:
             raise ConfigError(str(exc).replace("tokenize.tokenizer", "model.tokenizer")) from None
         extra = NLL_FIELDS if self.cfg.kind == "nll" else [pa.field("embedding", pa.list_(pa.float32()))]
+        if self.cfg.kind == "nll" and self.cfg.per_token:
+            extra = [*extra, *PER_TOKEN_FIELDS]
         self.schema = curated_schema(meta_columns([s.spec for s in self.sources]))
         for f in extra:
             self.schema = self.schema.append(f)
@@ -231,16 +239,17 @@ class ScoreStage:
                     continue
                 runs = turn_runs(mask[1:])
                 scored += len(nll)
-                out.append(
-                    {
-                        **row,
-                        "nll_sum": float(nll.sum()),
-                        "nll_mean": float(nll.mean()),
-                        "n_scored_tokens": len(nll),
-                        "turn_nll_sum": [float(-lp[a:b].sum()) for a, b in runs],
-                        "turn_tokens": [b - a for a, b in runs],
-                    }
-                )
+                scores = {
+                    "nll_sum": float(nll.sum()),
+                    "nll_mean": float(nll.mean()),
+                    "n_scored_tokens": len(nll),
+                    "turn_nll_sum": [float(-lp[a:b].sum()) for a, b in runs],
+                    "turn_tokens": [b - a for a, b in runs],
+                }
+                if self.cfg.per_token:
+                    scores["scored_token_ids"] = toks[1:][target].tolist()
+                    scores["token_nll"] = nll.tolist()
+                out.append({**row, **scores})
             return out, {"scored": scored, "model": model}
 
         return finish

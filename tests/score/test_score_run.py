@@ -6,17 +6,12 @@ quantile over the whole run, kill -9 then re-run. The GPU tier (vLLM) is test_sc
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import forge_cli, read_rows, read_stats, write_jsonl
+from conftest import forge_cli, kill_forge_at_random, read_rows, read_stats, write_jsonl
 
 pytestmark = pytest.mark.slow
 # the tiny model's ChatML, with the markers transformers needs for its own assistant mask
@@ -61,21 +56,24 @@ def _independent_nll(tiny_model: Path, messages: list[dict], template: str = GEN
     with torch.inference_mode():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     per_token = -logp.gather(-1, ids[0, 1:, None])[:, 0].double().numpy()
-    return per_token, mask[1:]
+    return per_token, mask[1:], ids[0, 1:].numpy()
 
 
 def test_nll_matches_an_independent_computation_token_by_token(tiny_model: Path, tmp_path: Path) -> None:
     rows = _chats(12)
     data = write_jsonl(tmp_path / "chats.jsonl", rows)
     out = tmp_path / "nll"
-    proc = forge_cli(["pipeline=score", "model=tiny_cpu", f"dataset.name={data}", f"output.dir={out}"], tmp_path)
+    args = ["pipeline=score", "model=tiny_cpu", f"dataset.name={data}", f"output.dir={out}", "score.per_token=true"]
+    proc = forge_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {r["source"]["id"]: r for r in read_rows(out)}
     assert len(got) == 12
     for row in rows:
-        per_token, mask = _independent_nll(tiny_model, row["messages"])
+        per_token, mask, ids = _independent_nll(tiny_model, row["messages"])
         r = got[row["id"]]
         assert r["n_scored_tokens"] == mask.sum()
+        assert r["scored_token_ids"] == ids[mask].tolist()  # the same tokens, token by token
+        assert np.abs(np.asarray(r["token_nll"]) - per_token[mask]).max() < 1e-3
         assert abs(r["nll_sum"] - per_token[mask].sum()) < 1e-3 * mask.sum()
         assert abs(r["nll_mean"] - per_token[mask].mean()) < 1e-4
         assistant_turns = sum(1 for m in row["messages"] if m["role"] == "assistant")
@@ -155,7 +153,7 @@ def test_reasoning_chats_match_an_independent_computation(tiny_model: Path, tmp_
             {"role": m["role"], "content": m["content"], "reasoning_content": m.get("reasoning", "")}
             for m in row["messages"]
         ]
-        per_token, mask = _independent_nll(model, messages, marked)
+        per_token, mask, _ = _independent_nll(model, messages, marked)
         r = got[row["id"]]
         assert r["n_scored_tokens"] == mask.sum(), row["id"]
         assert abs(r["nll_sum"] - per_token[mask].sum()) < 1e-3 * mask.sum()
@@ -196,6 +194,8 @@ def test_embeddings_views_npy_and_pools_by_quantile(tmp_path: Path) -> None:
     ids = json.loads((out / "embeddings_ids.json").read_text())
     assert matrix.shape[0] == len(rows) == len(ids) == 30 and matrix.shape[1] == len(rows[0]["embedding"])
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-4)
+    by_id = {r["id"]: r["embedding"] for r in rows}
+    assert all(np.allclose(matrix[i], by_id[rid]) for i, rid in enumerate(ids))  # row i is ids[i]
     answers = tmp_path / "answers"
     assert forge_cli([*args, "score.view=assistant", f"output.dir={answers}"], tmp_path).returncode == 0
     a, b = read_rows(out)[0]["embedding"], read_rows(answers)[0]["embedding"]
@@ -216,22 +216,18 @@ def test_embeddings_views_npy_and_pools_by_quantile(tmp_path: Path) -> None:
 
 
 def test_killed_then_rerun_scores_every_row_once(tmp_path: Path) -> None:
+    """kill -9 twice at random moments after the first chunk, then re-run: every row scored once,
+    with the same scores as an uninterrupted run."""
     data = write_jsonl(tmp_path / "chats.jsonl", _chats(200))
+    args = ["pipeline=score", "model=tiny_cpu", f"dataset.name={data}", "output.examples_per_chunk=20"]
+    args += ["run.progress=false"]
+    ref = tmp_path / "ref"
+    assert forge_cli([*args, f"output.dir={ref}"], tmp_path).returncode == 0
     out = tmp_path / "nll"
-    args = ["pipeline=score", "model=tiny_cpu", f"dataset.name={data}", f"output.dir={out}"]
-    args += ["output.examples_per_chunk=20", "run.progress=false"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forge.cli", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while not (out / "data").is_dir() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(random.uniform(0, 1))
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    again = forge_cli(args, tmp_path)
+    kill_forge_at_random([*args, f"output.dir={out}"], tmp_path, (out / "data").is_dir, 1.0)
+    again = forge_cli([*args, f"output.dir={out}"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    ids = [r["source"]["id"] for r in read_rows(out)]
-    assert sorted(ids) == sorted(f"c{i}" for i in range(200))
+    got = {r["source"]["id"]: r["nll_sum"] for r in read_rows(out)}
+    want = {r["source"]["id"]: r["nll_sum"] for r in read_rows(ref)}
+    assert len(read_rows(out)) == 200 and got == pytest.approx(want)
     assert read_stats(out)["rows_in"] == 200
