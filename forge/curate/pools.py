@@ -98,13 +98,15 @@ def _compile(node: ast.AST, columns: set[str]) -> pc.Expression:
     raise PoolError(f"not allowed in a pool expression: `{ast.unparse(node)}`")
 
 
-def compile_pools(pools: dict[str, str], schema: pa.Schema) -> dict[str, pc.Expression]:
-    """Each pool's expression, checked against the output schema; errors name the pool."""
+def compile_pools(pools: dict[str, str], schema: pa.Schema, key: str = "curate.pools") -> dict[str, pc.Expression]:
+    """Each pool's expression, checked against the output schema; errors name the pool (under
+    `key`: the stage's own pools knob)."""
+    prefix = key
     columns = set(schema.names)
     seen: dict[str, str] = {}
     out = {}
     for name, expression in pools.items():
-        key = f"curate.pools.{name}"
+        key = f"{prefix}.{name}"
         if not POOL_NAME.match(str(name)):
             raise ConfigError(f"{key}: a pool name is a folder name: letters, digits, _ . - (got {name!r})")
         folded = str(name).lower()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import ast
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -35,9 +36,9 @@ def _column(out_dir: Path, name: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
 
 
-def with_quantiles(name: str, expression: str, out_dir: Path, columns: set[str]) -> str:
-    """The expression with each `quantile(q)` replaced by the q-quantile, over the whole run, of
-    the column it is compared with."""
+def with_quantiles(name: str, expression: str, columns: set[str], value_of: Callable[[str, float], float]) -> str:
+    """The expression with each `quantile(q)` replaced by value_of(column, q): the q-quantile,
+    over the whole run, of the column it is compared with."""
     try:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError as exc:
@@ -54,10 +55,8 @@ def with_quantiles(name: str, expression: str, out_dir: Path, columns: set[str])
                         raise ConfigError(f"score.pools.{name}: quantile(q) needs a number q and a column to compare")
                     q = float(side.args[0].value)
                     if not 0 <= q <= 1:
-                        raise ConfigError(f"score.pools.{name}: quantile({q}): q must be in [0, 1]")
-                    values = _column(out_dir, cols[0])
-                    value = float(np.nanquantile(values, q)) if len(values) else float("nan")
-                    constant = ast.copy_location(ast.Constant(value), side)
+                        raise ConfigError(f"score.pools.{name}: quantile({q:g}): q must be in [0, 1]")
+                    constant = ast.copy_location(ast.Constant(value_of(cols[0], q)), side)
                     if i == 0:
                         node.left = constant
                     else:
@@ -65,6 +64,23 @@ def with_quantiles(name: str, expression: str, out_dir: Path, columns: set[str])
             return node
 
     return ast.unparse(Quantiles().visit(tree))
+
+
+def check_pools(pools: dict[str, str], schema: pa.Schema) -> None:
+    """Every pool expression checked against the output schema before any row is scored (a bad
+    expression must not wait for the finish pass to fail)."""
+    from forge.curate.pools import compile_pools
+
+    resolved = {name: with_quantiles(name, expr, set(schema.names), lambda c, q: 0.0) for name, expr in pools.items()}
+    compile_pools(resolved, schema, key="score.pools")
+
+
+def _quantile(out_dir: Path) -> Callable[[str, float], float]:
+    def value_of(column: str, q: float) -> float:
+        values = _column(out_dir, column)
+        return float(np.nanquantile(values, q)) if len(values) else float("nan")
+
+    return value_of
 
 
 def write_pools(out_dir: Path, pools: dict[str, str]) -> dict[str, Any]:
@@ -75,8 +91,9 @@ def write_pools(out_dir: Path, pools: dict[str, str]) -> dict[str, Any]:
     if not pools or not files:
         return {}
     schema = pq.read_schema(files[0])
-    resolved = {name: with_quantiles(name, expr, out_dir, set(schema.names)) for name, expr in pools.items()}
-    compiled = compile_pools(resolved, schema)
+    value_of = _quantile(out_dir)
+    resolved = {name: with_quantiles(name, expr, set(schema.names), value_of) for name, expr in pools.items()}
+    compiled = compile_pools(resolved, schema, key="score.pools")
     counts = dict.fromkeys(pools, 0)
     for f in files:
         for key, table in pool_tables(pq.read_table(f), compiled).items():

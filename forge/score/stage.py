@@ -106,6 +106,9 @@ class ScoreStage:
         self.schema = curated_schema(meta_columns([s.spec for s in self.sources]))
         for f in extra:
             self.schema = self.schema.append(f)
+        from forge.score.report import check_pools
+
+        check_pools(dict(self.cfg.pools), self.schema)
         self.scorer: Any = None
 
     def fingerprint(self) -> dict[str, Any]:

@@ -47,3 +47,21 @@ def test_views_of_a_chat() -> None:
     assert view_text(row, "user") == "q" and view_text(row, "assistant") == "a"
     assert view_text(row, "conversation") == "user: q\n\nassistant: a"
     assert view_text({"text": "doc"}, "user") == "doc"
+
+
+def test_pool_expressions_are_checked_before_any_row_is_scored() -> None:
+    import pyarrow as pa
+
+    from forge.config import ConfigError
+    from forge.score.report import check_pools
+
+    schema = pa.schema([("nll_mean", pa.float64()), ("n_scored_tokens", pa.int64())])
+    check_pools({"low": "nll_mean <= quantile(0.25) and n_scored_tokens > 10"}, schema)
+    for expression, why in (
+        ("nll_mean <= quantile(2)", r"quantile\(2\): q must be in \[0, 1\]"),
+        ("nll_mean <= quantile(x)", "needs a number q"),
+        ("nll_mea > 3", "score.pools.bad: `nll_mea > 3`"),
+        ("nll_mean <=", "score.pools.bad: invalid syntax"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            check_pools({"bad": expression}, schema)
