@@ -301,13 +301,16 @@ class VllmScorer:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def check_engine(engine: EngineKind) -> None:
+    if engine not in (EngineKind.transformers, EngineKind.vllm, EngineKind.vllm_async):
+        raise ConfigError(
+            f"model.engine={engine.value}: pipeline=score runs the model in this process; use model.engine=vllm "
+            "(GPU) or transformers (CPU)"
+        )
+
+
 def make_scorer(cfg: ForgeConfig, model_path: str) -> Any:
-    engine = cfg.model.engine
-    if engine == EngineKind.transformers:
+    check_engine(cfg.model.engine)
+    if cfg.model.engine == EngineKind.transformers:
         return TransformersScorer(model_path, cfg.score.kind, cfg.score.batch_tokens)
-    if engine in (EngineKind.vllm, EngineKind.vllm_async):
-        return VllmScorer(cfg, model_path, cfg.score.kind, cfg.score.batch_tokens)
-    raise ConfigError(
-        f"model.engine={engine.value}: pipeline=score runs the model in this process; use model.engine=vllm "
-        "(GPU) or transformers (CPU)"
-    )
+    return VllmScorer(cfg, model_path, cfg.score.kind, cfg.score.batch_tokens)

@@ -92,7 +92,9 @@ class ScoreStage:
         for s in self.sources:
             check_spec(s.spec, s.key)
         from forge.runner import resolve_model
+        from forge.score.backends import check_engine
 
+        check_engine(cfg.model.engine)  # before the run is accepted
         self.model_path = resolve_model(cfg.model.name_or_path)
         tok = cfg.model.tokenizer or self.model_path
         try:

@@ -65,3 +65,13 @@ def test_pool_expressions_are_checked_before_any_row_is_scored() -> None:
     ):
         with pytest.raises(ConfigError, match=why):
             check_pools({"bad": expression}, schema)
+
+
+def test_only_an_engine_in_this_process_can_score() -> None:
+    from forge.config import ConfigError, EngineKind
+    from forge.score.backends import check_engine
+
+    for ok in (EngineKind.transformers, EngineKind.vllm, EngineKind.vllm_async):
+        check_engine(ok)
+    with pytest.raises(ConfigError, match="model.engine=endpoint: pipeline=score runs the model in this process"):
+        check_engine(EngineKind.endpoint)
