@@ -1,22 +1,38 @@
-"""PNG bar charts of a sweep's figures (forge-analyze): one file per figure, one bar per point,
+"""PNG figures: matplotlib without a display, files written whole (the stage cards' plots), and
+the bar charts of a sweep's figures (forge-analyze): one file per figure, one bar per point,
 coloured by model; a failed point keeps its place, marked with its failure class instead of a bar."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from forge.analyze import Point
 
 
-def plot_figures(points: list[Point], out: Path, figures: dict[str, tuple[str, str]]) -> list[Path]:
-    """Write one PNG per entry of figures ({column: (title, file name)}); returns their paths."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: files only, no display on nodes, CI or ssh."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display on nodes, CI or ssh
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """The figure as a PNG at `path`, written to a temporary name and moved into place (a kill
+    never leaves half a file), then closed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    pyplot().close(fig)
+    tmp.replace(path)
+
+
+def plot_figures(points: list[Point], out: Path, figures: dict[str, tuple[str, str]]) -> list[Path]:
+    """Write one PNG per entry of figures ({column: (title, file name)}); returns their paths."""
+    plt = pyplot()
     models = sorted({p.model for p in points})
     palette = plt.get_cmap("tab10")
     colours = {m: palette(i % 10) for i, m in enumerate(models)}
@@ -41,7 +57,6 @@ def plot_figures(points: list[Point], out: Path, figures: dict[str, tuple[str, s
             ax.legend(handles, models, fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_png(fig, path)
         written.append(path)
     return written

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from forge.plots import pyplot, save_png
+
 log = logging.getLogger("forge.dedup")
 PNG = "cluster_sizes.png"
 
@@ -56,11 +58,7 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
 
 
 def plot_cluster_sizes(histogram: dict[str, int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sizes = sorted((int(k), v) for k, v in histogram.items())
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if sizes:
@@ -72,10 +70,7 @@ def plot_cluster_sizes(histogram: dict[str, int], path: Path) -> None:
     ax.set_ylabel("clusters")
     ax.set_title("dedup: cluster sizes")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def card_lines(stats: dict[str, Any]) -> list[str]:

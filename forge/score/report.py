@@ -20,6 +20,7 @@ import yaml
 
 from forge.config import ConfigError
 from forge.output import shard_files, write_atomic, write_json_atomic
+from forge.plots import pyplot, save_png
 
 log = logging.getLogger("forge.score")
 PNG = "score_hist.png"
@@ -76,8 +77,12 @@ def check_pools(pools: dict[str, str], schema: pa.Schema) -> None:
 
 
 def _quantile(out_dir: Path) -> Callable[[str, float], float]:
+    columns: dict[str, np.ndarray] = {}  # each column read once, however many pools use it
+
     def value_of(column: str, q: float) -> float:
-        values = _column(out_dir, column)
+        if column not in columns:
+            columns[column] = _column(out_dir, column)
+        values = columns[column]
         return float(np.nanquantile(values, q)) if len(values) else float("nan")
 
     return value_of
@@ -151,11 +156,7 @@ def centroid_similarity(out_dir: Path) -> tuple[np.ndarray, int]:
 
 
 def plot(values: np.ndarray, label: str, bins: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if len(values):
         ax.hist(values[np.isfinite(values)], bins=bins, color="#4c72b0")
@@ -163,10 +164,7 @@ def plot(values: np.ndarray, label: str, bins: int, path: Path) -> None:
     ax.set_ylabel("rows")
     ax.set_title(f"score: {label}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def add_report(out_dir: Path, stats: dict[str, Any]) -> None:

@@ -97,11 +97,12 @@ class ScoreStage:
         check_engine(cfg.model.engine)  # before the run is accepted
         self.model_path = resolve_model(cfg.model.name_or_path)
         tok = cfg.model.tokenizer or self.model_path
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
         try:
             mask_cfg = TokenizeConfig(mask=self.cfg.mask, reasoning=self.cfg.reasoning, eos=False)
-            self.encoder = Encoder(tok, mask_cfg)
+            self.encoder = Encoder(tok, mask_cfg, stage="score", tokenizer_key=key)
         except TokenizerError as exc:
-            raise ConfigError(str(exc).replace("tokenize.tokenizer", "model.tokenizer")) from None
+            raise ConfigError(str(exc)) from None
         extra = NLL_FIELDS if self.cfg.kind == "nll" else [pa.field("embedding", pa.list_(pa.float32()))]
         if self.cfg.kind == "nll" and self.cfg.per_token:
             extra = [*extra, *PER_TOKEN_FIELDS]
@@ -207,8 +208,7 @@ class ScoreStage:
         for (mr, row), enc in zip(chats, self.encoder.chats([r["messages"] for _, r in chats]), strict=True):
             if isinstance(enc, RowError):
                 label = self.sources[mr.source].label
-                why = str(enc).replace("(tokenize.", "(score.")  # the encoder is the tokenize stage's
-                rejected.append(reject_row(mr, label, "chat_template", why, None, row["id"]))
+                rejected.append(reject_row(mr, label, "chat_template", str(enc), None, row["id"]))
             else:
                 encoded.append((mr, row, enc.tokens, enc.mask))
         self._wait_ready()

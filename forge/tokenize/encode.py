@@ -35,8 +35,9 @@ class RowError(ValueError):
     """This row cannot be tokenized (its reason goes to rejected/)."""
 
 
-def load_tokenizer(name: str) -> Any:
-    """A transformers fast tokenizer from a local dir or the local Hub cache (never downloads)."""
+def load_tokenizer(name: str, key: str = "tokenize.tokenizer") -> Any:
+    """A transformers fast tokenizer from a local dir or the local Hub cache (never downloads);
+    errors name `key`, the knob that chose it."""
     from transformers import AutoTokenizer
 
     where = "a local directory" if os.path.isdir(name) else "a Hub id, looked up in the local cache only"
@@ -45,11 +46,11 @@ def load_tokenizer(name: str) -> Any:
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TokenizerError(
-            f"tokenize.tokenizer: cannot load {name!r} ({where}; forge never downloads at run time): {first}. "
+            f"{key}: cannot load {name!r} ({where}; forge never downloads at run time): {first}. "
             "Pass a local tokenizer dir, or fetch the tokenizer into the cache first (`hf download <id>`)"
         ) from None
     if not getattr(tok, "is_fast", False):
-        raise TokenizerError(f"tokenize.tokenizer: {name!r} has no fast (Rust) tokenizer; forge needs tokenizer.json")
+        raise TokenizerError(f"{key}: {name!r} has no fast (Rust) tokenizer; forge needs tokenizer.json")
     return tok
 
 
@@ -67,16 +68,21 @@ class Encoded:
 
 
 class Encoder:
-    def __init__(self, name: str, cfg: TokenizeConfig) -> None:
+    """Token ids and loss masks. `stage` names the knobs in its messages (`score.mask` when the
+    score stage encodes); `tokenizer_key` the knob that chose the tokenizer."""
+
+    def __init__(self, name: str, cfg: TokenizeConfig, stage: str = "tokenize", tokenizer_key: str = "") -> None:
         self.name = name
         self.cfg = cfg
-        self.hf = load_tokenizer(name)
+        self.stage = stage
+        key = tokenizer_key or f"{stage}.tokenizer"
+        self.hf = load_tokenizer(name, key)
         self.fast = self.hf.backend_tokenizer
         self.vocab_size = len(self.hf)
         self.dtype = token_dtype(self.vocab_size)
         self.eos = self.hf.eos_token_id
         if cfg.eos and self.eos is None:
-            raise TokenizerError(f"tokenize.tokenizer: {name!r} has no EOS token; set tokenize.eos=false")
+            raise TokenizerError(f"{key}: {name!r} has no EOS token; set {stage}.eos=false")
         self.tiktoken = tiktoken_for(self.fast) if cfg.fast else None  # documents only (forge/tokenize/fast.py)
         added = sorted(self.hf.get_added_vocab(), key=len, reverse=True)
         self.added = re.compile("|".join(map(re.escape, added))) if added else None
@@ -135,7 +141,7 @@ class Encoder:
                 ids.append(self.eos)
                 mask = np.append(mask, np.uint8(0))
             if not mask.any():
-                out.append(RowError("empty loss mask: no token of an assistant turn (tokenize.mask)"))
+                out.append(RowError(f"empty loss mask: no token of an assistant turn ({self.stage}.mask)"))
                 continue
             out.append(Encoded(np.array(ids, dtype=self.dtype), mask))
         return out
@@ -156,7 +162,7 @@ class Encoder:
         if self.cfg.mask == "last":
             turns = turns[-1:]
         if not turns:
-            raise RowError("no assistant turn: nothing to train on (tokenize.mask)")
+            raise RowError(f"no assistant turn: nothing to train on ({self.stage}.mask)")
         spans, cursor = [], 0
         for i in turns:
             m = msgs[i]

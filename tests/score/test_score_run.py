@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import forge_cli, kill_forge_at_random, read_rows, read_stats, write_jsonl
+from conftest import forge_cli, kill_forge_at_random, qwen_like_template, read_rows, read_stats, write_jsonl
 
 pytestmark = pytest.mark.slow
 # the tiny model's ChatML, with the markers transformers needs for its own assistant mask
@@ -84,26 +84,6 @@ def test_nll_matches_an_independent_computation_token_by_token(tiny_model: Path,
     assert stats["score"]["scored_tokens_per_s"] > 0 and (out / "score_hist.png").exists()
 
 
-# Qwen3's behaviour with transformers' markers: reasoning rendered only for assistant turns after
-# the last user turn; {% generation %} around what is scored (with or without the reasoning)
-QWEN_LIKE_MARKED = (
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "GEN_OPEN_R"
-    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
-    "{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' -}}{%- endif -%}"
-    "GEN_OPEN_C"
-    "{{- m.content + '<|im_end|>' -}}{% endgeneration %}{{- '\\n' -}}"
-    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-
 def _reasoning_chats(n: int) -> list[dict]:
     rng = random.Random(7)
     words = "the water of the river runs to the sea and light comes from a star".split()
@@ -135,11 +115,9 @@ def test_reasoning_chats_match_an_independent_computation(tiny_model: Path, tmp_
     shutil.copytree(tiny_model, model)
     (model / "chat_template.jinja").unlink(missing_ok=True)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    plain = QWEN_LIKE_MARKED.replace("GEN_OPEN_R", "").replace("GEN_OPEN_C", "").replace("{% endgeneration %}", "")
-    tok.chat_template = plain
+    tok.chat_template = qwen_like_template()
     tok.save_pretrained(model)
-    gen = ("GEN_OPEN_R", "GEN_OPEN_C") if reasoning else ("GEN_OPEN_C", "GEN_OPEN_R")
-    marked = QWEN_LIKE_MARKED.replace(gen[0], "{% generation %}").replace(gen[1], "")
+    marked = qwen_like_template("reasoning" if reasoning else "content")
     rows = _reasoning_chats(8)
     data = write_jsonl(tmp_path / "chats.jsonl", rows)
     out = tmp_path / "nll"

@@ -9,30 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import qwen_like_template
 
 from forge.tokenize.config import TokenizeConfig
 from forge.tokenize.encode import Encoder, RowError, TokenizerError
 
-# Qwen3's behaviour, shortened: reasoning only for assistant turns after the last user turn, tool
-# calls as <tool_call> JSON, tool results as a user turn
-QWEN_LIKE = (
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
-    "{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' -}}{%- endif -%}"
-    "{{- m.content -}}"
-    "{%- for c in m.tool_calls or [] -%}{{- '\\n<tool_call>\\n' + (c | tojson) + '\\n</tool_call>' -}}{%- endfor -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- elif m.role == 'tool' -%}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' -}}"
-    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+QWEN_LIKE = qwen_like_template()  # Qwen3's behaviour, shortened (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +156,12 @@ def test_tiktoken_gives_the_tokenizers_ids_or_is_not_used(tiny_model: Path, tmp_
     from forge.tokenize.fast import tiktoken_for
 
     assert tiktoken_for(word) is None  # not byte-level BPE: tokenizers does the work
+
+
+def test_messages_name_the_knobs_of_the_stage_that_encodes(tiny_model: Path, tmp_path: Path) -> None:
+    """The score stage encodes with the same code; its rows' reasons and its errors name its knobs."""
+    enc = Encoder(str(tiny_model), TokenizeConfig(eos=False), stage="score", tokenizer_key="model.tokenizer")
+    [out] = enc.chats([[{"role": "user", "content": "hi"}]])
+    assert isinstance(out, RowError) and "(score.mask)" in str(out)
+    with pytest.raises(TokenizerError, match="^model.tokenizer: cannot load"):
+        Encoder(str(tmp_path / "none"), TokenizeConfig(), stage="score", tokenizer_key="model.tokenizer")
