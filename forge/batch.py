@@ -30,6 +30,7 @@ from forge.output import (
     clean_temp_files,
     read_columns,
     shard_files,
+    unfinished_inputs,
     write_atomic,
     write_json_atomic,
 )
@@ -107,6 +108,7 @@ def reject_row(row: MixedRow, label: str, step: str, reason: str, value: Any = N
         "source": label,
         "where": row.row.where,
         "row": text[:ROW_CHARS] if text else None,
+        "copy": row.copy,
     }
 
 
@@ -197,8 +199,13 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
                     path = out_dir / name / f"{task:05d}_{k:05d}.parquet"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     write_atomic(path, table, getattr(stage, "dictionary_columns", True))
-            if result.rejected:
-                rows = [dict(r, stage=stage.name, retryable=False) for r in result.rejected]
+            # an up-sampled row's repeats (copy > 0) are counted, never listed again: rejected/
+            # holds one entry per input row (a source whose rows all fail is not multiplied there)
+            listed = [r for r in result.rejected if not r.get("copy")]
+            if len(listed) < len(result.rejected):
+                add_counts(result.counts, {"removed_copies_not_listed": len(result.rejected) - len(listed)})
+            if listed:
+                rows = [dict(r, stage=stage.name, retryable=False) for r in listed]
                 (out_dir / "rejected").mkdir(exist_ok=True)
                 write_atomic(
                     out_dir / "rejected" / f"{task:05d}_{k:05d}.parquet",
@@ -263,4 +270,6 @@ def batch_totals(out_dir: Path) -> dict[str, Any]:
         **counts,
     }
     merged["rows_written"] = merged.get("rows_kept", 0)
+    if unfinished := unfinished_inputs(out_dir):
+        merged["unfinished_inputs"] = unfinished
     return merged

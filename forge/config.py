@@ -98,6 +98,13 @@ class DatasetConfig:
         pilot_rows: a sized mix runs each source's first rows through the stage to learn the share
             it keeps, and reads more of a source its filters thin out, so the KEPT rows meet the
             target and the requested shares; 0 = size on input rows.
+        max_repeat: a sized mix reads a source the stage thins out at most this many times over
+            (or as often as its share alone asks, if more), so a source that keeps few rows
+            cannot flood the run with copies; short of its share, a warning and the achieved
+            share in stats.json and the card say so.
+        allow_unfinished: read a forge run dir (or a mix source that is one) that is not finished
+            (killed, failed, or being written right now): only its whole chunks are read, and
+            the log, stats.json (`unfinished_inputs`) and the card say so. Default: refused.
     """
 
     name: str = "forge://sample"
@@ -119,6 +126,8 @@ class DatasetConfig:
     temperature: float = 1.0
     seed: int = 0
     pilot_rows: int = 1000
+    max_repeat: float = 10.0
+    allow_unfinished: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 import orjson
 
 from forge.config import DatasetConfig
+
+log = logging.getLogger("forge.dataset")
 
 SAMPLE_PREFIX = "forge://"
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".arrow", ".jsonl.gz", ".json.gz")
@@ -132,6 +135,20 @@ def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, st
             yield item, where, None
 
 
+def unfinished_reason(path: Path) -> str | None:
+    """Why a forge run dir is not a whole input (None when it is): being written right now, or
+    its last session never finished (killed, failed, or a Slurm run not finalized)."""
+    from forge.locks import running_holder
+    from forge.output import is_finished
+
+    holder = running_holder(path)
+    if holder is not None:
+        return f"is being written right now by {holder}"
+    if not is_finished(path):
+        return "is not finished (its last run was killed, failed or is not finalized: no state/finished.json)"
+    return None
+
+
 def is_run_dir(name: str) -> bool:
     """A directory forge wrote (a run of any stage): its rows are data/*.parquet."""
     path = Path(name)
@@ -218,6 +235,7 @@ class Source:
             self.columns = []
         self.files: list[str] = []
         self.hub = False
+        self.unfinished: str | None = None  # why a forge run dir read as input is not finished
         name = cfg.name
         if name.startswith(SAMPLE_PREFIX):
             path = bundled(name[len(SAMPLE_PREFIX) :])
@@ -233,6 +251,14 @@ class Source:
                 raise DatasetError(f"dataset.name: {name} is not one of {', '.join(FILE_SUFFIXES)}")
             self.files = [name]
         elif is_run_dir(name):  # a forge run dir: the next stage reads what it wrote
+            self.unfinished = unfinished_reason(Path(name))
+            if self.unfinished and not cfg.allow_unfinished:
+                raise DatasetError(
+                    f"dataset.name: the forge run dir {name} {self.unfinished}; finish it first (re-run the "
+                    "command that writes it), or set dataset.allow_unfinished=true to read the chunks it has"
+                )
+            if self.unfinished:
+                log.warning("dataset.allow_unfinished: reading %s, which %s", name, self.unfinished)
             self.files = sorted(str(p) for p in (Path(name) / "data").glob("*.parquet"))
             if not self.files:
                 raise DatasetError(f"dataset.name: the forge run dir {name} has no rows in data/ yet")
@@ -259,7 +285,7 @@ class Source:
             "id_column": self.cfg.id_column,
             "max_examples": self.cfg.max_examples,
             "files": [str(Path(f).name) for f in self.files][:50],
-        }
+        } | ({"unfinished": self.unfinished} if self.unfinished else {})
 
     def _file_rows(self, path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
         suffix = _suffix(path)

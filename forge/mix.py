@@ -41,6 +41,7 @@ class MixSource:
     rate: float = 1.0  # rows taken per row read (r_i)
     target: float = 0.0  # rows wanted from this source (kept rows, once a pass rate is known)
     pass_rate: float = 1.0  # share of its rows the stage keeps, measured on its first rows
+    capped: int | None = None  # kept rows expected when max_repeat bounds the rate (short of target)
 
     @property
     def label(self) -> str:
@@ -83,6 +84,7 @@ class Mix:
                     "meta": _plain(s.spec.meta),
                     "files": [Path(f).name for f in s.reader.files][:50],
                 }
+                | ({"unfinished": s.reader.unfinished} if s.reader.unfinished else {})
                 for s in self.sources
             ],
             "seed": self.seed,
@@ -153,6 +155,8 @@ def check_mix(d: DatasetConfig) -> None:
         labels[label] = key
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("dataset.sources: the weights sum to 0")
+    if d.max_repeat is None or not d.max_repeat >= 1:
+        raise ConfigError(f"dataset.max_repeat: must be >= 1 (got {d.max_repeat})")
     if d.temperature is None or not d.temperature > 0:
         raise ConfigError(f"dataset.temperature: must be > 0 (got {d.temperature})")
     if d.target_rows is not None and d.target_tokens is not None:
@@ -169,7 +173,13 @@ def open_mix(d: DatasetConfig) -> Mix:
     check_mix(d)
     sources = []
     for i, (key, spec) in enumerate(source_specs(d)):
-        reader_cfg = DatasetConfig(name=spec.name, config=spec.config, split=spec.split, revision=spec.revision)
+        reader_cfg = DatasetConfig(
+            name=spec.name,
+            config=spec.config,
+            split=spec.split,
+            revision=spec.revision,
+            allow_unfinished=d.allow_unfinished,
+        )
         try:
             reader = Source(reader_cfg, all_columns=True)
         except DatasetError as exc:
@@ -201,17 +211,42 @@ def open_mix(d: DatasetConfig) -> Mix:
 MIN_PASS_RATE = 0.01
 
 
-def aim_at_kept_rows(mix: Mix, pilot: dict[int, tuple[float, float]]) -> None:
+def aim_at_kept_rows(mix: Mix, pilot: dict[int, tuple[float, float]], max_repeat: float = 10.0) -> None:
     """Size each source for the rows the stage will KEEP, from (pass rate, tokens per kept row)
     measured on its first rows: a source whose rows are filtered out twice as often is read twice
-    as much, and with target_tokens the tokens counted are those of the kept, normalized rows."""
+    as much, and with target_tokens the tokens counted are those of the kept, normalized rows.
+
+    A source whose pilot keeps nothing stops the run (naming it): no repeat factor can give it a
+    share. One thinned out so much that reaching its share would repeat its rows more than
+    `max_repeat` times (or than its share alone asks) is read that often and no more, with a
+    warning; stats.json and the card then show the share it achieved."""
     for s in mix.sources:
         if s.index in pilot and s.available:
             rate, tokens_per_row = pilot[s.index]
+            if rate <= 0:
+                raise DatasetError(
+                    f"{s.key} ({s.label}): the stage keeps none of this source's first rows (the pilot), so it "
+                    f"cannot give its share of {s.share:.1%}; see why in a run of the stage on it alone, fix "
+                    "its format/columns, or drop it from the mix (dataset.pilot_rows=0 sizes on input rows)"
+                )
             s.pass_rate = max(rate, MIN_PASS_RATE)
             if mix.target_tokens is not None and tokens_per_row > 0:
                 s.target = mix.target_tokens * s.share / tokens_per_row
-            s.rate = s.target / (s.available * s.pass_rate)
+            wanted = s.target / (s.available * s.pass_rate)
+            bound = max(max_repeat, s.target / s.available)  # a share alone may ask for more
+            s.rate = min(wanted, bound)
+            if wanted > bound:
+                s.capped = round(s.rate * s.available * s.pass_rate)
+                log.warning(
+                    "mix: %s keeps %.0f%% of its rows in the pilot: about %d kept rows of the %.0f its share asks "
+                    "for, read x%.2f (dataset.max_repeat=%g); its achieved share is in stats.json and the card",
+                    s.label,
+                    100 * rate,
+                    s.capped,
+                    s.target,
+                    s.rate,
+                    max_repeat,
+                )
     for s in mix.sources:
         if s.rate > 1:
             log.info("mix: %s is up-sampled x%.2f (%d rows for %.0f kept)", s.label, s.rate, s.available, s.target)

@@ -21,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from forge.secrets import redact_strings, redact_table
+
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DATA_SCHEMA = pa.schema(
     [
@@ -139,6 +141,7 @@ def write_atomic(path: Path, table: pa.Table, use_dictionary: bool | list[str] =
     """Temp file, fsync, rename: a kill leaves the whole shard or none. A failed write (disk
     full) removes its temp file and raises OutputError naming the shard. `use_dictionary`:
     Parquet's dictionary encoding (for all columns, or the named ones)."""
+    table = redact_table(table)  # the one masking path: no secret reaches a file
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", use_dictionary=use_dictionary)
@@ -154,7 +157,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(redact_strings(data), indent=2, sort_keys=True, default=str))
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -272,20 +275,19 @@ def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise OutputError(f"{path}: unreadable ({exc}); move it away to accept the current settings") from None
-    changes = _diff(old, json.loads(json.dumps(manifest, default=str)))
+    changes = _diff(old, json.loads(json.dumps(redact_strings(manifest), default=str)))
     if changes and produced_anything(out_dir):
-        shown = "; ".join(changes[:5]) + ("; ..." if len(changes) > 5 else "")
+        shown = "; ".join(changes[:2]) + (f"; and {len(changes) - 2} more" if len(changes) > 2 else "")
         raise RunChanged(
-            f"{out_dir} holds a run with other settings ({shown}). Re-run with output.on_change=fresh to "
-            "move the old results aside and start over (a generation run reuses its cached answers), "
-            "or pick another output.dir."
+            f"{out_dir} holds a run with other settings ({shown}); output.on_change=fresh moves it aside and "
+            "starts over (reusing cached answers), or pick another output.dir"
         )
 
 
 def record_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     """Pin the run's settings (first accepted run, or one replacing settings that produced nothing)."""
     path = out_dir / "forge_run.json"
-    wanted = json.loads(json.dumps(manifest, default=str))
+    wanted = json.loads(json.dumps(redact_strings(manifest), default=str))  # as written
     if path.exists():
         try:
             if json.loads(path.read_text()) == wanted:
@@ -301,7 +303,20 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(old) | set(new)):
             out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    if old == new:
+        return []
+    key = prefix.rstrip(".")
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) == len(new) and all(isinstance(x, dict) for x in old + new):  # e.g. the mix's sources
+            return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in _diff(a, b, f"{key}[{i}].")]
+        changed = len([x for x in new if x not in old])  # e.g. the input's files: counted, not listed
+        return [f"{key}: {len(old)} -> {len(new)} entries, {changed} new or changed"]
+    return [f"{key}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_task_input(out_dir: Path, task: int, fingerprint: dict[str, Any]) -> None:
@@ -366,3 +381,34 @@ def prune_rejected(rejected_dir: Path, data_dir: Path, task: int) -> int:
         dropped += keep.count(False)
         write_atomic(f, table.filter(pa.array(keep, pa.bool_())).cast(REJECT_SCHEMA))
     return dropped
+
+
+FINISHED = "finished.json"  # state/finished.json: the run's last session finished (stats and card written)
+
+
+def mark_started(out_dir: Path) -> None:
+    """An accepted session starts writing: the run dir is no longer a finished input for the
+    next stage until this session (or Slurm's finalize job) finishes it."""
+    (out_dir / "state" / FINISHED).unlink(missing_ok=True)
+
+
+def mark_finished(out_dir: Path, stats: dict[str, Any]) -> None:
+    """The run dir is whole: every shard done, stats.json and the card written."""
+    done = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": stats.get("rows_written")}
+    write_json_atomic(out_dir / "state" / FINISHED, done)
+
+
+def is_finished(out_dir: Path) -> bool:
+    return (out_dir / "state" / FINISHED).is_file()
+
+
+def unfinished_inputs(out_dir: Path) -> dict[str, str]:
+    """Inputs this run read while they were unfinished (dataset.allow_unfinished), from its
+    manifest: {input: why}; for stats.json and the card."""
+    try:
+        dataset = json.loads((out_dir / "forge_run.json").read_text()).get("dataset") or {}
+    except (OSError, ValueError):
+        return {}
+    found = {dataset.get("name"): dataset.get("unfinished")}
+    found.update({s.get("name"): s.get("unfinished") for s in dataset.get("sources") or []})
+    return {str(k): v for k, v in found.items() if v}

@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -39,6 +37,7 @@ from forge.hub import (
     repo_url,
     target_from,
 )
+from forge.locks import RunBusy, check_not_running, check_run_free, run_lock, shard_lock
 from forge.output import (
     DATA_SCHEMA,
     REJECT_SCHEMA,
@@ -50,6 +49,8 @@ from forge.output import (
     check_task_input,
     create_output_dir,
     done_keys,
+    mark_finished,
+    mark_started,
     move_aside,
     prune_rejected,
     record_manifest,
@@ -255,51 +256,6 @@ def make_client(
         return InProcessClient(engine, tokenizer, cfg.generation.extra_body.get("chat_template_kwargs"))
     r = cfg.run
     return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=on_retry)
-
-
-@contextlib.contextmanager
-def shard_lock(out_dir: Path, task: int):
-    """One process per shard: a second forge (or a stale Slurm task) on the same shard would
-    write duplicate rows, so it stops at once instead."""
-    path = out_dir / "state" / f"task_{task:05d}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            msg = f"shard {task} of {out_dir} is being run right now by {_lock_holder(fh)}; not starting it twice"
-            raise EngineError(msg) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.truncate(0)
-
-
-def _lock_holder(fh: Any) -> str:
-    """`pid N on HOST`, as the holder of a shard lock wrote it into the lock file."""
-    fh.seek(0)
-    return fh.read().strip() or "another process"
-
-
-def check_not_running(out_dir: Path) -> None:
-    """Refuse, before anything is written, a run dir that another forge is running right now
-    (its shard lock is held): its config.yaml and card must keep describing that run."""
-    for path in sorted((out_dir / "state").glob("task_*.lock")):
-        try:
-            fh = open(path)
-        except OSError:
-            continue
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise EngineError(
-                    f"{out_dir} is being run right now by {_lock_holder(fh)}; not starting a second run in it"
-                ) from None
 
 
 async def run_task(
@@ -511,6 +467,7 @@ class GenerationRun:
         harmonize_shards(out_dir)  # a rollout's late-seen column, null in its earlier shards
         stats = merge_stats(out_dir)
         card = write_card(out_dir, hub_repo)
+        mark_finished(out_dir, stats)
         line = (
             f"forge: {stats['rows_written']} rows ({stats['documents_written']} documents) in {out_dir / 'data'}; "
             f"{stats['documents_rejected']} documents quarantined in {out_dir / 'rejected'}; "
@@ -547,8 +504,8 @@ def prepare_generation(cfg: ForgeConfig) -> tuple[Source, str | None, dict[str, 
 
 def start_fresh(cfg: ForgeConfig, wanted: dict[str, Any], what: str, changed: RunChanged) -> None:
     """output.on_change=fresh: move the changed run aside and start over; else raise `changed`."""
-    if cfg.output.on_change != OnChange.fresh:
-        raise changed
+    if cfg.output.on_change != OnChange.fresh or cfg.cluster.task_index is not None:
+        raise changed  # a Slurm task never moves the dir its sibling tasks are writing
     out_dir = Path(cfg.output.dir)
     moved = move_aside(out_dir)
     log.warning("output.on_change=fresh: %s moved to %s", what, moved)
@@ -588,6 +545,20 @@ def run_forge(
     merge: bool = True,
     overrides: list[str] | None = None,
 ) -> int:
+    """Run the shards of cfg (all, or cluster.task_index) here; returns the exit code. A local
+    run holds the run dir's lock (forge/locks.py) from before its checks to its last write."""
+    with contextlib.ExitStack() as held:
+        return _run_forge(cfg, raw, held, log_name, merge, overrides)
+
+
+def _run_forge(
+    cfg: ForgeConfig,
+    raw: DictConfig | dict,
+    held: contextlib.ExitStack,
+    log_name: str = "forge.log",
+    merge: bool = True,
+    overrides: list[str] | None = None,
+) -> int:
     """Run the shards of cfg (all, or cluster.task_index) here; returns the exit code.
 
     Nothing is written into the run dir until the run is accepted (output dir usable, input
@@ -608,13 +579,23 @@ def run_forge(
     accepted = False
     try:
         check_output_dir(out_dir)
-        if cfg.cluster.task_index is None:  # a Slurm task holds only its own shard's lock
+        local = cfg.cluster.task_index is None  # a Slurm task holds only its own shard's lock
+        locked = False
+        if local:
             check_not_running(out_dir)
+            if (out_dir / "state").is_dir():  # else taken once accepted: a refused run creates nothing
+                held.enter_context(run_lock(out_dir))
+                locked = True
+        else:
+            check_run_free(out_dir, cfg.cluster.task_index)
         run = prepare_run(cfg)
         if hub:
             preflight(hub)  # a bad token fails here, before any engine starts
         create_output_dir(out_dir)
+        if local and not locked:
+            held.enter_context(run_lock(out_dir))
         accepted = True
+        mark_started(out_dir)  # not a finished input for the next stage until this session finishes
         attach_run_log(out_dir, log_name)
         log.info("=== forge run %s in %s", time.strftime("%Y-%m-%d %H:%M:%S"), out_dir)
         if merge:
@@ -645,6 +626,8 @@ def run_forge(
         if details:
             print("\n".join(f"  | {line}" for line in details.splitlines()), file=sys.stderr)
         user_error = (ConfigError, DatasetError, RunChanged, HubError)
+        if isinstance(exc, RunBusy):  # another forge runs it: re-run once that one has ended
+            return 1
         return 2 if isinstance(exc, user_error) or (isinstance(exc, OutputError) and not accepted) else 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         if merge and accepted:
@@ -656,7 +639,7 @@ def run_forge(
     if not merge:
         return 0
     try:
-        _, summary = run.finish(hub.repo if hub else None)
+        _, summary = run.finish(hub.repo if hub else None)  # marks the dir finished (state/finished.json)
     except (OSError, OutputError) as exc:
         print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
         print(f"forge: every row is in {out_dir / 'data'}; re-run the same command to write the rest", file=sys.stderr)
@@ -685,6 +668,7 @@ def run_step(cfg: ForgeConfig, raw: DictConfig | dict, step: str, task: int, log
     register_config_secrets(raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True))
     try:
         run = prepare_run(cfg)
+        mark_started(out_dir)
         attach_run_log(out_dir, log_name)
         log.info("=== forge step %s, task %d, in %s", step, task, out_dir)
         run.run_step(step, task)

@@ -242,3 +242,67 @@ def guard_std_streams() -> None:
         sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
     if not isinstance(sys.stderr, RedactingStream):
         sys.stderr = RedactingStream(sys.stderr)  # type: ignore[assignment]
+
+
+# columns that hold diagnostics (a rejected row's reason, its raw input, an error): masked like a
+# log line (known values and secret-shaped strings); every other string column, nested ones
+# included, has the known values masked (a model's answer is not rewritten for looking like a key)
+DIAGNOSTIC_COLUMNS = frozenset({"reason", "row", "value", "error", "errors"})
+
+
+def redact_strings(obj: Any) -> Any:
+    """A copy of a JSON-like tree (stats, state) with every string masked by `redact_text`; keys
+    are left alone (a stats key like `max_tokens` is not a secret)."""
+    if isinstance(obj, str):
+        return redact_text(obj)
+    if isinstance(obj, dict):
+        return {k: redact_strings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_strings(v) for v in obj]
+    return obj
+
+
+def redact_table(table: Any) -> Any:
+    """The table every Parquet file forge writes goes through (forge/output.py write_atomic)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _live_values()
+
+    def known(arr: Any) -> Any:
+        for v in values:
+            if pc.any(pc.match_substring(arr, v)).as_py():
+                arr = pc.replace_substring(arr, v, MASK)
+        return arr
+
+    def walk(arr: Any) -> Any:
+        t = arr.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return known(arr)
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            if arr.offset and arr.null_count:  # from_arrays takes no null mask with sliced offsets
+                arr = pa.concat_arrays([arr])
+            child = walk(arr.values)
+            if child is arr.values:
+                return arr
+            return type(arr).from_arrays(arr.offsets, child, mask=arr.is_null() if arr.null_count else None)
+        if pa.types.is_struct(t):
+            kids = [arr.field(i) for i in range(t.num_fields)]
+            new = [walk(k) for k in kids]
+            if all(a is b for a, b in zip(new, kids, strict=True)):
+                return arr
+            return pa.StructArray.from_arrays(new, fields=list(t), mask=arr.is_null() if arr.null_count else None)
+        return arr
+
+    columns = []
+    changed = False
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if name in DIAGNOSTIC_COLUMNS and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            new = pa.array([None if s is None else redact_text(s) for s in col.to_pylist()], col.type)
+        elif values:
+            new = pa.chunked_array([walk(c) for c in col.chunks], col.type)
+        else:
+            new = col
+        changed = changed or new is not col
+        columns.append(new)
+    return pa.Table.from_arrays(columns, schema=table.schema) if changed else table

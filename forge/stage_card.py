@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from forge.card import SAMPLE_CHARS, _size_category, front_matter, reproduce_command
+from forge.card import SAMPLE_CHARS, _size_category, front_matter, reproduce_command, unfinished_lines
 from forge.output import shard_files
 from forge.secrets import redact_text
 
@@ -44,6 +44,7 @@ def _sample(out_dir: Path) -> list[str]:
     return lines
 
 
+SHORT = " (short of its share: dataset.max_repeat)"
 VERBS = {"dedup": "deduplicated", "tokenize": "tokenized", "score": "scored"}
 
 
@@ -69,6 +70,7 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
         f"Rows {verb} by forge: {stats.get('rows_kept', 0):,} kept of {stats.get('rows_in', 0):,} read; "
         f"{stats.get('rows_removed', 0):,} removed, each in `rejected/` with its filter, reason and value.",
         "",
+        *unfinished_lines(stats),
         "Reproduce:",
         "",
         "```bash",
@@ -90,7 +92,8 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
             lines.append(
                 f"| `{label}` | {s.get('rows_in', 0):,} | {s.get('rows_kept', 0):,} | "
                 f"{_pct(m.get('requested_share'))} | {_pct(m.get('sampled_share'))} | "
-                f"{_pct(m.get('achieved_share'))} | {_pct(m.get('pilot_pass_rate'))} |"
+                f"{_pct(m.get('achieved_share'))}{SHORT if m.get('short_of_share') else ''}"
+                f" | {_pct(m.get('pilot_pass_rate'))} |"
             )
         lines.append("")
     removed = stats.get("removed_by_filter") or {}

@@ -21,8 +21,9 @@ import yaml
 from forge.batch import batch_totals, merge_batch_stats, run_batch_task
 from forge.config import ForgeConfig, Stage
 from forge.dataset import DatasetError
+from forge.locks import shard_lock, step_lock
 from forge.mix import CHARS_PER_TOKEN, Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
-from forge.output import RunChanged, check_manifest, record_manifest, write_json_atomic
+from forge.output import RunChanged, check_manifest, mark_finished, record_manifest, write_json_atomic
 
 log = logging.getLogger("forge.stages")
 
@@ -157,12 +158,19 @@ class BatchRun:
                 probe_columns(s)
         self.stage = self.make_stage(cfg, self.mix)
         if self.mix.targeted and cfg.dataset.pilot_rows > 0 and getattr(self.stage, "pilot", True):
-            aim_at_kept_rows(self.mix, pilot_pass_rates(self.stage, self.mix, cfg.dataset.pilot_rows))
+            rates = pilot_pass_rates(self.stage, self.mix, cfg.dataset.pilot_rows)
+            aim_at_kept_rows(self.mix, rates, cfg.dataset.max_repeat)
         pass_rates = {s.label: round(s.pass_rate, 4) for s in self.mix.sources}
+        capped = {s.label: s.capped for s in self.mix.sources if s.capped is not None}
         self.wanted = {
             "version": 1,
             "stage": self.stage.name,
-            "dataset": {**self.mix.describe(), "files": input_fingerprint(self.mix), "pass_rate": pass_rates},
+            "dataset": {
+                **self.mix.describe(),
+                "files": input_fingerprint(self.mix),
+                "pass_rate": pass_rates,
+                **({"short_of_share": capped} if capped else {}),
+            },
             "sharding": {"tasks": cfg.cluster.tasks, "examples_per_chunk": cfg.output.examples_per_chunk},
             "settings": self.stage.fingerprint(),
         }
@@ -193,13 +201,15 @@ class BatchRun:
         return [(s, [t for t in range(n) if not self.workflow.done(s, t)]) for s, n in self.workflow.steps()]
 
     def run_step(self, step: str, task: int) -> None:
-        record_manifest(Path(self.cfg.output.dir), self.wanted)
-        self.workflow.total = expected_rows(self.mix) if step == "signatures" else None
-        self.workflow.run(step, task)
+        with step_lock(Path(self.cfg.output.dir), step, task):
+            record_manifest(Path(self.cfg.output.dir), self.wanted)
+            self.workflow.total = expected_rows(self.mix) if step == "signatures" else None
+            self.workflow.run(step, task)
 
     def run_task(self, task: int) -> None:
-        record_manifest(Path(self.cfg.output.dir), self.wanted)
-        state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
+        with shard_lock(Path(self.cfg.output.dir), task):
+            record_manifest(Path(self.cfg.output.dir), self.wanted)
+            state = run_batch_task(self.cfg, task, self.stage, self.mix, self.total)
         c = state.get("counts", {})
         log.info(
             "task %d: %d rows in, %d kept, %d removed",
@@ -245,6 +255,7 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
     kept_key = "chars_kept" if by_tokens else "rows_kept"
     kept_all = sum(v.get(kept_key, 0) for v in by_source.values()) or 1
     read_all = sum(v.get("rows_in", 0) for v in by_source.values()) or 1
+    short = (manifest.get("dataset") or {}).get("short_of_share") or {}
     stats["mix"] = {
         label: {
             "requested_share": requested.get(label),
@@ -252,10 +263,13 @@ def finish_batch(out_dir: Path, hub_repo: str | None) -> tuple[dict[str, Any], P
             "achieved_share": round(by_source.get(label, {}).get(kept_key, 0) / kept_all, 6),
             "pilot_pass_rate": pass_rate.get(label),
         }
+        | ({"short_of_share": True} if label in short else {})
         for label in (requested or by_source)
     }
     write_json_atomic(out_dir / "stats.json", stats)
-    return stats, write_card(out_dir, hub_repo)  # a batch stage's card: forge/stage_card.py
+    card = write_card(out_dir, hub_repo)  # a batch stage's card: forge/stage_card.py
+    mark_finished(out_dir, stats)  # now a whole input for the next stage
+    return stats, card
 
 
 def finish_run_dir(out_dir: Path, hub_repo: str | None) -> dict[str, Any]:
@@ -271,4 +285,5 @@ def finish_run_dir(out_dir: Path, hub_repo: str | None) -> dict[str, Any]:
     harmonize_shards(out_dir)
     stats = merge_stats(out_dir)
     write_card(out_dir, hub_repo)
+    mark_finished(out_dir, stats)
     return stats

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from forge.generate import SessionStats
-from forge.output import read_columns, shard_files, write_json_atomic
+from forge.output import read_columns, shard_files, unfinished_inputs, write_json_atomic
 
 log = logging.getLogger("forge.stats")
 
@@ -139,5 +139,7 @@ def merge_stats(out_dir: Path) -> dict[str, Any]:
     }
     rates = [s["output_tokens_per_s_per_gpu"] for s in last if s.get("output_tokens_per_s_per_gpu")]
     merged["output_tokens_per_s_per_gpu"] = sum(rates) / len(rates) if rates else None
+    if unfinished := unfinished_inputs(out_dir):
+        merged["unfinished_inputs"] = unfinished
     write_json_atomic(out_dir / "stats.json", merged)
     return merged

@@ -266,11 +266,10 @@ def test_offline_hub_dataset_error_is_clear(tmp_path: Path) -> None:
 
 
 def test_a_second_process_on_the_same_shard_is_refused(tmp_path: Path) -> None:
-    from forge.engine import EngineError
-    from forge.runner import shard_lock
+    from forge.locks import RunBusy, shard_lock
 
     with shard_lock(tmp_path, 3):
-        with pytest.raises(EngineError, match=r"shard 3 .* is being run right now by pid \d+"):
+        with pytest.raises(RunBusy, match=r"shard 3 .* is being run right now by pid \d+"):
             with shard_lock(tmp_path, 3):
                 pass
         with shard_lock(tmp_path, 4):  # other shards are free

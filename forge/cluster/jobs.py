@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from forge.cluster.state import ACTIVE, SlurmError, job_states, live_states, shard_complete
 from forge.config import ForgeConfig, register_configs, validate
 from forge.hub import HubPublisher, publish_final, publish_progress
+from forge.locks import run_lock
 from forge.output import write_json_atomic
 from forge.progress import aggregate_progress
 
@@ -153,12 +154,13 @@ class FinalizeJob:
         missing = [s for s in range(tasks) if not shard_complete(out, s)]
         if missing:
             raise ShardFailed(f"finalize: shard(s) {missing} are not complete in {out}")
-        hub = HubPublisher.for_run_dir(out)
-        stats = finish_run_dir(out, hub.target.repo if hub else None)
-        aggregate_progress(out)
-        if hub:  # before finalized.json: a failed upload leaves finalize to be re-submitted
-            publish_final(out, hub.target)
-        done = {"finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_written": stats["rows_written"]}
-        write_json_atomic(out / "slurm" / "finalized.json", done)
+        with run_lock(out):  # a second finalize (or a local forge) on the same dir is refused
+            hub = HubPublisher.for_run_dir(out)
+            stats = finish_run_dir(out, hub.target.repo if hub else None)
+            aggregate_progress(out)
+            if hub:  # before finalized.json: a failed upload leaves finalize to be re-submitted
+                publish_final(out, hub.target)
+            done = {"finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows_written": stats["rows_written"]}
+            write_json_atomic(out / "slurm" / "finalized.json", done)
         print(f"forge: finalized {out}: {stats['rows_written']} rows; stats: {out / 'stats.json'}", flush=True)
         return done

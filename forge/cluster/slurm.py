@@ -38,7 +38,8 @@ from forge.cluster.state import (
 from forge.config import ConfigError, ForgeConfig, OnChange, gpus_per_task, slug
 from forge.dataset import DatasetError
 from forge.hub import HubError, preflight, target_from
-from forge.output import RunChanged
+from forge.locks import RunBusy, check_not_running
+from forge.output import RunChanged, is_finished, mark_finished, mark_started
 from forge.progress import aggregate_progress
 from forge.secrets import lift_secrets
 
@@ -162,18 +163,25 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
         _say(f"error: {exc}")
         return 1
     try:
+        check_not_running(out)  # a local forge writing this dir: never move it aside or add to it
         run = prepare_run(cfg)
         steps = run.pre_steps() if hasattr(run, "pre_steps") else []
         hub = target_from(cfg.output)
         if hub:
             preflight(hub)  # a bad token fails now, not in a job after GPU hours
+    except RunBusy as exc:
+        _say(f"error: {exc}")
+        return 1
     except (ConfigError, DatasetError, RunChanged, HubError) as exc:
         _say(f"error: {exc}")
         return 2
     pending = [s for s in range(c.tasks) if not shard_complete(out, s)]
     if not pending and not any(t for _, t in steps) and (out / "slurm" / "finalized.json").exists():
         _say(f"all {c.tasks} shard(s) of {out} are complete; nothing to submit. stats: {out / 'stats.json'}")
+        if not is_finished(out):  # finalized before finished.json existed
+            mark_finished(out, {})
         return 0
+    mark_started(out)  # unfinished for the next stage until the finalize job runs
     payload = job_payload(cfg, raw)
     save_config(payload, out)
     if overrides is not None:

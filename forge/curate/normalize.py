@@ -17,6 +17,7 @@ forge/curate/meta.py for the maps.
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from forge.curate.harmony import harmony_vocab_dir as harmony_vocab_dir
 from forge.curate.meta import META_OPTIONS as META_OPTIONS
 from forge.curate.meta import OTHER_META_OPTIONS as OTHER_META_OPTIONS
 from forge.curate.meta import check_meta, compile_meta, meta_name
-from forge.curate.rows import Unnormalizable, content_id, curated_schema
+from forge.curate.rows import BAD_UNICODE, Unnormalizable, content_id, curated_schema
 
 FORMATS = ("messages", "sharegpt", "prompt_response", "harmony", "text", "forge", "curated")
 COLUMN_ROLES = ("messages", "conversations", "prompt", "response", "input", "text", "system", "reasoning", "id")
@@ -104,7 +105,9 @@ def normalize(record: dict, spec: SourceSpecLike, where: str) -> dict:
     if fmt == "auto":
         fmt, column = _detect(record, plan.columns)
     if fmt == "curated":
-        return _curated(record, plan)
+        row = _curated(record, plan)
+        check_unicode(row)
+        return row
     if fmt == "text":
         col = column or plan.columns.get("text", "text")
         text = record.get(col)
@@ -148,7 +151,32 @@ def normalize(record: dict, spec: SourceSpecLike, where: str) -> dict:
     row.update(plan.null_meta)
     for out, read in plan.meta:
         row[out] = read(record)
+    check_unicode(row)
     return row
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(row: dict) -> None:
+    """A lone surrogate (JSON lets `"\\ud800"` through) can be neither tokenized, embedded nor
+    written to Parquet: every stage quarantines the row here, naming the field, instead of failing
+    later in a tokenizer or silently turning it into U+FFFD."""
+    bad = _SURROGATE.search
+    text = row.get("text")
+    if text is not None and bad(text):
+        raise Unnormalizable(f"{BAD_UNICODE}, in text")
+    for i, m in enumerate(row.get("messages") or ()):
+        for key in ("content", "reasoning", "tool_calls", "role"):
+            value = m.get(key)
+            if value is not None and bad(value):
+                raise Unnormalizable(f"{BAD_UNICODE}, in messages[{i}].{key}")
+    for key, value in row.items():
+        if key.startswith("meta_") and value.__class__ is str and bad(value):
+            raise Unnormalizable(f"{BAD_UNICODE}, in {key}")
+    for key, value in (row.get("source") or {}).items():
+        if value.__class__ is str and bad(value):
+            raise Unnormalizable(f"{BAD_UNICODE}, in source.{key}")
 
 
 def detect_format(record: dict, columns: dict[str, str]) -> str:

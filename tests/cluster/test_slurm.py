@@ -218,9 +218,9 @@ def test_requeued_and_preempted_tasks_resume_without_loss(tmp_path: Path, cpu_se
 
 
 def test_cancel_is_detected_and_the_rerun_resubmits_only_unfinished_shards(tmp_path: Path, cpu_server: dict) -> None:
-    n_docs = 80
+    n_docs = 240  # enough that shard 1 is still running when it is cancelled (a fast CPU server finished 80)
     out = tmp_path / "run"
-    args = _slurm_args(_docs(tmp_path, n_docs), out, 2, *endpoint_args(cpu_server), "run.max_in_flight=2")
+    args = _slurm_args(_docs(tmp_path, n_docs), out, 2, *endpoint_args(cpu_server), "run.max_in_flight=1")
     assert forge_cli(args, tmp_path, timeout=120).returncode == 0
     sub = _history(out)[-1]
     _wait_until(lambda: len(_shard_files(out, 1)) >= 1, what="a chunk of shard 1")
@@ -325,6 +325,11 @@ def test_curate_runs_as_an_array_then_finalizes(tmp_path: Path) -> None:
     stats = read_stats(out)
     assert stats["rows_in"] == 60 and stats["tasks"] == 2 and stats["rows_kept"] == 59
     assert (out / "slurm" / "finalized.json").exists() and "chat_structure" in (out / "README.md").read_text()
+    # each task held its shard's lock, finalize the run's; released, and the dir is a finished input
+    from forge.locks import running_holder
+
+    assert {p.name for p in (out / "state").glob("*.lock")} >= {"task_00000.lock", "task_00001.lock", "run.lock"}
+    assert running_holder(out) is None and (out / "state" / "finished.json").exists()
 
 
 def test_dedup_runs_each_step_as_an_array_chained_afterok(tmp_path: Path) -> None:

@@ -1,0 +1,103 @@
+"""Who may write a run dir right now: flock()ed files under `<run dir>/state/`, held by every
+process that writes into it, of every stage.
+
+- `run.lock`: a local run (every shard in one process), and Slurm's finalize job (stats, card,
+  tokenize's shards). Taken before the run dir is checked, so `output.on_change=fresh` can never
+  move aside a dir another forge is writing.
+- `task_TTTTT.lock`: one shard (a local run's task, a Slurm array task) of any stage.
+- `step_<step>_TTTTT.lock`: one task of a step before the shards (dedup's signatures, buckets ...).
+
+A second writer is refused at once with one line naming the holder (`pid N on HOST`). A lock
+dies with its process (kill -9 included), so nothing stale is ever left to clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from forge.output import OutputError
+
+RUN_LOCK = "run.lock"
+
+
+class RunBusy(OutputError):
+    """Another forge process writes this run dir (or this shard of it) right now."""
+
+
+def _holder(fh: Any) -> str:
+    """`pid N on HOST`, as the holder wrote it into the lock file."""
+    fh.seek(0)
+    return fh.read().strip() or "another process"
+
+
+@contextlib.contextmanager
+def hold(path: Path, busy: str) -> Iterator[None]:
+    """Hold the exclusive lock `path` for the block; `busy` (with `{holder}`) is the refusal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(busy.format(holder=_holder(fh))) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+
+
+def shard_lock(out_dir: Path, task: int) -> contextlib.AbstractContextManager[None]:
+    """One process per shard: a second forge (or a stale Slurm task) on the same shard would
+    write duplicate rows, so it stops at once instead."""
+    busy = f"shard {task} of {out_dir} is being run right now by {{holder}}; not starting it twice"
+    return hold(out_dir / "state" / f"task_{task:05d}.lock", busy)
+
+
+def step_lock(out_dir: Path, step: str, task: int) -> contextlib.AbstractContextManager[None]:
+    """One process per task of a step before the shards (a Slurm step array's task)."""
+    busy = f"step {step} task {task} of {out_dir} is being run right now by {{holder}}; not starting it twice"
+    return hold(out_dir / "state" / f"step_{step}_{task:05d}.lock", busy)
+
+
+def run_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The whole run dir: a local run, or the finalize job of a Slurm run."""
+    busy = f"{out_dir} is being run right now by {{holder}}; not starting a second run in it"
+    return hold(out_dir / "state" / RUN_LOCK, busy)
+
+
+def running_holder(out_dir: Path, pattern: str = "*.lock") -> str | None:
+    """The holder of any lock of the run dir (`pid N on HOST`), or None when nobody writes it."""
+    for path in sorted((out_dir / "state").glob(pattern)):
+        try:
+            fh = open(path)
+        except OSError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(fh)
+    return None
+
+
+def check_not_running(out_dir: Path) -> None:
+    """Refuse, before anything is written, a run dir that another forge writes right now (any of
+    its locks is held): its rows, config.yaml and card must keep describing that run."""
+    holder = running_holder(out_dir)
+    if holder is not None:
+        raise RunBusy(f"{out_dir} is being run right now by {holder}; not starting a second run in it")
+
+
+def check_run_free(out_dir: Path, task: int) -> None:
+    """A Slurm task: refused while a local run (or a finalize job) holds the whole run dir."""
+    holder = running_holder(out_dir, RUN_LOCK)
+    if holder is not None:
+        raise RunBusy(f"{out_dir} is being run right now by {holder}; not starting task {task} in it")
