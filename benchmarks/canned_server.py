@@ -4,8 +4,8 @@ A benchmark double (no model); run as `python benchmarks/canned_server.py PORT`.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 from aiohttp import web
 
@@ -51,10 +51,13 @@ def app() -> web.Application:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("port", type=int, help="port on 127.0.0.1")
+    port = parser.parse_args().port
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(app(), host="127.0.0.1", port=port, access_log=None, print=None)

@@ -1,7 +1,8 @@
 """The `forge` command: compose the config with Hydra, validate it, run the pipeline.
 
-Config mistakes end in one line that names the key (`forge: config error: model.tpp: ...`):
-the overrides are composed once up front, before Hydra's own multi-line report could appear.
+Config mistakes end in one line that names the key (`forge: error: model.tpp: ...`, exit code
+2, as README's "A failure is one line" says): the overrides are parsed one by one and composed
+once up front (a sweep: once per swept value), before Hydra's own multi-line report could appear.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from forge.config import ConfigError, ForgeConfig, register_configs, validate
@@ -84,25 +85,104 @@ def quote_expressions(arg: str) -> str:
     return key + '="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def precheck(argv: list[str]) -> str | None:
-    """Compose plain `forge key=value ...` invocations once; return the error line, if any."""
-    if any(a.startswith("-") for a in argv):
-        return None  # --multirun, --cfg, --help ...: Hydra handles these itself
-    from hydra import compose, initialize_config_dir
+MULTIRUN_FLAGS = ("--multirun", "-m")
+MAX_SWEEP_CHECKS = 16  # compositions a sweep is checked with, at most (~0.1 s each); Hydra checks the rest
+
+
+def _parse(argv: list[str]) -> tuple[list, str | None]:
+    """The overrides, parsed one by one so that a malformed one is named: ([...], None) or ([], line)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].strip()
+        try:
+            override = parser.parse_override(arg)
+        except Exception as exc:  # a malformed override
+            why = " ".join(str(exc).split("See https://")[0].split())
+            return [], f"{key or arg}: cannot parse {arg!r}: {why} (write key=value)"
+        if not override.key_or_group:
+            return [], f"{arg}: an override needs a key (write key=value)"
+        parsed.append(override)
+    return parsed, None
+
+
+def _compose(*points: list[str]) -> DictConfig:
+    """Compose the config with each list of overrides (one Hydra context); returns the first."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir()):
+        composed = [compose(config_name="config", overrides=p, return_hydra_config=True) for p in points]
+    return composed[0]
+
+
+def _first(override) -> str:
+    """The override, a sweep replaced by its first value."""
+    if not override.is_sweep_override():
+        return override.input_line
+    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+
+
+def _sweep_points(parsed: list, params: dict) -> list[list[str]]:
+    """Overrides that give each value of each swept key once, the others at their first value:
+    the command line's sweeps and the grid of a `+sweep=...` config (hydra.sweeper.params).
+    Raises on a sweep only Hydra's sweeper can enumerate (glob, interval) or read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = {o.key_or_group for o in parsed}  # the command line wins over the grid, as in Hydra
+    grid = [*parsed, *(parser.parse_override(f"{k}={v}") for k, v in params.items() if k.lstrip("+~") not in given)]
+    first = [_first(o) for o in grid]
+    points = [first]
+    for i, o in enumerate(grid):
+        if o.is_sweep_override():
+            for value in list(o.sweep_string_iterator())[1:]:
+                points.append([*first[:i], f"{o.get_key_element()}={value}", *first[i + 1 :]])
+    return points[:MAX_SWEEP_CHECKS]
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose `forge key=value ...` once, or each value of a sweep; return the error line
+    (`<key>: ...`), if any. A plain command is also validated. A sweep is only composed: each
+    point is validated when it runs, and a point that does not validate is one failed point."""
+    from hydra.types import RunMode
+
+    flags = [a for a in argv if a.startswith("-")]
+    if any(a not in MULTIRUN_FLAGS for a in flags):
+        return None  # --cfg, --help, ...: Hydra handles these itself
+    parsed, error = _parse([a for a in argv if not a.startswith("-")])
+    if error:
+        return error
     try:
-        overrides = OverridesParser.create().parse_overrides(argv)
-    except Exception as exc:  # a malformed override
-        return one_line(exc)
-    if any(o.is_sweep_override() for o in overrides) or any(a.startswith("+sweep") for a in argv):
+        first = [_first(o) for o in parsed]
+    except Exception:  # a sweep only Hydra's sweeper enumerates (glob, interval): Hydra checks it
         return None
+    swept = [o for o in parsed if o.is_sweep_override()]
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=conf_dir()):
-            cfg = compose(config_name="config", overrides=argv)
-        to_schema(cfg)
+        cfg = _compose(first)
+        with open_dict(cfg):  # what the task gets: the config without Hydra's own node
+            hydra_cfg = cfg.pop("hydra")
+        if not (flags or hydra_cfg.mode == RunMode.MULTIRUN):
+            if swept:
+                o = swept[0]
+                return (
+                    f"{o.key_or_group}: {o.input_line!r} sweeps over values: add --multirun to run each, "
+                    f"or write {o.get_key_element()}=[...] for a list or quote the value for a string"
+                )
+            to_schema(cfg)
+            return None
     except ConfigError as exc:
         return str(exc)
+    except Exception as exc:
+        return one_line(exc)
+    params = hydra_cfg.sweeper.get("params") or {}
+    try:
+        points = _sweep_points(parsed, OmegaConf.to_container(params) if params else {})
+    except Exception:  # as above, or a grid Hydra reports itself
+        return None
+    try:
+        _compose(*points)
     except Exception as exc:
         return one_line(exc)
     return None
@@ -190,7 +270,7 @@ def _task(cfg: DictConfig) -> None:
     try:
         typed = to_schema(cfg)
     except ConfigError as exc:
-        print(f"forge: config error: {exc}", file=sys.stderr)
+        print(f"forge: error: {exc}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
         sweep.config_failed(Path(cfg.output.dir), list(hc.overrides.task), str(exc))
@@ -214,7 +294,7 @@ def main() -> None:
     register_configs()
     error = precheck(sys.argv[1:])
     if error:
-        print(f"forge: config error: {error}", file=sys.stderr)
+        print(f"forge: error: {error}", file=sys.stderr)
         sys.exit(2)
     from forge import sweep
 

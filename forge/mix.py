@@ -216,19 +216,24 @@ def aim_at_kept_rows(mix: Mix, pilot: dict[int, tuple[float, float]], max_repeat
     measured on its first rows: a source whose rows are filtered out twice as often is read twice
     as much, and with target_tokens the tokens counted are those of the kept, normalized rows.
 
-    A source whose pilot keeps nothing stops the run (naming it): no repeat factor can give it a
-    share. One thinned out so much that reaching its share would repeat its rows more than
-    `max_repeat` times (or than its share alone asks) is read that often and no more, with a
-    warning; stats.json and the card then show the share it achieved."""
+    A source whose pilot keeps nothing is read once, no more (no repeat factor can give it a
+    share; every row's reason lands in rejected/ once), with one warning naming it. One thinned out
+    so much that reaching its share would repeat its rows more than `max_repeat` times (or than
+    its share alone asks) is read that often and no more, with a warning. Either way stats.json
+    (`short_of_share`) and the card show the share it achieved."""
     for s in mix.sources:
         if s.index in pilot and s.available:
             rate, tokens_per_row = pilot[s.index]
             if rate <= 0:
-                raise DatasetError(
-                    f"{s.key} ({s.label}): the stage keeps none of this source's first rows (the pilot), so it "
-                    f"cannot give its share of {s.share:.1%}; see why in a run of the stage on it alone, fix "
-                    "its format/columns, or drop it from the mix (dataset.pilot_rows=0 sizes on input rows)"
+                s.pass_rate, s.rate, s.capped = 0.0, 1.0, 0
+                log.warning(
+                    "%s (%s): the stage keeps none of this source's first rows (the pilot), so it cannot give its "
+                    "share of %.1f%%; its rows are read once, each reason in rejected/, and the mix is short of it",
+                    s.key,
+                    s.label,
+                    100 * s.share,
                 )
+                continue
             s.pass_rate = max(rate, MIN_PASS_RATE)
             if mix.target_tokens is not None and tokens_per_row > 0:
                 s.target = mix.target_tokens * s.share / tokens_per_row

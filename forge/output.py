@@ -71,6 +71,7 @@ def write_failed(path: Path, exc: OSError) -> OutputError:
     """One line for a failed write: the path, the cause, and that a re-run picks up from there."""
     why = exc.strerror or str(exc)
     full = exc.errno == errno.ENOSPC or "No space left" in str(exc)
+    why += " (ENOSPC)" if full and "ENOSPC" not in why else ""
     hint = "free some space" if full else "fix that"
     return OutputError(f"cannot write {path}: {why}; {hint} and re-run the same command to resume")
 

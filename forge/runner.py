@@ -162,6 +162,7 @@ def rollout_manifest(cfg: ForgeConfig) -> dict[str, Any]:
         return {}
     pinned: dict[str, Any] = {"rollout": dataclasses.asdict(cfg.rollout)}
     pinned["rollout"].pop("max_active")  # how fast, not what
+    pinned["rollout"].pop("timeout_s")  # how patient, not what: its quarantines are retryable
     j = cfg.judge_model
     if j is not None:
         pinned["judge_model"] = {"model": j.name_or_path, "revision": j.revision, "engine": j.engine.value}

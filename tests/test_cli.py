@@ -1,5 +1,6 @@
-"""The `forge` command itself: its --help, where a multirun's points go, and the installed console
-script run from an environment that is not activated (cron, Slurm scripts, pipx)."""
+"""The `forge` command itself: its --help, config mistakes as one `forge: error: <key>: ...` line
+(plain commands and sweeps), where a multirun's points go, and the installed console script run
+from an environment that is not activated (cron, Slurm scripts, pipx)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import REPO, read_stats
 
-from forge.cli import sweep_base_dir
+from forge.cli import precheck, sweep_base_dir
+from forge.config import register_configs
 from forge.sweep import POINT_FILE
 
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and any(p.glob("*.yaml")))
@@ -41,6 +44,66 @@ def test_help_is_forges_own() -> None:
     listed = {line.split(":", 1)[0] for line in out.splitlines() if ": " in line and not line.startswith(" ")}
     assert set(GROUPS) <= listed, out  # Hydra's generated list: every conf/ group with its options
     assert "tiny_cpu" in out and "tiny_cpu_batch_tokens" in out
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["model.tp=["], "model.tp: cannot parse 'model.tp=[': no viable alternative at input '[' (write key=value)"),
+        (["model.tp"], "model.tp: cannot parse 'model.tp': missing EQUAL at '<EOF>' (write key=value)"),
+        (["=3"], "=3: an override needs a key (write key=value)"),
+        (["model.tp=0"], "model.tp: must be > 0 (got 0)"),
+        (["model.tp=1,2"], "model.tp: 'model.tp=1,2' sweeps over values: add --multirun to run each"),
+        (["--multirun", "model.tpp=1,2"], "model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"),
+        (["-m", "model.tp=1,abc"], "model.tp: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["-m", "model=tiny_cpu,nope"], "model=nope: no such model config; choose one of: "),
+        (["+sweep=nope"], "sweep=nope: no such sweep config; choose one of: "),
+        (["+sweep=tiny_cpu_batch_tokens", "model.tpp=3"], "model.tpp: Key 'tpp' not in 'ModelConfig'"),
+    ],
+)
+def test_config_mistakes_are_one_line_naming_the_key(argv: list[str], line: str) -> None:
+    """Malformed overrides, bad values, and a sweep's unknown key, value or config: found before
+    Hydra runs anything (its own report is several lines), named by their key."""
+    register_configs()
+    error = precheck(argv)
+    assert error is not None and error.startswith(line), error
+    assert "\n" not in error and "hydra.cc" not in error
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "model.tp=0,-1"],  # each point is validated as it runs: one failed point, not a failed sweep
+        ["+sweep=tiny_cpu_batch_tokens", "++hydra.sweep.dir=sw"],
+        ["-m", "hydra.sweep.dir=sw", "output.dir=out", "model.tp=1,2"],
+        ["--cfg", "job", "model.tpp=1"],  # Hydra's own flags: Hydra answers
+    ],
+)
+def test_commands_hydra_accepts_pass_the_precheck(argv: list[str]) -> None:
+    register_configs()
+    assert precheck(argv) is None
+
+
+def test_a_config_error_prints_forge_error_as_readme_says(tmp_path: Path) -> None:
+    """The printed line is `forge: error: <key>: ...` (README's "A failure is one line"), for a plain
+    command and a sweep, exit code 2, nothing else on stderr and nothing written."""
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "forge.cli", *args, f"output.dir={tmp_path / 'out'}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain, sweep = pool.map(run, [["model.tp=0"], ["--multirun", "model.tpp=1,2"]])
+    assert plain.returncode == 2 and plain.stderr.splitlines() == ["forge: error: model.tp: must be > 0 (got 0)"]
+    assert sweep.returncode == 2 and sweep.stderr.splitlines() == [
+        "forge: error: model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     proc = forge_cli(["model.tpp=2"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines == ["forge: config error: model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"]
+    assert lines == ["forge: error: model.tpp: Key 'tpp' not in 'ModelConfig' (did you mean model.tp?)"]
     assert not (tmp_path / "outputs").exists()
 
 

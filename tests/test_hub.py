@@ -175,7 +175,7 @@ def test_upload_failure_after_the_run_keeps_the_data_and_says_rerun(
     hub.inject(500, count=10, endpoint="commit")
     monkeypatch.setattr("forge.card.render_card", lambda *a, **k: "# card\n")
     with pytest.raises(HubError, match="re-run the same command"):
-        publish_final(out, HubTarget(repo, max_retries=2, backoff_s=0.01))
+        publish_final(out, HubTarget(repo, max_retries=2, backoff_s=0.01, commits_per_hour=3600))
     assert (out / "data" / "00000_00000.parquet").exists()
     assert not hub.commits
 

@@ -11,6 +11,7 @@ sample perm_e[k % n] of that source, perm_e a seeded permutation for epoch e = k
 
 from __future__ import annotations
 
+import operator
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,17 @@ def shares(weights: dict[str, float], temperature: float = 1.0) -> dict[str, flo
     scaled = {k: float(v) ** (1.0 / temperature) for k, v in weights.items()}
     total = sum(scaled.values())
     return {k: v / total for k, v in scaled.items()}
+
+
+def _batch_size(value: Any) -> int | None:
+    """`value` as a batch size (an int >= 1, numpy's ints included), or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if n >= 1 else None
 
 
 class MixtureSampler:
@@ -51,6 +63,9 @@ class MixtureSampler:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if _batch_size(batch_size) is None:
+            raise ValueError(f"batch_size must be an int >= 1 (got {batch_size!r})")
+        self.batch_size = batch_size = _batch_size(batch_size)
         self.sources = sorted(set(weights) | {s for p in phases or [] for s in p["weights"]})
         self.temperature = temperature
         schedule = [{"step": 0, "weights": weights}, *sorted(phases or [], key=lambda p: p["step"])]
@@ -111,6 +126,7 @@ class MixtureSampler:
             "counts": dict(zip(self.sources, self.counts.tolist(), strict=True)),
             "rank": self.rank,
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
         }
 
     def _skip(self, samples: int) -> None:
@@ -121,13 +137,36 @@ class MixtureSampler:
                 self.yielded += 1
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the state's next sample; a state of another sampler (other rank, sources or
+        batch_size, or counts that are not its draws) is refused with one line naming what differs."""
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(
                 f"state of rank {state['rank']}/{state['world_size']} loaded into rank {self.rank}/{self.world_size}"
             )
+        theirs = sorted(state["counts"])
+        if theirs != self.sources:
+            only_state = sorted(set(theirs) - set(self.sources))
+            only_here = sorted(set(self.sources) - set(theirs))
+            raise ValueError(
+                f"state of the sources {theirs} loaded into a sampler of the sources {self.sources} "
+                f"(only in the state: {only_state}; only in the sampler: {only_here})"
+            )
+        size = state.get("batch_size", self.batch_size)  # states saved before it was recorded: trusted
+        if _batch_size(size) is None:
+            raise ValueError(f"state of batch_size {size!r} refused: batch_size must be an int >= 1")
+        if size != self.batch_size:
+            raise ValueError(f"state of batch_size {size!r} loaded into a sampler of batch_size {self.batch_size}")
+        counts = [state["counts"][s] for s in self.sources]
+        if len(state["credit"]) != len(self.sources) or any(c < 0 for c in counts) or sum(counts) != state["draw"]:
+            raise ValueError(
+                f"state's counts {state['counts']} (credit over {len(state['credit'])} sources) do not add up "
+                f"to its draw {state['draw']} over the sources {self.sources}: not a state of this sampler"
+            )
+        if not 0 <= state["phase"] < len(self.phases) or not 0 <= state["yielded"] <= state["draw"]:
+            raise ValueError(f"not a state of this sampler (phase {state['phase']}, draw {state['draw']})")
         self.draw, self.yielded, self.phase = state["draw"], state["yielded"], state["phase"]
         self.credit = np.array(state["credit"], dtype=np.float64)
-        self.counts = np.array([state["counts"].get(s, 0) for s in self.sources], dtype=np.int64)
+        self.counts = np.array(counts, dtype=np.int64)
 
 
 class MixtureDataset:

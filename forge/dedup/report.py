@@ -42,8 +42,9 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
         "rows_in_clusters": clusters.get("rows_in_clusters", 0),
         "largest_cluster": clusters.get("largest_cluster", 0),
         "cluster_size_histogram": histogram,
-        "candidate_pairs": sum(m.get("candidate_pairs", 0) for m in buckets),
-        "verified_pairs": sum(m.get("verified_pairs", 0) for m in buckets),
+        "candidate_edges_over_bands": sum(m.get("candidate_edges", m.get("candidate_pairs", 0)) for m in buckets),
+        "verified_edges_over_bands": sum(m.get("verified_edges", m.get("verified_pairs", 0)) for m in buckets),
+        "verified_pairs": clusters.get("verified_pairs", 0),  # distinct pairs of rows, each once
         "step_seconds": {
             "signatures": round(sum(m.get("seconds", 0) for m in signatures), 3),
             "buckets": round(sum(m.get("seconds", 0) for m in buckets), 3),

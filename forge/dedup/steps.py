@@ -64,13 +64,29 @@ class StepNotDone(RuntimeError):
     """The filter of a Slurm task started before the steps it needs finished."""
 
 
+def _write_npy(fh: Any, array: np.ndarray) -> None:
+    """`array` in np.save's format, written through Python's file object: numpy's own write
+    (tofile) reports a short write as `N requested and M written`, without errno or file."""
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
+    if array.size:
+        fh.write(memoryview(array).cast("B"))
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Temp file, fsync, rename. A failed write (a full disk) removes the temp file and raises
+    the OSError with `path` as its filename, which the runner prints as `<path>: No space left on
+    device; free some space and re-run the same command to resume`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            _write_npy(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 class Workflow:
@@ -299,8 +315,9 @@ class Workflow:
                 left, right = left[ok], right[ok]
             verified += len(left)
             _save_npy(path, np.stack([left, right], axis=1).astype(np.int64))
-        log.info("dedup buckets %d: %d candidate pairs, %d verified", task, candidates, verified)
-        return {"candidate_pairs": int(candidates), "verified_pairs": int(verified)}
+        log.info("dedup buckets %d: %d candidate edges, %d verified (over its bands)", task, candidates, verified)
+        # per band: a pair that shares several bands is counted in each (distinct pairs: clusters)
+        return {"candidate_edges": int(candidates), "verified_edges": int(verified)}
 
     # 3. clusters
     def _clusters(self, task: int) -> dict[str, Any]:
@@ -309,6 +326,8 @@ class Workflow:
         nodes = np.unique(edges)  # only rows with an edge: memory follows the duplicates, not the input
         left, right = np.searchsorted(nodes, edges[:, 0]), np.searchsorted(nodes, edges[:, 1])
         del edges
+        # verified pairs: each pair of rows once, however many bands (and the exact hash) found it
+        pairs = len(np.unique(np.minimum(left, right) * max(len(nodes), 1) + np.maximum(left, right)))
         label = connected_components(len(nodes), left, right)
         score, hi, lo, ids = self._attributes(nodes)
         # keeper of each cluster: the highest score, ties to the first row (lowest gid)
@@ -356,6 +375,7 @@ class Workflow:
         )
         histogram = {str(int(s)): int(n) for s, n in zip(*np.unique(cluster_sizes, return_counts=True), strict=True)}
         return {
+            "verified_pairs": int(pairs),
             "clusters": len(cluster_sizes),
             "rows_in_clusters": int(cluster_sizes.sum()),
             "exact_duplicates": int(exact.sum()),

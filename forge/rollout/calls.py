@@ -10,6 +10,7 @@ the start and holds only this session's answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -127,18 +128,21 @@ class Calls:
             if not fut.done():
                 fut.set_result(found.get(key))
 
-    async def send(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
-        """The engine's answer (or its refusal, `{"error": ...}`), committed to the cache."""
+    async def send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any = None) -> dict[str, Any]:
+        """The engine's answer (or its refusal, `{"error": ...}`), committed to the cache.
+        parked: a context manager held while the call waits for a free engine slot."""
         try:
-            return await self._send(lane, body, key)
+            return await self._send(lane, body, key, parked or contextlib.nullcontext())
         except (EngineError, CacheWriteError) as exc:
             self.fatal = self.fatal or exc
             raise
 
-    async def _send(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
+    async def _send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any) -> dict[str, Any]:
         s = self.stats
         assert lane.client is not None and lane.limit is not None
-        async with lane.limit:
+        with parked:
+            await lane.limit.acquire()
+        try:
             if s.first_send is None:
                 s.first_send = time.monotonic()
             s.requests_sent += 1
@@ -154,6 +158,8 @@ class Calls:
                 if gone is not None:
                     raise gone from None
                 raise StepFailed("request", str(exc), retryable=True) from None
+        finally:  # also when the sample is cancelled (rollout.timeout_s): its request is dropped
+            lane.limit.release()
         lane.failed_in_a_row = 0
         if "error" not in answer:
             lane.answered += 1
@@ -192,6 +198,10 @@ class Generate:
         self.sample = sample
         self.seen: Counter[str] = Counter()
         self.steps = 0  # calls started
+        self.waiting = 0  # calls started and not yet answered (a timeout says which it hit)
+        self.parked_s = 0.0  # time waiting for a free engine slot: rollout.timeout_s does not count it
+        self._parked = 0  # calls waiting for a slot now
+        self._parked_since = 0.0
         self.label = ""
         self.requests = 0
         self.prompt_tokens = 0
@@ -200,6 +210,24 @@ class Generate:
         self.length_stopped = False
         self.content_null = False
         self.truncated = False  # a prompt was cut to fit the context (ctx.messages)
+
+    @contextlib.contextmanager
+    def parking(self) -> Any:
+        """Held while one of this sample's calls waits for an engine slot (concurrent calls: the
+        time any of them waits is counted once)."""
+        if not self._parked:
+            self._parked_since = time.monotonic()
+        self._parked += 1
+        try:
+            yield
+        finally:
+            self._parked -= 1
+            if not self._parked:
+                self.parked_s += time.monotonic() - self._parked_since
+
+    def parked_for(self) -> float:
+        """Seconds this sample has waited for engine slots so far."""
+        return self.parked_s + (time.monotonic() - self._parked_since if self._parked else 0.0)
 
     def where(self) -> str:
         """The step a failure happened in, for its quarantine reason."""
@@ -218,6 +246,13 @@ class Generate:
         lane = self._lane(model)
         self.steps += 1
         self.label = step or ""
+        self.waiting += 1
+        try:
+            return await self._call(lane, messages, sampling)
+        finally:
+            self.waiting -= 1
+
+    async def _call(self, lane: Lane, messages: str | list[dict[str, Any]], sampling: dict[str, Any]) -> Answer:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         schema = lane.schema
@@ -284,7 +319,7 @@ class Generate:
             self.calls.stats.cache_hits += 1
             raw = cached
         else:
-            raw = await self.calls.send(lane, body, key)
+            raw = await self.calls.send(lane, body, key, self.parking())
         if "error" in raw:
             err = raw["error"]
             raise StepFailed("request", f"engine rejected the request (HTTP {err['status']}): {err['message']}")

@@ -89,6 +89,10 @@ def validate_rollout(cfg: ForgeConfig) -> None:
         raise ConfigError(f"rollout.score_min: must be below rollout.score_max ({r.score_min} >= {r.score_max})")
     if r.max_active is not None and r.max_active < 1:
         raise ConfigError(f"rollout.max_active: must be >= 1 (got {r.max_active})")
+    if r.timeout_s is not None and not r.timeout_s > 0:
+        raise ConfigError(f"rollout.timeout_s: must be > 0 seconds, or null for no limit (got {r.timeout_s})")
+    if r.timeout_s is not None and not uses_rollout_path(cfg):
+        log.warning("rollout.timeout_s has no effect with the default chat rollout: run.request_timeout_s bounds it")
     uses = getattr(fn, "uses", None)
     if uses is not None:  # a ready rollout says which knobs it reads: warn about the others
         defaults = {f.name: f.default for f in fields(RolloutConfig)}

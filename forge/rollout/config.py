@@ -32,6 +32,11 @@ class RolloutConfig:
         max_active: samples in progress at once; null = 2 x the in-flight limit, so that step k+1
             of some rows overlaps step k of others and the engine never waits for the rollouts.
         options: free values for a user's fn (`ctx.options`).
+        timeout_s: seconds one sample may take, all its steps together (waits for a free engine
+            slot not counted); a sample past it is cancelled (its in-flight requests too) and
+            quarantined (stage rollout, the reason names the timeout and the step it was in,
+            retryable: a re-run, with a larger limit, retries it, its finished steps replayed from
+            the request cache). Not pinned in the run dir. null: no limit.
     """
 
     fn: str = CHAT_FN
@@ -47,3 +52,4 @@ class RolloutConfig:
     columns: dict[str, str] = field(default_factory=dict)
     max_active: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None

@@ -6,6 +6,7 @@ and why. Only an engine, cache or disk failure stops the task; a user's bug neve
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -60,6 +61,22 @@ def user_frame(exc: BaseException) -> str:
     return f"{Path(f.filename).name}:{f.lineno} in {f.name}" if f else "?"
 
 
+class SampleTimedOut(Exception):
+    """A sample ran past rollout.timeout_s (raised by forge, not by the user's fn); the message
+    says where it was when the limit struck."""
+
+
+def timed_out(limit: float, gen: Generate) -> str:
+    """The quarantine reason of a sample past rollout.timeout_s, taken before it is cancelled."""
+    if gen.waiting:
+        where = f"in {gen.where()}, waiting for the engine"
+    elif gen.steps:
+        where = f"in {gen.where()}, after its answer (in the rollout's own code)"
+    else:
+        where = "before the first generate call (in the rollout's own code)"
+    return f"timed out after rollout.timeout_s={limit:g} s {where}; cancelled"
+
+
 class RolloutDriver:
     def __init__(
         self,
@@ -104,7 +121,12 @@ class RolloutDriver:
         gen = Generate(self.calls, item.sample)
         CURRENT.set(gen)  # each worker is its own asyncio task, so this is this rollout's
         try:
-            result = await self.fn(item.row, gen, self.ctx)
+            result = await self._call(item, gen)
+        except SampleTimedOut as exc:
+            if self.calls.fatal is not None:  # the engine died while the sample was cancelled
+                raise self.calls.fatal from None
+            await self._fail(item, "rollout", str(exc), True, gen)  # retryable: a larger limit, a re-run
+            return
         except Exception as exc:
             if self.calls.fatal is not None:  # the engine, cache or disk: stop, whatever fn did
                 raise self.calls.fatal from None
@@ -118,6 +140,34 @@ class RolloutDriver:
             return
         await self.data.add_group(rows)
         self.on_row_done(item.key)
+
+    async def _call(self, item: RolloutItem, gen: Generate) -> Any:
+        """The user's fn on one sample, within rollout.timeout_s: past it, the sample is cancelled
+        (its in-flight requests with it; the answers of its finished steps stay in the cache).
+        Time spent waiting for a free engine slot is not counted: while other samples' requests
+        (hung ones included) hold every slot, a healthy sample is parked, not slow."""
+        limit = self.ctx.cfg.timeout_s
+        if limit is None:
+            return await self.fn(item.row, gen, self.ctx)
+        sample = asyncio.ensure_future(self.fn(item.row, gen, self.ctx))  # copies CURRENT's context
+        start = time.monotonic()
+        try:
+            while (left := start + limit + gen.parked_for() - time.monotonic()) > 0:
+                done, _ = await asyncio.wait({sample}, timeout=left)
+                if done:
+                    return sample.result()
+            if sample.done():  # finished right at the limit
+                return sample.result()
+            reason = timed_out(limit, gen)
+            sample.cancel()
+            while not (await asyncio.wait({sample}, timeout=1.0))[0]:
+                sample.cancel()  # its code swallowed the cancellation (a bare except): again, until it ends
+            if not sample.cancelled():
+                sample.exception()  # retrieved: what it raised on the way out is not logged as lost
+            raise SampleTimedOut(reason)
+        finally:
+            if not sample.done():  # this worker was cancelled (Ctrl-C, a fatal error): so is the sample
+                sample.cancel()
 
     async def _failed(self, item: RolloutItem, gen: Generate, exc: Exception) -> None:
         """Quarantine a rollout that raised: forge's own failures by stage, anything else as the user's."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 FORMATS = ("megatron", "npy")
 MASKS = ("assistant", "last", "all")
+ON_DROPPED = ("quarantine", "keep")
 
 
 @dataclass
@@ -26,6 +27,12 @@ class TokenizeConfig:
         reasoning: assistant reasoning (as the chat template renders it) is in the loss mask.
         eos: end every document with the tokenizer's EOS token.
         workers: processes that tokenize (null = every core).
+        on_dropped: what to do with a chat whose assistant turn has tool calls or reasoning (when
+            `reasoning` trains on it) that the chat template does not render: quarantine (the
+            row goes to rejected/, filter `dropped_content`, naming the turn and what was dropped)
+            | keep (tokenized as the template renders it, counted per kind in stats.json
+            `tokenize.kept_with_dropped_content` and the card).
+            Either way a turn left with nothing but markup to train on is never trained on.
         fast: encode documents with tiktoken (several times faster per core) where it gives exactly
             the ids of the tokenizer (checked on its whole vocabulary at start; forge/tokenize/fast.py).
     """
@@ -39,12 +46,15 @@ class TokenizeConfig:
     eos: bool = True
     workers: int | None = None
     fast: bool = True
+    on_dropped: str = "quarantine"
 
     def validate(self) -> None:
         from forge.config import ConfigError
 
         if self.format not in FORMATS:
             raise ConfigError(f"tokenize.format: {self.format!r}; one of {', '.join(FORMATS)}")
+        if self.on_dropped not in ON_DROPPED:
+            raise ConfigError(f"tokenize.on_dropped: {self.on_dropped!r}; one of {', '.join(ON_DROPPED)}")
         if self.mask not in MASKS:
             raise ConfigError(f"tokenize.mask: {self.mask!r}; one of {', '.join(MASKS)}")
         if self.seq_len is not None and self.seq_len < 1:

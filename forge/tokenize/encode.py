@@ -11,6 +11,12 @@ past turns) breaks that; then the turn is found by its content in the whole rend
 what the template writes after a turn. Tokens whose first character is in a turn's span are in the
 mask. A chat whose mask comes out empty, or whose turns cannot be found, is quarantined with the
 reason.
+
+Nothing a template leaves out is lost silently: each assistant turn's tool calls (and a trained
+turn's reasoning) must appear in that turn's own rendering, else the row is quarantined
+(`on_dropped=quarantine`, DroppedContent) or kept and marked (`keep`); a turn whose span holds no
+content (a bare end-of-turn marker) is never trained on. An assistant-first chat's first turn
+starts after the template's assistant header (found with a probe chat: messages[:0] is no chat).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from forge.tokenize.config import TokenizeConfig
+from forge.tokenize.config import ON_DROPPED, TokenizeConfig
 from forge.tokenize.fast import tiktoken_for
 
 
@@ -32,7 +38,15 @@ class TokenizerError(ValueError):
 
 
 class RowError(ValueError):
-    """This row cannot be tokenized (its reason goes to rejected/)."""
+    """This row cannot be tokenized (its reason goes to rejected/, under `step`)."""
+
+    step = "chat_template"
+
+
+class DroppedContent(RowError):
+    """An assistant turn's tool calls or reasoning that the chat template does not render."""
+
+    step = "dropped_content"
 
 
 def load_tokenizer(name: str, key: str = "tokenize.tokenizer") -> Any:
@@ -62,6 +76,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class Encoded:
     tokens: np.ndarray
     mask: np.ndarray | None  # None: every token is trained on (a document)
+    dropped: tuple[str, ...] = ()  # kept (on_dropped=keep) though the template drops these: "tool calls", ...
 
     def loss_tokens(self) -> int:
         return len(self.tokens) if self.mask is None else int(self.mask.sum())
@@ -69,9 +84,18 @@ class Encoded:
 
 class Encoder:
     """Token ids and loss masks. `stage` names the knobs in its messages (`score.mask` when the
-    score stage encodes); `tokenizer_key` the knob that chose the tokenizer."""
+    score stage encodes); `tokenizer_key` the knob that chose the tokenizer; `on_dropped` what
+    becomes of a chat whose tool calls or reasoning the template does not render (quarantine |
+    keep; None = cfg.on_dropped, quarantine unless tokenize.on_dropped says otherwise)."""
 
-    def __init__(self, name: str, cfg: TokenizeConfig, stage: str = "tokenize", tokenizer_key: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: TokenizeConfig,
+        stage: str = "tokenize",
+        tokenizer_key: str = "",
+        on_dropped: str | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.stage = stage
@@ -86,6 +110,10 @@ class Encoder:
         self.tiktoken = tiktoken_for(self.fast) if cfg.fast else None  # documents only (forge/tokenize/fast.py)
         added = sorted(self.hf.get_added_vocab(), key=len, reverse=True)
         self.added = re.compile("|".join(map(re.escape, added))) if added else None
+        self.on_dropped = on_dropped if on_dropped is not None else cfg.on_dropped
+        if self.on_dropped not in ON_DROPPED:
+            raise ValueError(f"on_dropped: {self.on_dropped!r}; one of {', '.join(ON_DROPPED)}")
+        self._assistant_header: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What must not change under a run dir (the stage fingerprint)."""
@@ -118,7 +146,7 @@ class Encoder:
         return out
 
     def chats(self, chats: list[list[dict[str, Any]]]) -> list[Encoded | RowError]:
-        rendered: list[tuple[str, list[tuple[int, int]]] | RowError] = []
+        rendered: list[tuple[str, list[tuple[int, int]], tuple[str, ...]] | RowError] = []
         for messages in chats:
             try:
                 rendered.append(self.render(messages))
@@ -143,53 +171,105 @@ class Encoder:
             if not mask.any():
                 out.append(RowError(f"empty loss mask: no token of an assistant turn ({self.stage}.mask)"))
                 continue
-            out.append(Encoded(np.array(ids, dtype=self.dtype), mask))
+            out.append(Encoded(np.array(ids, dtype=self.dtype), mask, r[2]))
         return out
 
     def _render(self, messages: list[dict[str, Any]], generation: bool = False) -> str:
+        if not messages:  # an empty chat renders as nothing (templates raise on it)
+            return ""
         try:
             return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
         except Exception as exc:  # jinja2 errors, a template's raise_exception
             raise RowError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
 
-    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-        """(the rendered chat, the character spans of the loss mask)."""
+    def _header(self) -> str:
+        """What the template writes before an assistant turn (its generation prompt), from a probe
+        chat: an assistant-first chat has no messages[:0] to render it from. "" if unknown."""
+        if self._assistant_header is None:
+            probe = [{"role": "user", "content": "?"}]
+            try:
+                plain, prompted = self._render(probe), self._render(probe, generation=True)
+            except RowError:
+                plain, prompted = "", ""
+            self._assistant_header = prompted[len(plain) :] if prompted.startswith(plain) else ""
+        return self._assistant_header
+
+    def _around(self, msgs: list[dict[str, Any]], i: int) -> tuple[str | None, str]:
+        """(the render before assistant turn i, with the generation prompt; the render up to and
+        with it). Before a first turn: what its render holds up to the assistant header (a default
+        system prompt, the header), None when the header is not found there."""
+        after = self._render(msgs[: i + 1])
+        if i:
+            return self._render(msgs[:i], generation=True), after
+        header = self._header()
+        at = after.find(header) if header else -1
+        return (after[: at + len(header)] if at >= 0 else None), after
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]], tuple[str, ...]]:
+        """(the rendered chat, the character spans of the loss mask, what the template dropped and
+        on_dropped=keep kept). Every assistant turn's tool calls, and a trained turn's reasoning, are
+        checked against the turn as the template renders it (on_dropped: quarantine raises); a
+        turn with nothing but markup in its span (a bare end-of-turn marker) is not trained on."""
         msgs = [template_message(m) for m in messages]
         full = self._render(msgs)
-        if self.cfg.mask == "all":
-            return full, [(0, len(full))]
-        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        if self.cfg.mask == "last":
-            turns = turns[-1:]
-        if not turns:
+        assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        trained = set(assistant[-1:] if self.cfg.mask == "last" else assistant)
+        if not trained and self.cfg.mask != "all":
             raise RowError(f"no assistant turn: nothing to train on ({self.stage}.mask)")
+        dropped: set[str] = set()
         spans, cursor = [], 0
-        for i in turns:
+        for i in assistant:
             m = msgs[i]
-            if (
-                not m["content"].strip()
-                and not m.get("tool_calls")
-                and not (self.cfg.reasoning and m.get("reasoning_content"))
-            ):
+            train = i in trained
+            reasoning = m.get("reasoning_content")
+            checks = m.get("tool_calls") or (train and self.cfg.reasoning and reasoning)
+            if train and self.cfg.mask != "all" and not (m["content"].strip() or checks):
                 raise RowError(f"turn {i}: an empty assistant turn (nothing but its end marker to train on)")
-            before = self._render(msgs[:i], generation=True)
-            after = self._render(msgs[: i + 1])
-            if after.startswith(before) and full.startswith(after):
-                lo, hi = len(before), len(before) + len(after[len(before) :].rstrip())
+            if not checks and (not train or self.cfg.mask == "all"):
+                continue  # nothing to check, no span to find
+            before, after = self._around(msgs, i)
+            seg = after[len(before) :] if before is not None and after.startswith(before) else ""
+            dropped.update(self._check_rendered(m, seg or after, i, train))
+            if not train or self.cfg.mask == "all":
+                continue
+            if seg and full.startswith(after):
+                lo, hi = len(before), len(before) + len(seg.rstrip())
             else:  # the template rewrites earlier turns: find this turn in the whole render
-                lo, hi = self._find(full, msgs[i], before, after, cursor, i)
-            reasoning = msgs[i].get("reasoning_content")
+                lo, hi = self._find(full, m, seg, after, cursor, i)
             if not self.cfg.reasoning and reasoning:
                 lo = _after_reasoning(full, lo, hi, reasoning)
-            spans.append((lo, hi))
             cursor = hi
-        return full, spans
+            if _has_content(full[lo:hi], self.added):
+                spans.append((lo, hi))
+        if self.cfg.mask == "all":
+            spans = [(0, len(full))]
+        return full, spans, tuple(sorted(dropped))
 
-    def _find(self, full: str, m: dict[str, Any], before: str, after: str, cursor: int, i: int) -> tuple[int, int]:
+    def _check_rendered(self, m: dict[str, Any], text: str, i: int, trained: bool) -> list[str]:
+        """What of assistant turn i the template left out of `text` (its rendering): tool calls (a
+        call's name or an argument value missing) and, when trained on, reasoning (a template that
+        drops past turns' reasoning still renders it here: not a loss). Raises DroppedContent with
+        on_dropped=quarantine; returns the kinds dropped with on_dropped=keep."""
+        missing = []
+        calls = m.get("tool_calls") or []
+        if calls and not all(_call_rendered(c, text) for c in calls):
+            missing.append("tool calls")
+        reasoning = (m.get("reasoning_content") or "").strip()
+        if trained and self.cfg.reasoning and reasoning and reasoning not in text:
+            missing.append("reasoning")
+        if missing and self.on_dropped == "quarantine":
+            what = " and ".join(missing)
+            hint = f" ({self.stage}.on_dropped=keep keeps such rows, counted)" if self.stage == "tokenize" else ""
+            raise DroppedContent(
+                f"turn {i}: the chat template does not render its {what}, so training on this row "
+                f"would teach the turn without them{hint}"
+            )
+        return missing
+
+    def _find(self, full: str, m: dict[str, Any], seg: str, after: str, cursor: int, i: int) -> tuple[int, int]:
         """This turn's span in the whole render when the template renders it differently there
-        (Qwen3 drops the reasoning of turns before the last user turn): its own rendering, with or
-        without the reasoning, else its content followed by the end-of-turn marker."""
-        seg = after[len(before) :] if after.startswith(before) else ""
+        (Qwen3 drops the reasoning of turns before the last user turn): its own rendering `seg`,
+        with or without the reasoning, else its content followed by the end-of-turn marker."""
         candidates = [seg.rstrip()]
         reasoning = m.get("reasoning_content")
         if seg and reasoning and reasoning in seg:
@@ -211,6 +291,43 @@ class Encoder:
 
 
 _CLOSING = re.compile(r"\s*(</[^<>\s]+>)?\s*")
+_MARKUP = re.compile(r"</?[A-Za-z_][\w:-]*>")
+
+
+def _has_content(span: str, added: re.Pattern | None) -> bool:
+    """Whether a turn's span holds anything but special tokens, tags and whitespace: a bare
+    `<|im_end|>` (a tool-call-only turn whose calls the template dropped) is nothing to learn."""
+    text = added.sub("", span) if added is not None else span
+    return bool(_MARKUP.sub("", text).strip())
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v)]
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return [] if value is None or isinstance(value, bool) else [str(value)]
+
+
+def _call_rendered(call: Any, text: str) -> bool:
+    """A tool call is rendered when its function name and each argument value are in the text
+    (as written, or JSON-escaped: templates write arguments with tojson)."""
+    if not isinstance(call, dict):
+        return str(call) in text
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    name = fn.get("name")
+    if name and name not in text:
+        return False
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return args in text
+    forms = (lambda v: v, lambda v: json.dumps(v)[1:-1], lambda v: json.dumps(v, ensure_ascii=False)[1:-1])
+    return all(any(f(v) in text for f in forms) for v in _leaves(args))
 
 
 def _after_reasoning(text: str, lo: int, hi: int, reasoning: str) -> int:

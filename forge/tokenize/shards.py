@@ -115,7 +115,23 @@ def _plan(files: list[Path], shard_tokens: int) -> dict[str, list[tuple[int, int
 
 
 def safe_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "source"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip(".") or "source"
+
+
+def stream_dirs(sources: list[str]) -> dict[str, str]:
+    """A filesystem-safe directory name per token stream, distinct even where two names only
+    differ in what safe_name replaces (`org/data` and `org_data`, both streams of a curated mix)."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for source in sorted(sources):
+        base = name = safe_name(source)
+        k = 1
+        while name.lower() in taken:  # case-insensitive filesystems too
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name.lower())
+        out[source] = name
+    return out
 
 
 def write_shards(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +144,7 @@ def write_shards(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)
     files = shard_files(out_dir / "data")
     plan = _plan(files, shard_tokens)
-    names = {source: safe_name(source) for source in plan}
+    names = stream_dirs(list(plan))
     shard_no = dict.fromkeys(plan, 0)
     open_: dict[str, ShardWriter] = {}
     listed: dict[str, list[dict[str, Any]]] = {s: [] for s in plan}
@@ -194,6 +210,8 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
         "loss_tokens": stats.get("loss_tokens", 0),
         "shards": [{"source": src, **sh} for src, v in index["sources"].items() for sh in v["shards"]],
     }
+    if stats.get("kept_with_dropped_content"):  # tokenize.on_dropped=keep
+        stats["tokenize"]["kept_with_dropped_content"] = stats["kept_with_dropped_content"]
 
 
 def card_lines(stats: dict[str, Any]) -> list[str]:
@@ -212,4 +230,8 @@ def card_lines(stats: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| `{s['prefix']}` | `{s['source']}` | {s['tokens']:,} | {s['documents']:,} |" for s in t["shards"]]
     lines.append("")
+    dropped = t.get("kept_with_dropped_content") or {}
+    if dropped:
+        listed = ", ".join(f"{n:,} rows whose {what} the chat template does not render" for what, n in dropped.items())
+        lines += [f"**Kept with content the template drops** (`tokenize.on_dropped=keep`): {listed}.", ""]
     return lines

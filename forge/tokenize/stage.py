@@ -42,7 +42,7 @@ def schema(dtype: np.dtype) -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
-            ("source", pa.string()),  # the source's label (one token stream per source)
+            ("source", pa.string()),  # the row's token stream (stream_of: its source.dataset)
             ("num_tokens", pa.int32()),
             ("tokens", pa.list_(pa.from_numpy_dtype(dtype))),
             ("mask", pa.list_(pa.uint8())),  # 1: the token is trained on
@@ -62,38 +62,50 @@ def _init_worker(name: str, cfg: dict[str, Any], specs: list[Any], shard_tokens:
     _WORKER["shard_tokens"] = shard_tokens
 
 
-def _encode(rows: list[MixedRow]) -> list[tuple[str | None, Encoded | None, str | None, str | None]]:
+# per row (id, encoded, step, reason, stream): encoded and its token stream, or the step and reason it failed at
+Result = tuple[str | None, Encoded | None, str | None, str | None, str | None]
+
+
+def _encode(rows: list[MixedRow]) -> list[Result]:
     return encode_rows(_WORKER["encoder"], _WORKER["specs"], rows, _WORKER["shard_tokens"])
 
 
-def encode_rows(
-    encoder: Encoder, specs: list[Any], rows: list[MixedRow], shard_tokens: int
-) -> list[tuple[str | None, Encoded | None, str | None, str | None]]:
-    """Per row (id, encoded, step, reason): encoded, or the step and reason it failed at."""
+def encode_rows(encoder: Encoder, specs: list[Any], rows: list[MixedRow], shard_tokens: int) -> list[Result]:
+    """Per row (id, encoded, step, reason, stream): encoded with its token stream, or the step and
+    reason it failed at."""
     out: list[Any] = [None] * len(rows)
     docs, chats = [], []
     for n, mr in enumerate(rows):
         if mr.row.record is None:
-            out[n] = (None, None, "input", mr.row.error or "unreadable row")
+            out[n] = (None, None, "input", mr.row.error or "unreadable row", None)
             continue
         try:
             row = normalize(mr.row.record, specs[mr.source], mr.row.where)
         except Unnormalizable as exc:
-            out[n] = (None, None, "normalize", str(exc))
+            out[n] = (None, None, "normalize", str(exc), None)
             continue
         rid = row["id"] + (f".{mr.copy}" if mr.copy else "")
         (docs if row.get("text") is not None else chats).append((n, rid, row))
     if docs:
-        for (n, rid, _), enc in zip(docs, encoder.documents([r["text"] for _, _, r in docs]), strict=True):
-            out[n] = (rid, enc, None, None)
+        for (n, rid, row), enc in zip(docs, encoder.documents([r["text"] for _, _, r in docs]), strict=True):
+            out[n] = (rid, enc, None, None, stream_of(row))
     if chats:
-        for (n, rid, _), enc in zip(chats, encoder.chats([r["messages"] for _, _, r in chats]), strict=True):
-            out[n] = (rid, None, "chat_template", str(enc)) if isinstance(enc, RowError) else (rid, enc, None, None)
-    for n, (rid, enc, _, _) in enumerate(out):
+        for (n, rid, row), enc in zip(chats, encoder.chats([r["messages"] for _, _, r in chats]), strict=True):
+            if isinstance(enc, RowError):  # chat_template, or dropped_content (tokenize.on_dropped)
+                out[n] = (rid, None, enc.step, str(enc), None)
+            else:
+                out[n] = (rid, enc, None, None, stream_of(row))
+    for n, (rid, enc, *_) in enumerate(out):
         if enc is not None and len(enc.tokens) > shard_tokens:
             why = f"{len(enc.tokens)} tokens: longer than tokenize.shard_tokens={shard_tokens}"
-            out[n] = (rid, None, "length", why)
+            out[n] = (rid, None, "length", why, None)
     return out
+
+
+def stream_of(row: dict[str, Any]) -> str | None:
+    """The token stream a row goes to: its `source.dataset` (a mix source's label, or for a curated
+    run dir as input the dataset each row came from, so a curated mix keeps its sources apart)."""
+    return (row.get("source") or {}).get("dataset")
 
 
 class TokenizeStage:
@@ -120,6 +132,8 @@ class TokenizeStage:
         settings = dataclasses.asdict(self.cfg)
         settings.pop("workers")  # speed only: the same ids come out
         settings.pop("fast")
+        if settings["on_dropped"] == "quarantine":
+            settings.pop("on_dropped")  # the default: run dirs from before the knob still resume
         return {"stage": self.name, "tokenize": settings, "tokenizer": self.encoder.identity()}
 
     def restore(self, kept: pa.Table | None) -> None:
@@ -143,7 +157,8 @@ class TokenizeStage:
         rejected: list[dict[str, Any]] = []
         by_source: dict[str, dict[str, Any]] = {}
         by_filter: dict[str, int] = {}
-        for mr, (rid, enc, step, reason) in zip(rows, results, strict=True):
+        dropped: dict[str, int] = {}
+        for mr, (rid, enc, step, reason, stream) in zip(rows, results, strict=True):
             label = self.sources[mr.source].label
             counts = by_source.setdefault(
                 label, {"rows_in": 0, "rows_kept": 0, "tokens": 0, "loss_tokens": 0, "chars_kept": 0, "removed": {}}
@@ -154,7 +169,10 @@ class TokenizeStage:
                 counts["removed"][step] = counts["removed"].get(step, 0) + 1
                 by_filter[step] = by_filter.get(step, 0) + 1
                 continue
-            kept.append((rid, label, enc))
+            kept.append((rid, stream or label, enc))
+            if enc.dropped:  # tokenize.on_dropped=keep: kept, and counted
+                for what in enc.dropped:
+                    dropped[what] = dropped.get(what, 0) + 1
             counts["rows_kept"] += 1
             counts["tokens"] += len(enc.tokens)
             counts["loss_tokens"] += enc.loss_tokens()
@@ -168,6 +186,8 @@ class TokenizeStage:
             "removed_by_filter": by_filter,
             "by_source": by_source,
         }
+        if dropped:
+            totals["kept_with_dropped_content"] = dropped
         return BatchResult({"data": table}, rejected, totals)
 
     def _table(self, kept: list[tuple[str, str, Encoded]]) -> pa.Table:

@@ -4,6 +4,7 @@ weighted mixture (shares, phases, ranks), exact resume, and torch's DataLoader w
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,51 @@ def test_ranks_split_the_draws_and_each_rank_resumes_exactly() -> None:
     again = MixtureSampler({"a": 0.5, "b": 0.3, "c": 0.2}, rank=2, world_size=4)
     again.load_state_dict(state)
     assert _take(again, 30) == rest and first + rest == streams[2][:60]
+
+
+def test_a_state_of_other_sources_or_batch_size_is_refused() -> None:
+    s = MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=4)
+    _take(s, 10)
+    state = s.state_dict()
+    refused = {
+        "sources ['a', 'b'] loaded into a sampler of the sources ['a', 'c'] "
+        "(only in the state: ['b']; only in the sampler: ['c'])": (
+            MixtureSampler({"a": 0.5, "c": 0.5}, batch_size=4),
+            state,
+        ),
+        "sources ['a', 'b'] loaded into a sampler of the sources ['a', 'b', 'c']": (
+            MixtureSampler({"a": 0.4, "b": 0.3, "c": 0.3}, batch_size=4),
+            state,
+        ),
+        "batch_size 4 loaded into a sampler of batch_size 8": (
+            MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=8),
+            state,
+        ),
+        "batch_size 0 refused: batch_size must be an int >= 1": (
+            MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=4),
+            {**state, "batch_size": 0},
+        ),
+        "counts {'a': 5, 'b': 9} (credit over 2 sources) do not add up to its draw 10": (
+            MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=4),
+            {**state, "counts": {"a": 5, "b": 9}},
+        ),
+    }
+    for message, (sampler, bad) in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            sampler.load_state_dict(bad)
+        assert "\n" not in str(info.value)
+        assert sampler.draw == 0  # nothing of the refused state was taken
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            MixtureSampler({"a": 1.0}, batch_size=bad)
+    assert MixtureSampler({"a": 1.0}, batch_size=np.int64(4)).batch_size == 4  # numpy's ints are ints
+    again = MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=4)
+    again.load_state_dict(state)  # the same sampler's state still loads
+    assert _take(again, 5) == _take(s, 5)
+    legacy = {k: v for k, v in state.items() if k != "batch_size"}  # saved before batch_size was recorded
+    older = MixtureSampler({"a": 0.5, "b": 0.5}, batch_size=4)
+    older.load_state_dict(legacy)
+    assert older.draw == 10
 
 
 def test_a_dataloader_with_workers_resumes_batch_for_batch(run_dir: Path) -> None:

@@ -3,9 +3,11 @@ dedup, shards without removals, chains of copies, unusable rows, empty input, ch
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import read_rows, run_batch_stage, write_jsonl
 
@@ -102,3 +104,59 @@ def test_steps_made_with_other_settings_are_refused(tmp_path: Path) -> None:
     other = _config(tmp_path, data, minhash_n_grams=3)
     with pytest.raises(RunChanged, match="dedup steps made with other settings"):
         stage_run(other).prepare()
+
+
+def test_verified_pairs_counts_each_pair_once_however_many_bands_it_shares(tmp_path: Path) -> None:
+    """Planted pairs: 20 documents with a near copy (Jaccard ~0.95, so a pair shares most of the
+    bands) and 5 with an exact copy once normalized (found by the exact hash and by every band):
+    stats count 25 verified pairs, the distinct pairs in the buckets' files, not pairs x bands."""
+    p = Planter(7)
+    rows = []
+    for i in range(20):
+        text = p.document()
+        rows += [{"id": f"o{i}", "text": text}, {"id": f"c{i}", "text": p.near_copy(text, 0.95)}]
+    for i in range(5):
+        text = p.document()
+        rows += [{"id": f"x{i}", "text": text}, {"id": f"v{i}", "text": p.variant(text)}]
+    rows += [{"id": f"u{i}", "text": p.document()} for i in range(10)]
+    cfg = _config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    stats = run_batch_stage(cfg)
+    assert _kept(cfg) == {f"o{i}" for i in range(20)} | {f"x{i}" for i in range(5)} | {f"u{i}" for i in range(10)}
+    edges = [np.load(f) for f in sorted((tmp_path / "out" / "state" / "dedup" / "buckets").glob("band_*.npy"))]
+    distinct = {tuple(sorted(e)) for e in np.concatenate(edges).tolist()}
+    d = stats["dedup"]
+    assert d["verified_pairs"] == len(distinct) == 25, d
+    assert d["verified_edges_over_bands"] > 25 * 5  # the per-band count this key once reported
+
+
+@pytest.mark.parametrize("full", ["sig.npy", "band_0003.npy"])
+def test_a_full_disk_in_a_dedup_step_names_the_file_and_enospc(tmp_path: Path, monkeypatch, full: str) -> None:
+    """A full disk on demand: `open_on_a_full_disk`, a named fake of the `open` the steps write
+    their .npy files with, creates the temp file and hands back /dev/full, where every write
+    fails with the kernel's ENOSPC (as on a full disk, the OSError names no file). The error names
+    the step's file and ENOSPC, the runner's line says to free space, no temp file is left, and
+    the re-run (disk freed) finishes."""
+    import forge.dedup.steps as steps
+    from forge.runner import _one_line
+
+    p = Planter(3)
+    rows = [{"id": f"r{i}", "text": p.document()} for i in range(10)]
+    cfg = _config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if full in Path(path).name:
+            Path(path).touch()  # the temp file exists, as it would on a real disk
+            return open("/dev/full", mode, *args, **kwargs)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(OSError) as caught:
+        run_batch_stage(cfg)
+    exc = caught.value
+    assert exc.errno == errno.ENOSPC and exc.filename.endswith(full) and str(tmp_path / "out") in exc.filename
+    assert _one_line(exc) == (
+        f"{exc.filename}: No space left on device; free some space and re-run the same command to resume"
+    )
+    assert not list((tmp_path / "out").rglob(".*.tmp-*")), "a failed write left its temp file behind"
+    monkeypatch.undo()
+    assert run_batch_stage(cfg)["rows_kept"] == 10

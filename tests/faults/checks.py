@@ -48,8 +48,8 @@ def assert_no_secret(out_dir: Path, secrets: list[str], *streams: str) -> None:
 
 
 def error_line(stderr: str) -> str:
-    """The one `forge: error:` line (or `forge: config error:`); no traceback anywhere."""
+    """The one `forge: error:` line (config errors too); no traceback anywhere."""
     assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [ln for ln in stderr.splitlines() if ln.startswith(("forge: error:", "forge: config error:"))]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("forge: error:")]
     assert len(lines) == 1, f"expected one error line, got {lines!r}\n{stderr[-3000:]}"
     return lines[0]

@@ -198,10 +198,12 @@ def test_ready_rollouts_and_a_second_engine(tmp_path: Path, cpu_server: dict) ->
         ("+rollout.columns.x=int", "rollout.columns.x: unknown type 'int'"),
         ("generation.json_schema=missing.json", "generation.json_schema: cannot read missing.json"),
         ("rollout.rounds=0", "rollout.rounds: must be >= 1"),
+        ("rollout.timeout_s=0", "rollout.timeout_s: must be > 0 seconds, or null for no limit (got 0.0)"),
+        ("rollout.timeout_s=-5", "rollout.timeout_s: must be > 0 seconds, or null for no limit (got -5.0)"),
     ],
 )
 def test_config_mistakes_are_one_line(tmp_path: Path, override: str, message: str) -> None:
     result = forge_cli([override, f"output.dir={tmp_path / 'out'}"], tmp_path, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[0].startswith(f"forge: config error: {message}"), result.stderr
+    assert result.stderr.strip().splitlines()[0].startswith(f"forge: error: {message}"), result.stderr
     assert not (tmp_path / "out").exists()

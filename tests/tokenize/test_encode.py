@@ -12,7 +12,7 @@ import pytest
 from conftest import qwen_like_template
 
 from forge.tokenize.config import TokenizeConfig
-from forge.tokenize.encode import Encoder, RowError, TokenizerError
+from forge.tokenize.encode import DroppedContent, Encoder, RowError, TokenizerError
 
 QWEN_LIKE = qwen_like_template()  # Qwen3's behaviour, shortened (tests/conftest.py)
 
@@ -165,3 +165,91 @@ def test_messages_name_the_knobs_of_the_stage_that_encodes(tiny_model: Path, tmp
     assert isinstance(out, RowError) and "(score.mask)" in str(out)
     with pytest.raises(TokenizerError, match="^model.tokenizer: cannot load"):
         Encoder(str(tmp_path / "none"), TokenizeConfig(), stage="score", tokenizer_key="model.tokenizer")
+
+
+TOOL_CHAT = [
+    {"role": "user", "content": "weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": json.dumps(
+            [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+        ),
+    },
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny.", "reasoning": "the tool said sunny"},
+]
+DROPS = "turn 1: the chat template does not render its tool calls, so training on this row would teach"
+
+
+def test_tool_calls_and_reasoning_a_template_drops_are_quarantined_or_kept_and_counted(
+    tiny_model: Path, qwen_like: Path
+) -> None:
+    """The tiny model's ChatML template renders neither tool calls nor reasoning: the row is
+    quarantined naming the turn (default), or kept with what was dropped listed, and the
+    tool-call-only turn (a bare <|im_end|> once its calls are dropped) is not trained on. A template
+    that renders both (Qwen-like) keeps the row untouched; reasoning=false does not ask for it."""
+    [quarantined] = Encoder(str(tiny_model), TokenizeConfig()).chats([TOOL_CHAT])
+    assert isinstance(quarantined, DroppedContent) and quarantined.step == "dropped_content"
+    assert str(quarantined).startswith(DROPS) and "(tokenize.on_dropped=keep keeps such rows" in str(quarantined)
+    keep = Encoder(str(tiny_model), TokenizeConfig(on_dropped="keep"))
+    [kept] = keep.chats([TOOL_CHAT])
+    assert kept.dropped == ("reasoning", "tool calls")
+    assert _masked_text(keep, kept.tokens, kept.mask) == ["It is sunny.<|im_end|>"]
+    only_reasoning = [m for m in TOOL_CHAT if m["role"] != "tool" and "tool_calls" not in m]
+    [why] = Encoder(str(tiny_model), TokenizeConfig()).chats([only_reasoning])
+    assert str(why).startswith("turn 1: the chat template does not render its reasoning")
+    [fine] = Encoder(str(tiny_model), TokenizeConfig(reasoning=False)).chats([only_reasoning])
+    assert not isinstance(fine, RowError) and fine.dropped == ()
+    for mask in ("last", "all"):  # an untrained turn's tool calls are context the template loses too
+        [out] = Encoder(str(tiny_model), TokenizeConfig(mask=mask, reasoning=False)).chats([TOOL_CHAT])
+        assert str(out).startswith(DROPS), mask
+    for mask in ("assistant", "last", "all"):
+        rendering = Encoder(str(qwen_like), TokenizeConfig(mask=mask))
+        rendered, past = rendering.chats([TOOL_CHAT, _agent_chat()])  # past reasoning dropped: not a loss
+        assert rendered.dropped == past.dropped == (), mask
+    enc = Encoder(str(qwen_like), TokenizeConfig())
+    [out] = enc.chats([TOOL_CHAT])
+    assert any("get_weather" in t and "Paris" in t for t in _masked_text(enc, out.tokens, out.mask))
+
+
+def test_the_score_stage_quarantines_what_the_template_drops(tiny_model: Path) -> None:
+    """score encodes with this code and has no on_dropped knob: the default, quarantine."""
+    score = Encoder(str(tiny_model), TokenizeConfig(eos=False), stage="score", tokenizer_key="model.tokenizer")
+    [out] = score.chats([TOOL_CHAT])
+    assert isinstance(out, DroppedContent) and "on_dropped" not in str(out)
+    [kept] = Encoder(str(tiny_model), TokenizeConfig(), stage="score", on_dropped="keep").chats([TOOL_CHAT])
+    assert kept.dropped == ("reasoning", "tool calls")
+
+
+def test_a_tool_call_only_turn_alone_leaves_nothing_to_train_on(tiny_model: Path) -> None:
+    enc = Encoder(str(tiny_model), TokenizeConfig(on_dropped="keep"))
+    [out] = enc.chats([TOOL_CHAT[:2]])
+    assert isinstance(out, RowError) and "empty loss mask" in str(out)
+
+
+SYSTEM_DEFAULT = (  # a template that writes a default system prompt (Qwen2.5 does)
+    "{%- if messages[0].role != 'system' -%}{{- '<|im_start|>system\\nbe kind<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def test_an_assistant_first_chat_is_masked_like_any_other(tiny_model: Path, tmp_path: Path) -> None:
+    """Nothing precedes its first turn but what the template writes itself (a default system prompt,
+    the assistant header): none of that is trained on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = SYSTEM_DEFAULT
+    tok.save_pretrained(tmp_path / "sys")
+    chat = [
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "say ok"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    for name in (tiny_model, tmp_path / "sys"):
+        enc = Encoder(str(name), TokenizeConfig())
+        [out] = enc.chats([chat])
+        assert not isinstance(out, RowError), out
+        assert _masked_text(enc, out.tokens, out.mask) == ["Hello, how can I help?<|im_end|>", "ok<|im_end|>"]

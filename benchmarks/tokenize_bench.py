@@ -19,7 +19,7 @@ tokenize.workers=N, datatrove tasks=workers=N). Prints tokens/s and the ratios, 
 forge.data.TokenShards' read speed at seq_len 4096 from page cache on one core, per item (`ds[i]`)
 and per batch of 64 (`ds.__getitems__`, what torch's DataLoader calls).
 
-    python benchmarks/tokenize.py [--mb 200] [--work /tmp/forge_tok_bench]
+    python benchmarks/tokenize_bench.py [--mb 200] [--work /tmp/forge_tok_bench]
 """
 
 from __future__ import annotations
