@@ -285,7 +285,7 @@ class Source:
             "id_column": self.cfg.id_column,
             "max_examples": self.cfg.max_examples,
             "files": [str(Path(f).name) for f in self.files][:50],
-        } | ({"unfinished": self.unfinished} if self.unfinished else {})
+        } | ({"unfinished": True} if self.unfinished else {})  # not the why: a pid would pin the run
 
     def _file_rows(self, path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
         suffix = _suffix(path)

@@ -14,8 +14,11 @@ dies with its process (kill -9 included), so nothing stale is ever left to clean
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ from typing import Any
 from forge.output import OutputError
 
 RUN_LOCK = "run.lock"
+WRITER_LOCKS = (RUN_LOCK, "task_*.lock", "step_*.lock")
+PROBE_TRIES, PROBE_WAIT_S = 10, 0.05  # a probe holds a lock for microseconds: 0.5 s is ample
+log = logging.getLogger("forge.locks")
 
 
 class RunBusy(OutputError):
@@ -35,15 +41,35 @@ def _holder(fh: Any) -> str:
     return fh.read().strip() or "another process"
 
 
+def _flock(fh: Any, how: int) -> bool | None:
+    """flock without waiting: True taken, False held by another, None when the file system has no
+    locks (NFS mounted nolock, some FUSE mounts): then forge runs unlocked, as before locks."""
+    try:
+        fcntl.flock(fh, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
 @contextlib.contextmanager
 def hold(path: Path, busy: str) -> Iterator[None]:
-    """Hold the exclusive lock `path` for the block; `busy` (with `{holder}`) is the refusal."""
+    """Hold the exclusive lock `path` for the block; `busy` (with `{holder}`) is the refusal. A
+    lock held only for an instant (another forge probing it, `running_holder`) is waited out."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusy(busy.format(holder=_holder(fh))) from None
+        for _ in range(PROBE_TRIES):
+            taken = _flock(fh, fcntl.LOCK_EX)
+            if taken is not False:
+                break
+            time.sleep(PROBE_WAIT_S)
+        else:
+            raise RunBusy(busy.format(holder=_holder(fh)))
+        if taken is None:
+            log.warning("%s: this file system has no file locks; running without one", path)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -73,17 +99,17 @@ def run_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     return hold(out_dir / "state" / RUN_LOCK, busy)
 
 
-def running_holder(out_dir: Path, pattern: str = "*.lock") -> str | None:
-    """The holder of any lock of the run dir (`pid N on HOST`), or None when nobody writes it."""
-    for path in sorted((out_dir / "state").glob(pattern)):
+def running_holder(out_dir: Path, *patterns: str) -> str | None:
+    """The holder of any writer's lock of the run dir (`pid N on HOST`), or None when nobody
+    writes it (the Hub publisher's own lock is not a writer's)."""
+    state = out_dir / "state"
+    for path in sorted(p for pattern in patterns or WRITER_LOCKS for p in state.glob(pattern)):
         try:
             fh = open(path)
         except OSError:
             continue
         with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if _flock(fh, fcntl.LOCK_SH) is False:
                 return _holder(fh)
     return None
 

@@ -84,7 +84,7 @@ class Mix:
                     "meta": _plain(s.spec.meta),
                     "files": [Path(f).name for f in s.reader.files][:50],
                 }
-                | ({"unfinished": s.reader.unfinished} if s.reader.unfinished else {})
+                | ({"unfinished": True} if s.reader.unfinished else {})
                 for s in self.sources
             ],
             "seed": self.seed,
@@ -225,7 +225,7 @@ def aim_at_kept_rows(mix: Mix, pilot: dict[int, tuple[float, float]], max_repeat
         if s.index in pilot and s.available:
             rate, tokens_per_row = pilot[s.index]
             if rate <= 0:
-                s.pass_rate, s.rate, s.capped = 0.0, 1.0, 0
+                s.pass_rate, s.rate, s.capped = 0.0, min(1.0, s.rate), 0  # never more than once over
                 log.warning(
                     "%s (%s): the stage keeps none of this source's first rows (the pilot), so it cannot give its "
                     "share of %.1f%%; its rows are read once, each reason in rejected/, and the mix is short of it",

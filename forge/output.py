@@ -349,6 +349,12 @@ def move_aside(out_dir: Path) -> Path | None:
     dest = out_dir / ".stale" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     for name in present:
+        if name == "state":  # its lock files stay: this process holds run.lock, others look there
+            (dest / name).mkdir(exist_ok=True)
+            for p in (out_dir / name).iterdir():
+                if p.suffix != ".lock":
+                    shutil.move(str(p), str(dest / name / p.name))
+            continue
         shutil.move(str(out_dir / name), str(dest / name))
     return dest
 
@@ -385,11 +391,13 @@ def prune_rejected(rejected_dir: Path, data_dir: Path, task: int) -> int:
 
 
 FINISHED = "finished.json"  # state/finished.json: the run's last session finished (stats and card written)
+STARTED = "started.json"  # state/started.json: a session started writing and has not finished
 
 
 def mark_started(out_dir: Path) -> None:
     """An accepted session starts writing: the run dir is no longer a finished input for the
     next stage until this session (or Slurm's finalize job) finishes it."""
+    write_json_atomic(out_dir / "state" / STARTED, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     (out_dir / "state" / FINISHED).unlink(missing_ok=True)
 
 
@@ -397,10 +405,23 @@ def mark_finished(out_dir: Path, stats: dict[str, Any]) -> None:
     """The run dir is whole: every shard done, stats.json and the card written."""
     done = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": stats.get("rows_written")}
     write_json_atomic(out_dir / "state" / FINISHED, done)
+    (out_dir / "state" / STARTED).unlink(missing_ok=True)
 
 
 def is_finished(out_dir: Path) -> bool:
-    return (out_dir / "state" / FINISHED).is_file()
+    """Finished: its last session finished. A dir from before these markers (neither is there)
+    counts as finished when its card and stats.json are written and no shard ended unfinished."""
+    state = out_dir / "state"
+    if (state / STARTED).is_file():
+        return False
+    if (state / FINISHED).is_file():
+        return True
+    try:
+        stats = json.loads((out_dir / "stats.json").read_text())
+    except (OSError, ValueError):
+        return False
+    statuses = set((stats.get("task_status") or {}).values())
+    return (out_dir / "README.md").is_file() and statuses <= {"complete"}
 
 
 def unfinished_inputs(out_dir: Path) -> dict[str, str]:
@@ -412,4 +433,4 @@ def unfinished_inputs(out_dir: Path) -> dict[str, str]:
         return {}
     found = {dataset.get("name"): dataset.get("unfinished")}
     found.update({s.get("name"): s.get("unfinished") for s in dataset.get("sources") or []})
-    return {str(k): v for k, v in found.items() if v}
+    return {str(k): "was not finished when it was read" for k, v in found.items() if v}

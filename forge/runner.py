@@ -641,6 +641,8 @@ def _run_forge(
         return 0
     try:
         _, summary = run.finish(hub.repo if hub else None)  # marks the dir finished (state/finished.json)
+        if cfg.cluster.task_index is not None:  # one shard's finish does not make the dir whole
+            mark_started(out_dir)
     except (OSError, OutputError) as exc:
         print(f"forge: error: {_one_line(exc)}", file=sys.stderr)
         print(f"forge: every row is in {out_dir / 'data'}; re-run the same command to write the rest", file=sys.stderr)
@@ -668,8 +670,8 @@ def run_step(cfg: ForgeConfig, raw: DictConfig | dict, step: str, task: int, log
     setup_logging()
     register_config_secrets(raw if isinstance(raw, dict) else OmegaConf.to_container(raw, resolve=True))
     try:
+        check_run_free(out_dir, task)  # a local run of this dir holds run.lock: not beside it
         run = prepare_run(cfg)
-        mark_started(out_dir)
         attach_run_log(out_dir, log_name)
         log.info("=== forge step %s, task %d, in %s", step, task, out_dir)
         run.run_step(step, task)

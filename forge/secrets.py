@@ -245,9 +245,13 @@ def guard_std_streams() -> None:
 
 
 # columns that hold diagnostics (a rejected row's reason, its raw input, an error): masked like a
-# log line (known values and secret-shaped strings); every other string column, nested ones
-# included, has the known values masked (a model's answer is not rewritten for looking like a key)
+# log line (known values and secret-shaped strings). Every other string column, nested ones
+# included, has known values of real-secret length masked: a model's answer is not rewritten for
+# looking like a key, nor a word that happens to be a short placeholder key (`EMPTY`, `test`); ids
+# are never rewritten (resume matches them against the input).
 DIAGNOSTIC_COLUMNS = frozenset({"reason", "row", "value", "error", "errors"})
+NEVER_MASKED = frozenset({"id"})
+MIN_DATA_SECRET_LEN = 16
 
 
 def redact_strings(obj: Any) -> Any:
@@ -267,42 +271,47 @@ def redact_table(table: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = _live_values()
+    values = [v for v in _live_values() if len(v) >= MIN_DATA_SECRET_LEN]
 
-    def known(arr: Any) -> Any:
-        for v in values:
-            if pc.any(pc.match_substring(arr, v)).as_py():
-                arr = pc.replace_substring(arr, v, MASK)
-        return arr
-
-    def walk(arr: Any) -> Any:
+    def walk(arr: Any) -> Any | None:
+        """The array with known values masked, or None when nothing in it changed."""
         t = arr.type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return known(arr)
+            hits = [v for v in values if pc.any(pc.match_substring(arr, v)).as_py()]
+            for v in hits:
+                arr = pc.replace_substring(arr, v, MASK)
+            return arr if hits else None
         if pa.types.is_list(t) or pa.types.is_large_list(t):
             if arr.offset and arr.null_count:  # from_arrays takes no null mask with sliced offsets
                 arr = pa.concat_arrays([arr])
             child = walk(arr.values)
-            if child is arr.values:
-                return arr
-            return type(arr).from_arrays(arr.offsets, child, mask=arr.is_null() if arr.null_count else None)
+            if child is None:
+                return None
+            mask = arr.is_null() if arr.null_count else None
+            return type(arr).from_arrays(arr.offsets, child, type=t, mask=mask)
         if pa.types.is_struct(t):
             kids = [arr.field(i) for i in range(t.num_fields)]
             new = [walk(k) for k in kids]
-            if all(a is b for a, b in zip(new, kids, strict=True)):
-                return arr
-            return pa.StructArray.from_arrays(new, fields=list(t), mask=arr.is_null() if arr.null_count else None)
-        return arr
+            if all(n is None for n in new):
+                return None
+            kids = [k if n is None else n for k, n in zip(kids, new, strict=True)]
+            return pa.StructArray.from_arrays(kids, fields=list(t), mask=arr.is_null() if arr.null_count else None)
+        return None
 
     columns = []
     changed = False
     for name, col in zip(table.column_names, table.columns, strict=True):
+        new = col
         if name in DIAGNOSTIC_COLUMNS and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            new = pa.array([None if s is None else redact_text(s) for s in col.to_pylist()], col.type)
-        elif values:
-            new = pa.chunked_array([walk(c) for c in col.chunks], col.type)
-        else:
-            new = col
+            masked = [None if x is None else redact_text(x) for x in col.to_pylist()]
+            if masked != col.to_pylist():
+                new = pa.array(masked, col.type)
+        elif values and name not in NEVER_MASKED:
+            chunks = [walk(c) for c in col.chunks]
+            if any(c is not None for c in chunks):
+                new = pa.chunked_array(
+                    [c if m is None else m for c, m in zip(col.chunks, chunks, strict=True)], col.type
+                )
         changed = changed or new is not col
         columns.append(new)
     return pa.Table.from_arrays(columns, schema=table.schema) if changed else table

@@ -23,7 +23,7 @@ from forge.config import ForgeConfig, Stage
 from forge.dataset import DatasetError
 from forge.locks import shard_lock, step_lock
 from forge.mix import CHARS_PER_TOKEN, Mix, MixedRow, aim_at_kept_rows, expected_rows, input_fingerprint, open_mix
-from forge.output import RunChanged, check_manifest, mark_finished, record_manifest, write_json_atomic
+from forge.output import RunChanged, check_manifest, mark_finished, mark_started, record_manifest, write_json_atomic
 
 log = logging.getLogger("forge.stages")
 
@@ -202,6 +202,7 @@ class BatchRun:
 
     def run_step(self, step: str, task: int) -> None:
         with step_lock(Path(self.cfg.output.dir), step, task):
+            mark_started(Path(self.cfg.output.dir))
             record_manifest(Path(self.cfg.output.dir), self.wanted)
             self.workflow.total = expected_rows(self.mix) if step == "signatures" else None
             self.workflow.run(step, task)

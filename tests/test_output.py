@@ -115,3 +115,29 @@ def test_a_group_of_rows_never_spans_two_shards(tmp_path: Path) -> None:
     shards = [pq.read_table(p).column("id").to_pylist() for p in sorted((tmp_path / "data").glob("*.parquet"))]
     assert [len(s) for s in shards] == [6, 6, 3]  # each chunk is cut at the end of a group
     assert all(len(set(s)) * 3 == len(s) for s in shards)
+
+
+def test_finished_markers_and_run_dirs_from_before_them(tmp_path: Path) -> None:
+    import json
+
+    from forge.output import is_finished, mark_finished, mark_started, move_aside
+
+    (tmp_path / "state").mkdir()
+    assert not is_finished(tmp_path)  # nothing written yet
+    # a dir from before the markers: finished when its card and stats say every shard completed
+    (tmp_path / "README.md").write_text("# card\n")
+    (tmp_path / "stats.json").write_text(json.dumps({"task_status": {"0": "complete", "1": "complete"}}))
+    assert is_finished(tmp_path)
+    (tmp_path / "stats.json").write_text(json.dumps({"task_status": {"0": "complete", "1": "interrupted"}}))
+    assert not is_finished(tmp_path)
+    mark_started(tmp_path)
+    assert not is_finished(tmp_path)
+    mark_finished(tmp_path, {"rows_written": 3})
+    assert is_finished(tmp_path)
+    mark_started(tmp_path)  # a new session writes it: not a finished input until it finishes
+    assert not is_finished(tmp_path)
+    # output.on_change=fresh moves state/ aside but its lock files stay where writers look
+    (tmp_path / "state" / "run.lock").write_text("pid 1 on host")
+    moved = move_aside(tmp_path)
+    assert (tmp_path / "state" / "run.lock").exists() and not (moved / "state" / "run.lock").exists()
+    assert (moved / "state" / "started.json").exists()

@@ -128,3 +128,31 @@ def test_secrets_inside_string_values() -> None:
         assert canary not in redact_text(f"x {canary} y")
     assert redact_text("http://u:unknown-pass@h/") == f"http://u:{MASK}@h/"
     assert "module load cuda" == redact_text("module load cuda")
+
+
+def test_every_written_table_is_masked_without_rewriting_data_for_a_placeholder_key() -> None:
+    import pyarrow as pa
+
+    from forge.secrets import redact_table, register_secret_value
+
+    long_key, placeholder = "sk-tablesecret-0123456789abcdef", "EMPTY"
+    register_secret_value(long_key)
+    register_secret_value(placeholder)
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    messages = pa.list_(pa.field("element", message))
+    table = pa.table(
+        {
+            "id": [f"id-{long_key}", "b"],
+            "reason": [f"failed with {placeholder} and {long_key}", None],
+            "messages": pa.array([[{"role": "user", "content": f"{long_key} {placeholder}"}], None], messages),
+            "text": [f"{placeholder} is a word here", "plain"],
+        }
+    )
+    for t in (table, table.slice(1), table.slice(0, 1)):
+        out = redact_table(t)
+        assert out.schema == t.schema  # nested field names kept (list<element: ...>)
+    rows = redact_table(table).to_pylist()
+    assert rows[0]["reason"] == "failed with *** and ***"  # diagnostics: every known value
+    assert rows[0]["messages"][0]["content"] == f"*** {placeholder}"  # data: real-length keys only
+    assert rows[0]["text"] == f"{placeholder} is a word here"
+    assert rows[0]["id"] == f"id-{long_key}"  # ids are matched against the input on resume

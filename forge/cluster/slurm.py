@@ -38,10 +38,10 @@ from forge.cluster.state import (
 from forge.config import ConfigError, ForgeConfig, OnChange, gpus_per_task, slug
 from forge.dataset import DatasetError
 from forge.hub import HubError, preflight, target_from
-from forge.locks import RunBusy, check_not_running
+from forge.locks import RunBusy, check_not_running, run_lock
 from forge.output import RunChanged, is_finished, mark_finished, mark_started
 from forge.progress import aggregate_progress
-from forge.secrets import lift_secrets
+from forge.secrets import lift_secrets, redact_override
 
 ROLES = ("shards", "monitor", "finalize")
 
@@ -138,9 +138,6 @@ def report_unfinished(out: Path, tasks: int) -> list[str]:
 
 def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None = None) -> int:
     """Submit the unfinished shards of the run and return at once (or wait with cluster.wait)."""
-    from forge.card import record_command
-    from forge.runner import prepare_run, save_config
-
     out = Path(cfg.output.dir).resolve()
     cfg.output.dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,28 +161,17 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
         return 1
     try:
         check_not_running(out)  # a local forge writing this dir: never move it aside or add to it
-        run = prepare_run(cfg)
-        steps = run.pre_steps() if hasattr(run, "pre_steps") else []
-        hub = target_from(cfg.output)
-        if hub:
-            preflight(hub)  # a bad token fails now, not in a job after GPU hours
+        with run_lock(out):  # held from the checks to the last write here, released before sbatch
+            prepared = _prepare(cfg, raw, overrides, out)
     except RunBusy as exc:
         _say(f"error: {exc}")
         return 1
     except (ConfigError, DatasetError, RunChanged, HubError) as exc:
         _say(f"error: {exc}")
         return 2
-    pending = [s for s in range(c.tasks) if not shard_complete(out, s)]
-    if not pending and not any(t for _, t in steps) and (out / "slurm" / "finalized.json").exists():
-        _say(f"all {c.tasks} shard(s) of {out} are complete; nothing to submit. stats: {out / 'stats.json'}")
-        if not is_finished(out):  # finalized before finished.json existed
-            mark_finished(out, {})
+    if prepared is None:
         return 0
-    mark_started(out)  # unfinished for the next stage until the finalize job runs
-    payload = job_payload(cfg, raw)
-    save_config(payload, out)
-    if overrides is not None:
-        record_command(out, overrides)
+    pending, steps, payload = prepared
     folder = out / "slurm" / "%j"
     try:
         sub = _submit_jobs(cfg, out, folder, payload, pending, steps)
@@ -195,6 +181,32 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
     record_submission(out, sub)
     _print_submitted(out, sub, c.tasks)
     return wait(out, sub, c.tasks) if c.wait else 0
+
+
+def _prepare(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None, out: Path) -> tuple | None:
+    """The run's checks (which may move a changed dir aside) and its config written, under the run
+    lock: (pending shards, pending steps, the jobs' payload), or None when nothing is left to do."""
+    from forge.card import record_command
+    from forge.runner import prepare_run, save_config
+
+    c = cfg.cluster
+    run = prepare_run(cfg)
+    steps = run.pre_steps() if hasattr(run, "pre_steps") else []
+    hub = target_from(cfg.output)
+    if hub:
+        preflight(hub)  # a bad token fails now, not in a job after GPU hours
+    pending = [s for s in range(c.tasks) if not shard_complete(out, s)]
+    if not pending and not any(t for _, t in steps) and (out / "slurm" / "finalized.json").exists():
+        _say(f"all {c.tasks} shard(s) of {out} are complete; nothing to submit. stats: {out / 'stats.json'}")
+        if not is_finished(out):  # finalized before finished.json existed
+            mark_finished(out, {})
+        return None
+    mark_started(out)  # unfinished for the next stage until the finalize job runs
+    payload = job_payload(cfg, raw)
+    save_config(payload, out)
+    if overrides is not None:
+        record_command(out, overrides)
+    return pending, steps, payload
 
 
 def _submit_steps(cfg: ForgeConfig, folder: Path, payload: dict, steps: list[tuple[str, list[int]]]) -> dict[str, str]:
@@ -244,7 +256,7 @@ def _submit_jobs(
         logs=logs,
         monitor_id=monitor_id,
         finalize_id=finalize_id,
-        command=" ".join(shlex.quote(a) for a in ["forge", *sys.argv[1:]]),
+        command=" ".join(shlex.quote(redact_override(a)) for a in ["forge", *sys.argv[1:]]),
         extra={"steps": step_arrays} if step_arrays else {},
     )
 

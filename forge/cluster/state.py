@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forge.secrets import redact_strings
+
 ACTIVE = {
     "PENDING",
     "RUNNING",
@@ -134,7 +136,7 @@ def record_submission(out_dir: Path, sub: Submission) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [s.__dict__ for s in load_history(out_dir)] + [sub.__dict__]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
+    tmp.write_text(json.dumps(redact_strings(entries), indent=1))  # the command line may hold a key
     tmp.replace(path)
 
 

@@ -44,6 +44,7 @@ from forge.generate import batched
 from forge.mix import Mix
 from forge.output import RunChanged, clean_temp_files, write_atomic, write_json_atomic
 from forge.progress import LiveProgress
+from forge.secrets import redact_strings
 
 log = logging.getLogger("forge.dedup")
 EDGE_BLOCK = 200_000  # edges verified at a time (bounds the gathered signatures to ~200 MB)
@@ -128,7 +129,7 @@ class Workflow:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old != self.wanted:
+        if old != json.loads(json.dumps(redact_strings(self.wanted), default=str)):  # as written (masked)
             raise RunChanged(
                 f"{self.out} holds dedup steps made with other settings or input ({path}). Re-run with "
                 "output.on_change=fresh to move the old results aside and start over, or pick another output.dir."
