@@ -1,6 +1,6 @@
 """forge's whole dedup pipeline vs datatrove 0.10.1's four MinHash stages, side by side in one run.
 
-Same documents (forge/dedup/planted.py: >= 200,000 with near-copies planted at Jaccard ~0.9, ~0.8
+Same documents (forge/stages/dedup/planted.py: >= 200,000 with near-copies planted at Jaccard ~0.9, ~0.8
 and ~0.6 and exact variants, in two JSONL sources), same shingles (word 5-grams) and hash count
 (112: datatrove's 14 buckets x 8 hashes), one process per side, one worker each:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from forge.dedup.planted import evaluate, removed_in_run, write  # noqa: E402
+from forge.stages.dedup.planted import evaluate, removed_in_run, write  # noqa: E402
 
 THRESHOLD = 0.7
 

@@ -365,8 +365,8 @@ def score_rows(args: argparse.Namespace, work: Path) -> Path:
 def encoded_rows(args: argparse.Namespace, rows: Path) -> list:
     """(tokens, mask) of each row, exactly as forge's score stage computes them."""
     sys.path.insert(0, str(REPO))
-    from forge.tokenize.config import TokenizeConfig
-    from forge.tokenize.encode import Encoder
+    from forge.stages.tokenize.config import TokenizeConfig
+    from forge.stages.tokenize.encode import Encoder
 
     enc = Encoder(args.model, TokenizeConfig(eos=False))
     chats = [json.loads(line)["messages"] for line in rows.read_text().splitlines()]

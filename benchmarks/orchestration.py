@@ -71,18 +71,14 @@ def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, token
     """forge on the canned server; steps=3 runs rollout=critique_revise (its conf file's prompts)."""
     import yaml
 
-    from forge.config import (
-        DatasetConfig,
-        EngineKind,
-        ForgeConfig,
-        GenerationConfig,
-        ModelConfig,
-        OutputConfig,
-        RunConfig,
-    )
-    from forge.dataset import Source
-    from forge.rollout.config import RolloutConfig
-    from forge.runner import _run_async, manifest, run_task
+    from forge.config import DatasetConfig, ForgeConfig, OutputConfig, RunConfig
+
+    from forge.engine.config import EngineKind, ModelConfig
+
+    from forge.stages.generate.config import GenerationConfig
+    from forge.io.dataset import Source
+    from forge.stages.generate.rollout.config import RolloutConfig
+    from forge.stages.generate.run import _run_async, manifest, run_task
 
     cfg = ForgeConfig(
         dataset=DatasetConfig(name=str(data), id_column="id"),
@@ -147,7 +143,7 @@ def main() -> None:
     ap.add_argument("--phases", default="single,rollout3", help="single (one request per doc), rollout3 (3 steps)")
     args = ap.parse_args()
     phases = args.phases.split(",")
-    from forge.tiny_model import ensure_tiny_model
+    from forge.engine.tiny_model import ensure_tiny_model
 
     tokenizer = str(ensure_tiny_model())
     import logging

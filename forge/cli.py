@@ -19,7 +19,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from forge.config import ConfigError, ForgeConfig, register_configs, validate
+from forge.config import ForgeConfig, register_configs, validate
+from forge.schema import ConfigError
 
 
 def conf_dir() -> str:
@@ -246,7 +247,7 @@ def _launch(typed: ForgeConfig, cfg: DictConfig, overrides: list[str]) -> int:
         from forge.cluster.slurm import submit
 
         return submit(typed, cfg, overrides)
-    from forge.runner import run_forge
+    from forge.run.runner import run_forge
 
     return run_forge(typed, cfg, overrides=overrides)
 
@@ -255,7 +256,7 @@ def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from forge import sweep
+    from forge.sweep import points as sweep
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -275,7 +276,7 @@ def _task(cfg: DictConfig) -> None:
             sys.exit(2)
         sweep.config_failed(Path(cfg.output.dir), list(hc.overrides.task), str(exc))
         return
-    if multirun:  # skips settled points; one point's failure never ends the sweep (forge/sweep.py)
+    if multirun:  # skips settled points; one point's failure never ends the sweep (forge/sweep/points.py)
         overrides = list(hc.overrides.task)
         sweep.run_point(typed, overrides, lambda: _launch(typed, cfg, overrides))
         return
@@ -285,7 +286,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from forge.secrets import guard_std_streams, register_override_secrets
+    from forge.io.secrets import guard_std_streams, register_override_secrets
 
     # before anything can print: secret values on the command line are masked in every stream
     register_override_secrets(sys.argv[1:])
@@ -296,7 +297,7 @@ def main() -> None:
     if error:
         print(f"forge: error: {error}", file=sys.stderr)
         sys.exit(2)
-    from forge import sweep
+    from forge.sweep import points as sweep
 
     try:
         hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(_task)()

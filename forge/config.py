@@ -8,36 +8,18 @@ that a type cannot express live in `validate()` and raise ConfigError naming the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from forge.curate.config import CurateConfig
-from forge.dedup.config import DedupConfig
-from forge.rollout.config import RolloutConfig
-from forge.score.config import ScoreConfig
-from forge.tokenize.config import TokenizeConfig
-
-
-class ConfigError(ValueError):
-    """A config value that composes but cannot work; the message starts with the key."""
-
-
-class EngineKind(str, Enum):
-    vllm = "vllm"  # `vllm serve`, a server process forge owns
-    vllm_async = "vllm_async"  # vLLM's AsyncLLM inside the forge process (fastest)
-    sglang = "sglang"
-    endpoint = "endpoint"
-    transformers = "transformers"
-
-
-class Overlong(str, Enum):
-    truncate = "truncate"  # cut the document part until the prompt fits
-    skip = "skip"  # quarantine the row with its length
+from forge.engine.config import EngineKind, ModelConfig
+from forge.recipe.config import RecipeConfig
+from forge.schema import ConfigError
+from forge.stages.registry import DEFAULT_STAGE, STAGES, hook, spec, stage_groups
 
 
 class OnChange(str, Enum):
@@ -58,7 +40,7 @@ class SourceSpec:
         columns: field map, `{role: column}`: messages, conversations, prompt, response, text,
             system, reasoning, id (the source's own id, kept in `source.id`).
         meta: `meta_*` maps, `{correctness: {column: c, map: {...}}, difficulty_bin: {column: d,
-            bins: [...]}, domain: {column: s} or {value: math}}` (forge/curate/normalize.py).
+            bins: [...]}, domain: {column: s} or {value: math}}` (forge/stages/curate/normalize.py).
     """
 
     name: str = "???"
@@ -131,99 +113,6 @@ class DatasetConfig:
 
 
 @dataclass
-class PromptConfig:
-    """How a row becomes chat messages.
-
-    Attributes:
-        template: text containing [[DOCUMENT]] (or a path to a file holding it); null = the
-            prompt column is the user message as is.
-        system: system prompt prepended to every conversation; null = none.
-        on_overlong: `truncate` the document part, or `skip` (quarantine) rows whose prompt does
-            not fit in max_model_len - max_tokens.
-    """
-
-    template: str | None = None
-    system: str | None = None
-    on_overlong: Overlong = Overlong.truncate
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling parameters sent with every request; null = the engine's default.
-
-    Attributes:
-        rollouts: independent samples per document, the `rollout` column (each gets its own seed
-            when `seed` is set); each sample runs the `rollout:` group's function.
-        extra_body: extra JSON fields sent as they are (e.g. chat_template_kwargs).
-        json_schema: a JSON Schema (a .json file, or inline) every answer must match: guided
-            decoding on vLLM and SGLang, `response_format` on endpoints; every answer is parsed and
-            validated, its fields become columns (forge/rollout/structured.py).
-        json_retries: answers that fail the schema are asked again this many times, then the row
-            goes to rejected/ with the raw text and the validation error.
-    """
-
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    rollouts: int = 1
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    json_schema: Any = None
-    json_retries: int = 2
-
-
-@dataclass
-class ModelConfig:
-    """The model and the engine that serves it.
-
-    Attributes:
-        name_or_path: Hub id or local dir; `forge://tiny-qwen3` is built locally on first use.
-        engine: vllm | vllm_async | sglang | endpoint | transformers (the CPU engine).
-        tp, pp, dp: tensor, pipeline and data parallel sizes (GPUs per task = tp * pp * dp).
-        max_model_len: context length; null = what the engine or model config reports.
-        tokenizer: tokenizer used to measure prompts; null = name_or_path.
-        endpoint_url: base URL of an OpenAI-compatible server (engine=endpoint).
-        api_key_env: NAME of the environment variable holding the API key (never the key).
-        engine_args: extra engine command-line flags, `{flag_name: value}`.
-        served_name: model name sent in requests; null = name_or_path.
-        speculative: vLLM's speculative config as a mapping (`{method: ngram, num_speculative_tokens: 3,
-            prompt_lookup_max: 3}`), or null. Typed Any and checked in validate(): OmegaConf 2.3 cannot
-            merge a dict override into a null typed-dict node, so `model.speculative={...}` on the
-            command line or in a sweep grid failed to compose.
-        startup_timeout_s: how long to wait for the engine to answer /v1/models.
-        max_restarts: engine restarts allowed per task after a crash.
-        compile_cache_dir: torch.compile / CUDA-graph cache shared by tasks (locked while one
-            compiles); null = $FORGE_CACHE/vllm.
-    """
-
-    name_or_path: str = "forge://tiny-qwen3"
-    revision: str | None = None
-    engine: EngineKind = EngineKind.transformers
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    speculative: Any = None
-    kv_cache_dtype: str | None = None
-    quantization: str | None = None
-    load_format: str | None = None
-    trust_remote_code: bool = False
-    tokenizer: str | None = None
-    endpoint_url: str | None = None
-    api_key_env: str | None = None
-    served_name: str | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    startup_timeout_s: float = 900.0
-    max_restarts: int = 3
-    compile_cache_dir: str | None = None
-
-
-@dataclass
 class OutputConfig:
     """Where results go.
 
@@ -232,7 +121,7 @@ class OutputConfig:
         examples_per_chunk: rows per Parquet shard file.
         on_change: what a re-run does when input, sharding or generation settings changed.
         hub_repo: also publish to this Hub dataset repo (`user/name`) as chunks finish
-            (forge/hub.py); the token comes from HF_TOKEN or the saved login. null = local only.
+            (forge/io/hub.py); the token comes from HF_TOKEN or the saved login. null = local only.
         private: create the Hub repo private (an existing repo keeps its visibility).
         hub_commits_per_hour: most commits a run makes to hub_repo in any hour; each commit
             batches every chunk finished since the last one. The Hub allows about 128 per repo
@@ -336,7 +225,7 @@ class ClusterConfig:
 @dataclass
 class SweepConfig:
     """How a multirun (`forge +sweep=NAME` or `--multirun`) treats points of an earlier run of
-    the same sweep (forge/sweep.py). Points that finished are always skipped: re-running one
+    the same sweep (forge/sweep/points.py). Points that finished are always skipped: re-running one
     would add an empty session to its stats and its throughput figures would be lost.
 
     Attributes:
@@ -348,48 +237,42 @@ class SweepConfig:
     retry_failed: bool = False
 
 
-class Stage(str, Enum):
-    generate = "generate"  # prompts -> engine -> completions (forge/generate.py)
-    curate = "curate"  # normalize, filter, pool (forge/curate/)
-    dedup = "dedup"  # exact and MinHash near-dedup across every shard and source (forge/dedup/)
-    tokenize = "tokenize"  # token shards a trainer reads, with loss masks (forge/tokenize/)
-    score = "score"  # completion-only NLL or embeddings per row, pools by score (forge/score/)
-
-    def __str__(self) -> str:  # `${pipeline.stage}` in a path interpolates as `curate`
-        return self.value
-
-
 @dataclass
 class PipelineConfig:
-    """Which stage this run is (conf/pipeline/): each is one module or package of forge/ that
-    transforms rows; reading, sharding, output, resume, stats, card, cluster and Hub are the
-    runner's. Any forge run dir is a valid dataset.name for the next stage.
+    """Which stage this run is (conf/pipeline/): each is one package of forge/stages/ that
+    transforms rows, listed in forge/stages/registry.py; reading, sharding, output, resume, stats,
+    card, cluster and Hub are the run lifecycle's (forge/run/). Any forge run dir is a valid
+    dataset.name for the next stage.
 
     Attributes:
-        stage: generate | curate | dedup | tokenize | score.
+        stage: a name in forge/stages/registry.py: generate | curate | dedup | tokenize | score.
     """
 
-    stage: Stage = Stage.generate
+    stage: str = DEFAULT_STAGE
 
 
-@dataclass
-class ForgeConfig:
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    curate: CurateConfig = field(default_factory=CurateConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # a second model a rollout may call (`generate(..., model="judge")`); null = the main one
-    judge_model: ModelConfig | None = None
-    output: OutputConfig = field(default_factory=OutputConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+def _root_fields() -> list[tuple[str, Any, Any]]:
+    """The root schema's fields: the shared groups, then every stage's own groups (from the registry)."""
+    shared: list[tuple[str, Any, Any]] = [
+        ("pipeline", PipelineConfig, field(default_factory=PipelineConfig)),
+        ("dataset", DatasetConfig, field(default_factory=DatasetConfig)),
+        ("model", ModelConfig, field(default_factory=ModelConfig)),
+        # a second model a rollout may call (`generate(..., model="judge")`); null = the main one
+        ("judge_model", Optional[ModelConfig], field(default=None)),  # noqa: UP045 (OmegaConf reads typing.Optional)
+        ("output", OutputConfig, field(default_factory=OutputConfig)),
+        ("run", RunConfig, field(default_factory=RunConfig)),
+        ("cluster", ClusterConfig, field(default_factory=ClusterConfig)),
+        ("sweep", SweepConfig, field(default_factory=SweepConfig)),
+        ("recipe", RecipeConfig, field(default_factory=RecipeConfig)),
+    ]
+    groups = [(key, schema, field(default_factory=schema)) for key, schema in stage_groups().items()]
+    return shared + groups
+
+
+# The whole config: `cfg.model`, `cfg.dedup`, ... (a stage's groups come from forge/stages/registry.py,
+# so a new stage adds no line here)
+ForgeConfig = make_dataclass("ForgeConfig", _root_fields())
+ForgeConfig.__module__ = __name__
 
 
 def register_configs() -> None:
@@ -418,22 +301,14 @@ def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
 
 
 def validate(cfg: ForgeConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    m, g = cfg.model, cfg.generation
-    validate_model("model", m, g)
+    """Cross-field checks that types alone cannot express: the shared groups', then the stage's
+    (its groups' own validate() methods and its registry `validate` hook)."""
+    if cfg.pipeline.stage not in STAGES:
+        raise ConfigError(f"pipeline.stage: no stage {cfg.pipeline.stage!r}; stages: {', '.join(STAGES)}")
+    m = cfg.model
+    validate_model("model", m)
     if cfg.judge_model is not None:
-        validate_model("judge_model", cfg.judge_model, g)
-    _positive("generation.max_tokens", g.max_tokens, allow_none=False)
-    _positive("generation.rollouts", g.rollouts, allow_none=False)
-    if g.temperature is not None and g.temperature < 0:
-        raise ConfigError(f"generation.temperature: must be >= 0 (got {g.temperature})")
-    if g.top_p is not None and not 0 < g.top_p <= 1:
-        raise ConfigError(f"generation.top_p: must be in (0, 1] (got {g.top_p})")
-    if m.max_model_len is not None and g.max_tokens >= m.max_model_len:
-        raise ConfigError(
-            f"generation.max_tokens: {g.max_tokens} leaves no room for a prompt in "
-            f"model.max_model_len={m.max_model_len}"
-        )
+        validate_model("judge_model", cfg.judge_model)
     _positive("output.examples_per_chunk", cfg.output.examples_per_chunk, allow_none=False)
     validate_hub(cfg.output)
     _positive("run.max_in_flight", cfg.run.max_in_flight)
@@ -445,30 +320,17 @@ def validate(cfg: ForgeConfig) -> None:
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
     validate_cluster(cfg)
-    if cfg.pipeline.stage == Stage.dedup:
-        cfg.dedup.validate()
-    if cfg.pipeline.stage == Stage.tokenize:
-        cfg.tokenize.validate()
-    if cfg.pipeline.stage == Stage.score:
-        cfg.score.validate()
-    gpu = (EngineKind.vllm, EngineKind.vllm_async, EngineKind.sglang)
-    j = cfg.judge_model
-    if j is not None and m.engine in gpu and j.engine in gpu:
-        shares = (m.gpu_memory_utilization, j.gpu_memory_utilization)
-        if None in shares or sum(shares) > 0.95:
-            raise ConfigError(
-                "judge_model.gpu_memory_utilization: the model and judge_model engines share the task's GPUs; set "
-                "model.gpu_memory_utilization and judge_model.gpu_memory_utilization so they sum to 0.95 or less "
-                f"(now {shares[0]} and {shares[1]})"
-            )
-    if g.json_retries < 0:
-        raise ConfigError(f"generation.json_retries: must be >= 0 (got {g.json_retries})")
-    from forge.rollout.checks import validate_rollout  # imports the user's module: only when validating
-
-    validate_rollout(cfg)
+    stage = spec(cfg.pipeline.stage)
+    for key in stage.groups:
+        own = getattr(getattr(cfg, key), "validate", None)
+        if own is not None:
+            own()
+    check = hook(cfg.pipeline.stage, "validate")
+    if check is not None:
+        check(cfg)
 
 
-def validate_model(prefix: str, m: ModelConfig, g: GenerationConfig) -> None:
+def validate_model(prefix: str, m: ModelConfig) -> None:
     """The checks of one model (`model` or `judge_model`)."""
     for key in ("tp", "pp", "dp"):
         _positive(f"{prefix}.{key}", getattr(m, key), allow_none=False)
@@ -486,11 +348,8 @@ def validate_model(prefix: str, m: ModelConfig, g: GenerationConfig) -> None:
         raise ConfigError(
             f"{prefix}.endpoint_url: only used with {prefix}.engine=endpoint (engine is {m.engine.value})"
         )
-    if m.engine == EngineKind.transformers:
-        if g.top_k is not None:
-            raise ConfigError("generation.top_k: the transformers CPU engine rejects top_k; leave it null")
-        if m.tp * m.pp * m.dp != 1:
-            raise ConfigError(f"{prefix}.tp/pp/dp: the transformers CPU engine runs one process; use 1")
+    if m.engine == EngineKind.transformers and m.tp * m.pp * m.dp != 1:
+        raise ConfigError(f"{prefix}.tp/pp/dp: the transformers CPU engine runs one process; use 1")
     if m.api_key_env is not None and not m.api_key_env.replace("_", "").isalnum():
         raise ConfigError(
             f"{prefix}.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"
@@ -558,7 +417,7 @@ def by_stage(stage: object, *choices: str) -> str:
 def run_name(stage: object, model: object, dataset: object) -> str:
     """The default run dir's name: `<model>__<dataset>` for generation, `<stage>__<dataset>` else."""
     name = str(getattr(stage, "value", stage))
-    first = slug(model) if name == Stage.generate.value else name
+    first = slug(model) if name == "generate" else name
     return f"{first}__{slug(dataset)}"
 
 

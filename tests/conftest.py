@@ -57,14 +57,14 @@ def forge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(forge_cache: Path) -> Path:
-    from forge.tiny_model import ensure_tiny_model
+    from forge.engine.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(forge_cache)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: Path):
-    from forge.tokenizer import load_tokenizer
+    from forge.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -72,7 +72,7 @@ def tokenizer(tiny_model: Path):
 @pytest.fixture(scope="session")
 def cpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real `transformers serve` with continuous batching, shared by the endpoint tests."""
-    from forge.config import EngineKind, ModelConfig
+    from forge.engine.config import EngineKind, ModelConfig
     from forge.engine.commands import build_command
     from forge.engine.server import free_port
 
@@ -153,8 +153,8 @@ def run_batch_stage(cfg) -> dict:
     every task, finish; returns stats.json."""
     from omegaconf import OmegaConf
 
-    from forge.runner import save_config
-    from forge.stages import stage_run
+    from forge.run.runner import save_config
+    from forge.stages.registry import stage_run
 
     run = stage_run(cfg)
     run.prepare()

@@ -16,7 +16,7 @@ from conftest import REPO, read_stats
 
 from forge.cli import precheck, sweep_base_dir
 from forge.config import register_configs
-from forge.sweep import POINT_FILE
+from forge.sweep.points import POINT_FILE
 
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and any(p.glob("*.yaml")))
 

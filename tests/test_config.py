@@ -5,7 +5,9 @@ from conftest import REPO, forge_cli
 from hydra import compose, initialize_config_dir
 
 from forge.cli import conf_dir, one_line, to_schema
-from forge.config import ConfigError, EngineKind, register_configs
+from forge.config import register_configs
+from forge.schema import ConfigError
+from forge.engine.config import EngineKind
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -101,13 +103,13 @@ PIPELINES = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_dataset_composes_with_every_pipeline(name: str, pipeline: str) -> None:
     cfg = to_schema(_compose(f"dataset={name}", f"pipeline={pipeline}"))
-    assert cfg.pipeline.stage.value == pipeline
+    assert cfg.pipeline.stage == pipeline
 
 
 def test_the_smollm3_stage1_mix_validates_as_published() -> None:
     """It cannot run here (Hub datasets), but it composes, validates and builds its stage."""
-    from forge.curate.normalize import check_spec
-    from forge.mix import check_mix
+    from forge.stages.curate.normalize import check_spec
+    from forge.io.mix import check_mix
 
     cfg = to_schema(_compose("pipeline=curate", "dataset=mix_smollm3_stage1"))
     d = cfg.dataset
@@ -120,7 +122,7 @@ def test_the_smollm3_stage1_mix_validates_as_published() -> None:
 
 def test_default_pipeline_is_generation_and_its_run_dir_is_unchanged() -> None:
     cfg = to_schema(_compose())
-    assert cfg.pipeline.stage.value == "generate" and cfg.output.dir == "outputs/tiny-qwen3__sample"
+    assert cfg.pipeline.stage == "generate" and cfg.output.dir == "outputs/tiny-qwen3__sample"
     assert to_schema(_compose("pipeline=curate", "dataset=mix_tiny")).output.dir == "outputs/curate__mix_tiny"
 
 
@@ -133,7 +135,7 @@ def test_a_recipe_experiment_chains_its_stages() -> None:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "rollout").glob("*.yaml")))
 def test_every_rollout_composes_and_its_function_loads(name: str) -> None:
-    from forge.rollout.checks import rollout_fn
+    from forge.stages.generate.rollout.checks import rollout_fn
 
     cfg = to_schema(_compose(f"rollout={name}"))
     fn = rollout_fn(cfg.rollout)

@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 
 from forge.cluster.state import ACTIVE, SlurmError, job_states, live_states, shard_complete
 from forge.config import ForgeConfig, register_configs, validate
-from forge.hub import HubPublisher, publish_final, publish_progress
-from forge.locks import run_lock
-from forge.output import write_json_atomic
-from forge.progress import aggregate_progress
+from forge.io.hub import HubPublisher, publish_final, publish_progress
+from forge.run.locks import run_lock
+from forge.run.output import write_json_atomic
+from forge.run.progress import aggregate_progress
 
 log = logging.getLogger("forge.cluster")
 
@@ -56,7 +56,7 @@ class ShardJob(submitit.helpers.Checkpointable):
 
     def __call__(self, job_cfg: dict[str, Any], shard: int) -> str:
         from forge.cluster.ray import start_ray_if_multinode, stop_ray
-        from forge.runner import run_forge
+        from forge.run.runner import run_forge
 
         cfg = job_config(job_cfg, shard)
         if not start_ray_if_multinode(cfg):
@@ -78,7 +78,7 @@ class StepJob(submitit.helpers.Checkpointable):
     Resumable like a shard: a requeued task skips the files it already wrote."""
 
     def __call__(self, job_cfg: dict[str, Any], step: str, task: int) -> str:
-        from forge.runner import run_step
+        from forge.run.runner import run_step
 
         cfg = job_config(job_cfg, task)
         logfile = step_log(cfg.output.dir, step, task)
@@ -148,7 +148,7 @@ class FinalizeJob:
     """Runs after every shard succeeded: the run's stats.json and final progress."""
 
     def __call__(self, out_dir: str, tasks: int) -> dict[str, Any]:
-        from forge.stages import finish_run_dir
+        from forge.run.runner import finish_run_dir
 
         out = Path(out_dir)
         missing = [s for s in range(tasks) if not shard_complete(out, s)]

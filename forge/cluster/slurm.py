@@ -35,13 +35,14 @@ from forge.cluster.state import (
     shard_complete,
     shard_reports,
 )
-from forge.config import ConfigError, ForgeConfig, OnChange, gpus_per_task, slug
-from forge.dataset import DatasetError
-from forge.hub import HubError, preflight, target_from
-from forge.locks import RunBusy, check_not_running, run_lock
-from forge.output import RunChanged, is_finished, mark_finished, mark_started
-from forge.progress import aggregate_progress
-from forge.secrets import lift_secrets, redact_override
+from forge.config import ForgeConfig, OnChange, gpus_per_task, slug
+from forge.io.dataset import DatasetError
+from forge.io.hub import HubError, preflight, target_from
+from forge.io.secrets import lift_secrets, redact_override
+from forge.run.locks import RunBusy, check_not_running, run_lock
+from forge.run.output import RunChanged, is_finished, mark_finished, mark_started
+from forge.run.progress import aggregate_progress
+from forge.schema import ConfigError
 
 ROLES = ("shards", "monitor", "finalize")
 
@@ -186,8 +187,8 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
 def _prepare(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None, out: Path) -> tuple | None:
     """The run's checks (which may move a changed dir aside) and its config written, under the run
     lock: (pending shards, pending steps, the jobs' payload), or None when nothing is left to do."""
-    from forge.card import record_command
-    from forge.runner import prepare_run, save_config
+    from forge.run.card_parts import record_command
+    from forge.run.runner import prepare_run, save_config
 
     c = cfg.cluster
     run = prepare_run(cfg)

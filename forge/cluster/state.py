@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forge.secrets import redact_strings
+from forge.io.secrets import redact_strings
 
 ACTIVE = {
     "PENDING",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from forge.cluster.state import SlurmError, job_states, load_history, shard_reports
-from forge.progress import aggregate_progress
+from forge.run.progress import aggregate_progress
 
 
 def tasks_of(out: Path) -> int:

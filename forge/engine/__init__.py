@@ -2,6 +2,7 @@
 that already runs (endpoint), and the pooled HTTP client that talks to it. Config: conf/model."""
 
 from forge.engine.client import ChatClient, RequestFailed, RequestRejected
-from forge.engine.server import Engine, EngineError, open_engine
+from forge.engine.factory import open_engine
+from forge.engine.server import Engine, EngineError
 
 __all__ = ["ChatClient", "Engine", "EngineError", "RequestFailed", "RequestRejected", "open_engine"]

@@ -9,8 +9,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
+from forge.engine.config import EngineKind, ModelConfig
 
 TESTED_VLLM = "0.26.0"  # the vLLM release forge is validated with on the GPU (benchmarks/RESULTS.md)
 

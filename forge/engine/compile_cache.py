@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from forge.tiny_model import default_cache_dir
+from forge.engine.tiny_model import default_cache_dir
 
 log = logging.getLogger("forge.engine")
 

@@ -13,12 +13,12 @@ import time
 import uuid
 from typing import Any
 
-from forge.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 from forge.engine.client import Completion, RequestRejected
 from forge.engine.commands import missing_engine_message
+from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.server import Engine, EngineError
-from forge.tokenizer import Tokenizer
+from forge.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("forge.engine")
 SAMPLING_KEYS = (

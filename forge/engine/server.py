@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 
-from forge.config import EngineKind, ModelConfig
 from forge.engine.commands import build_command, missing_engine_message
-from forge.secrets import redact_command, redact_text
+from forge.engine.config import EngineKind, ModelConfig
+from forge.io.secrets import redact_command, redact_text
 
 log = logging.getLogger("forge.engine")
 _PR_SET_PDEATHSIG = 1
@@ -348,14 +348,3 @@ class LocalServer(Engine):
         if self._supervisor:
             self._supervisor.cancel()
         await asyncio.to_thread(self._kill)
-
-
-def open_engine(model: ModelConfig, model_path: str, log_path: Path, seed: int | None = None) -> Engine:
-    """The Engine for model.engine (not started yet)."""
-    if model.engine == EngineKind.endpoint:
-        return Endpoint(model)
-    if model.engine == EngineKind.vllm_async:
-        from forge.engine.inprocess import VllmInProcess
-
-        return VllmInProcess(model, model_path, seed)
-    return LocalServer(model, model_path, log_path, seed)

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from forge.cli import conf_dir, sweep_point_dir, swept_keys, to_schema
 from forge.cluster.ray import ray_launch_script
 from forge.cluster.slurm import render_sbatch, sbatch_params
-from forge.config import ConfigError, register_configs
+from forge.config import register_configs
+from forge.schema import ConfigError
 
 register_configs()
 GOLDEN = Path(__file__).parent / "golden"

@@ -326,7 +326,7 @@ def test_curate_runs_as_an_array_then_finalizes(tmp_path: Path) -> None:
     assert stats["rows_in"] == 60 and stats["tasks"] == 2 and stats["rows_kept"] == 59
     assert (out / "slurm" / "finalized.json").exists() and "chat_structure" in (out / "README.md").read_text()
     # each task held its shard's lock, finalize the run's; released, and the dir is a finished input
-    from forge.locks import running_holder
+    from forge.run.locks import running_holder
 
     assert {p.name for p in (out / "state").glob("*.lock")} >= {"task_00000.lock", "task_00001.lock", "run.lock"}
     assert running_holder(out) is None and (out / "state" / "finished.json").exists()
@@ -335,7 +335,7 @@ def test_curate_runs_as_an_array_then_finalizes(tmp_path: Path) -> None:
 def test_dedup_runs_each_step_as_an_array_chained_afterok(tmp_path: Path) -> None:
     """signatures (3 tasks) -> buckets -> clusters -> the filter array -> finalize, on Slurm;
     the same rows out as a local run."""
-    from forge.dedup.planted import removed_in_run, write
+    from forge.stages.dedup.planted import removed_in_run, write
 
     data = tmp_path / "planted"
     write(data, 300, seed=7)

@@ -7,7 +7,7 @@ import json
 import pytest
 from aiohttp import web
 
-from forge.config import EngineKind, ModelConfig
+from forge.engine.config import EngineKind, ModelConfig
 from forge.engine import ChatClient, RequestFailed, RequestRejected
 from forge.engine.client import Completion, parse_completion
 from forge.engine.server import Endpoint, EngineError

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from forge import secrets
+from forge.io import secrets
 from forge.engine.server import pump_log
 
 

@@ -20,7 +20,7 @@ import pytest
 from checks import assert_no_secret, error_line
 from conftest import forge_cli, read_rows, read_stats, run_batch_stage, write_jsonl
 
-from forge.locks import RunBusy, run_lock, shard_lock, step_lock
+from forge.run.locks import RunBusy, run_lock, shard_lock, step_lock
 
 pytestmark = pytest.mark.slow
 

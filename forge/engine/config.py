@@ -1,0 +1,65 @@
+"""The `model:` group's schema (conf/model/*.yaml, also `judge_model:`): the model and the engine
+that serves it (forge/engine/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"  # `vllm serve`, a server process forge owns
+    vllm_async = "vllm_async"  # vLLM's AsyncLLM inside the forge process (fastest)
+    sglang = "sglang"
+    endpoint = "endpoint"
+    transformers = "transformers"
+
+
+@dataclass
+class ModelConfig:
+    """The model and the engine that serves it.
+
+    Attributes:
+        name_or_path: Hub id or local dir; `forge://tiny-qwen3` is built locally on first use.
+        engine: vllm | vllm_async | sglang | endpoint | transformers (the CPU engine).
+        tp, pp, dp: tensor, pipeline and data parallel sizes (GPUs per task = tp * pp * dp).
+        max_model_len: context length; null = what the engine or model config reports.
+        tokenizer: tokenizer used to measure prompts; null = name_or_path.
+        endpoint_url: base URL of an OpenAI-compatible server (engine=endpoint).
+        api_key_env: NAME of the environment variable holding the API key (never the key).
+        engine_args: extra engine command-line flags, `{flag_name: value}`.
+        served_name: model name sent in requests; null = name_or_path.
+        speculative: vLLM's speculative config as a mapping (`{method: ngram, num_speculative_tokens: 3,
+            prompt_lookup_max: 3}`), or null. Typed Any and checked in validate(): OmegaConf 2.3 cannot
+            merge a dict override into a null typed-dict node, so `model.speculative={...}` on the
+            command line or in a sweep grid failed to compose.
+        startup_timeout_s: how long to wait for the engine to answer /v1/models.
+        max_restarts: engine restarts allowed per task after a crash.
+        compile_cache_dir: torch.compile / CUDA-graph cache shared by tasks (locked while one
+            compiles); null = $FORGE_CACHE/vllm.
+    """
+
+    name_or_path: str = "forge://tiny-qwen3"
+    revision: str | None = None
+    engine: EngineKind = EngineKind.transformers
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    speculative: Any = None
+    kv_cache_dtype: str | None = None
+    quantization: str | None = None
+    load_format: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    endpoint_url: str | None = None
+    api_key_env: str | None = None
+    served_name: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    startup_timeout_s: float = 900.0
+    max_restarts: int = 3
+    compile_cache_dir: str | None = None
