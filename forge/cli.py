@@ -7,68 +7,17 @@ once up front (a sweep: once per swept value), before Hydra's own multi-line rep
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
-import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
-from forge.config import ForgeConfig, register_configs, validate
+from forge.compose import conf_dir, one_line, to_schema
+from forge.config import ForgeConfig, register_configs
 from forge.schema import ConfigError
-
-
-def conf_dir() -> str:
-    """conf/ beside the package (editable install), or $FORGE_CONF_DIR."""
-    env = os.environ.get("FORGE_CONF_DIR")
-    if env:
-        return str(Path(env).resolve())
-    return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def to_schema(cfg: DictConfig) -> ForgeConfig:
-    """Resolve and convert to the typed dataclass tree (raises ConfigError on bad values)."""
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, ForgeConfig)
-    validate(obj)
-    return obj
-
-
-def _fields_of(path: str) -> list[str]:
-    node: type = ForgeConfig
-    for part in path.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
-            return []
-        node = fields[part].default_factory
-    return [f.name for f in dataclasses.fields(node)]
-
-
-def one_line(exc: BaseException) -> str:
-    """The gist of a Hydra/OmegaConf composition error, naming the key, on one line."""
-    e: BaseException | None = exc
-    while e is not None:
-        key = getattr(e, "full_key", None)
-        if isinstance(e, OmegaConfBaseException) and key:
-            msg = str(e).splitlines()[0]
-            close = difflib.get_close_matches(key.split(".")[-1], _fields_of(key), n=1)
-            hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "not in" in msg else ""
-            return f"{key}: {msg}{hint}"
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    missing = re.search(
-        r"Could not find '([^'/]+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search|$)", text, re.S
-    )
-    if missing:
-        group, name, options = missing.group(1), missing.group(2), missing.group(3).split()
-        return f"{group}={name}: no such {group} config; choose one of: {', '.join(options)}"
-    return " ".join(text.replace("Set the environment variable HYDRA_FULL_ERROR=1", "").split())
-
 
 # values that are expressions, never Hydra syntax: `+curate.pools.x='meta_correctness >= 0.8'` reaches
 # us without the shell's quotes, and `>=` or spaces are not valid in an unquoted Hydra value
@@ -243,6 +192,10 @@ def _launch(typed: ForgeConfig, cfg: DictConfig, overrides: list[str]) -> int:
     into command.json once the run is accepted (a refused command writes nothing)."""
     from forge.config import Backend
 
+    if typed.recipe.name is not None:
+        from forge.recipe.run import run_recipe
+
+        return run_recipe(typed, cfg, overrides)
     if typed.cluster.backend == Backend.slurm:
         from forge.cluster.slurm import submit
 

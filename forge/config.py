@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from forge.engine.config import EngineKind, ModelConfig
 from forge.recipe.config import RecipeConfig
-from forge.schema import ConfigError
+from forge.schema import ConfigError, neutral
 from forge.stages.registry import DEFAULT_STAGE, STAGES, hook, spec, stage_groups
 
 
@@ -109,7 +109,7 @@ class DatasetConfig:
     seed: int = 0
     pilot_rows: int = 1000
     max_repeat: float = 10.0
-    allow_unfinished: bool = False
+    allow_unfinished: bool = neutral(False)
 
 
 @dataclass
@@ -130,14 +130,14 @@ class OutputConfig:
             errors, the first after hub_backoff_s, doubling (Retry-After wins when sent).
     """
 
-    dir: str = "outputs/default"
+    dir: str = neutral("outputs/default")
     examples_per_chunk: int = 500
-    on_change: OnChange = OnChange.error
-    hub_repo: str | None = None
-    private: bool = True
-    hub_commits_per_hour: int = 60
-    hub_max_retries: int = 8
-    hub_backoff_s: float = 2.0
+    on_change: OnChange = neutral(OnChange.error)
+    hub_repo: str | None = neutral(None)
+    private: bool = neutral(True)
+    hub_commits_per_hour: int = neutral(60)
+    hub_max_retries: int = neutral(8)
+    hub_backoff_s: float = neutral(2.0)
 
 
 @dataclass
@@ -155,13 +155,13 @@ class RunConfig:
         log_every_s: interval of plain progress lines in the log.
     """
 
-    max_in_flight: int | None = None
-    request_timeout_s: float = 600.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    retry_failed: bool = True
-    progress: bool = True
-    log_every_s: float = 30.0
+    max_in_flight: int | None = neutral(None)
+    request_timeout_s: float = neutral(600.0)
+    max_retries: int = neutral(5)
+    backoff_s: float = neutral(1.0)
+    retry_failed: bool = neutral(True)
+    progress: bool = neutral(True)
+    log_every_s: float = neutral(30.0)
 
 
 class Backend(str, Enum):
@@ -196,30 +196,30 @@ class ClusterConfig:
         dry_run: write the sbatch scripts into the run dir and submit nothing.
     """
 
-    name: str = "local"
-    backend: Backend = Backend.local
+    name: str = neutral("local")
+    backend: Backend = neutral(Backend.local)
     tasks: int = 1
-    task_index: int | None = None
-    workers: int | None = None
-    nodes_per_task: int = 1
-    gpus_per_node: int | None = None
-    partition: str | None = None
-    qos: str | None = None
-    account: str | None = None
-    constraint: str | None = None
-    exclude: str | None = None
-    time_min: int = 1440
-    cpus_per_gpu: int | None = None
-    mem_per_gpu_gb: int | None = None
-    cpus_per_task: int = 2
-    mem_gb: int | None = None
-    sbatch_extra: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
-    signal_delay_s: int = 120
-    max_requeues: int = 3
-    monitor_interval_s: float = 30.0
-    wait: bool = False
-    dry_run: bool = False
+    task_index: int | None = neutral(None)
+    workers: int | None = neutral(None)
+    nodes_per_task: int = neutral(1)
+    gpus_per_node: int | None = neutral(None)
+    partition: str | None = neutral(None)
+    qos: str | None = neutral(None)
+    account: str | None = neutral(None)
+    constraint: str | None = neutral(None)
+    exclude: str | None = neutral(None)
+    time_min: int = neutral(1440)
+    cpus_per_gpu: int | None = neutral(None)
+    mem_per_gpu_gb: int | None = neutral(None)
+    cpus_per_task: int = neutral(2)
+    mem_gb: int | None = neutral(None)
+    sbatch_extra: dict[str, Any] = neutral(factory=dict)
+    setup: list[str] = neutral(factory=list)
+    signal_delay_s: int = neutral(120)
+    max_requeues: int = neutral(3)
+    monitor_interval_s: float = neutral(30.0)
+    wait: bool = neutral(False)
+    dry_run: bool = neutral(False)
 
 
 @dataclass

@@ -72,8 +72,8 @@ def tokenizer(tiny_model: Path):
 @pytest.fixture(scope="session")
 def cpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real `transformers serve` with continuous batching, shared by the endpoint tests."""
-    from forge.engine.config import EngineKind, ModelConfig
     from forge.engine.commands import build_command
+    from forge.engine.config import EngineKind, ModelConfig
     from forge.engine.server import free_port
 
     port = free_port()
@@ -187,3 +187,38 @@ def kill_forge_at_random(
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+SLURM_ENV_FILE = Path(os.environ.get("FORGE_SLURM_DIR", "/var/lib/forge-slurm")) / "env"
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """The test cluster's client settings (SLURM_CONF...), exported for forge and its jobs."""
+    if not SLURM_ENV_FILE.exists():
+        pytest.fail(f"no test Slurm: {SLURM_ENV_FILE} missing; start it with `sudo bash .ci/slurm/up.sh`")
+    env = {}
+    for line in SLURM_ENV_FILE.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, value = line[len("export ") :].split("=", 1)
+            env[key] = value.strip("'\"")
+    os.environ.update(env)
+    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip(), f"test Slurm not answering: {proc.stderr}"
+    return env
+
+
+def run_recipe(tmp: Path, recipe_dir: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The bundled tiny_sft recipe with the real CLI, into `recipe_dir`."""
+    return forge_cli(["recipe=tiny_sft", f"recipe.dir={recipe_dir}", *extra], tmp, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(forge_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny recipe, run once from nothing (every step on the tiny CPU model) and shared by the
+    recipe tests, read-only: a test that changes it works on a copy."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    root = tmp / "tiny_sft"
+    proc = run_recipe(tmp, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root

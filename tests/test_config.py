@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 
 from forge.cli import conf_dir, one_line, to_schema
 from forge.config import register_configs
-from forge.schema import ConfigError
 from forge.engine.config import EngineKind
+from forge.schema import ConfigError
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -108,8 +108,8 @@ def test_every_dataset_composes_with_every_pipeline(name: str, pipeline: str) ->
 
 def test_the_smollm3_stage1_mix_validates_as_published() -> None:
     """It cannot run here (Hub datasets), but it composes, validates and builds its stage."""
-    from forge.stages.curate.normalize import check_spec
     from forge.io.mix import check_mix
+    from forge.stages.curate.normalize import check_spec
 
     cfg = to_schema(_compose("pipeline=curate", "dataset=mix_smollm3_stage1"))
     d = cfg.dataset

@@ -43,6 +43,7 @@ from forge.run.locks import RunBusy, check_not_running, run_lock
 from forge.run.output import RunChanged, is_finished, mark_finished, mark_started
 from forge.run.progress import aggregate_progress
 from forge.schema import ConfigError
+from forge.stages.registry import hook
 
 ROLES = ("shards", "monitor", "finalize")
 
@@ -139,12 +140,26 @@ def report_unfinished(out: Path, tasks: int) -> list[str]:
 
 def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None = None) -> int:
     """Submit the unfinished shards of the run and return at once (or wait with cluster.wait)."""
+    code, sub = submit_run(cfg, raw, overrides)
+    if sub is not None and cfg.cluster.wait:
+        return wait(Path(cfg.output.dir), sub, cfg.cluster.tasks)
+    return code
+
+
+def submit_run(
+    cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None = None, after: list[str] | None = None
+) -> tuple[int, Submission | None]:
+    """Submit the unfinished shards of the run: (exit code, the submission or None).
+
+    `after`: job ids the run's first arrays wait for (`afterok`; a recipe's earlier steps). Its
+    input does not exist yet, so the input checks run in the jobs, not here: the config was
+    validated when the recipe was composed."""
     out = Path(cfg.output.dir).resolve()
     cfg.output.dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     c = cfg.cluster
     if c.dry_run:
-        return dry_run(cfg, out)
+        return dry_run(cfg, out), None
     try:
         active = active_jobs(out)
         if active:
@@ -154,45 +169,51 @@ def submit(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None
                 f"({', '.join(sorted(set(active.values())))}); not submitting it twice.\n"
                 f"  follow it:  forge-status {out}\n  stop it:    scancel {' '.join(ids)}"
             )
-            return 1
+            return 1, None
         for line in report_unfinished(out, c.tasks):
             _say(line)
     except SlurmError as exc:
         _say(f"error: {exc}")
-        return 1
+        return 1, None
     try:
         check_not_running(out)  # a local forge writing this dir: never move it aside or add to it
         with run_lock(out):  # held from the checks to the last write here, released before sbatch
-            prepared = _prepare(cfg, raw, overrides, out)
+            prepared = _prepare(cfg, raw, overrides, out, after)
     except RunBusy as exc:
         _say(f"error: {exc}")
-        return 1
+        return 1, None
     except (ConfigError, DatasetError, RunChanged, HubError) as exc:
         _say(f"error: {exc}")
-        return 2
+        return 2, None
     if prepared is None:
-        return 0
+        return 0, None
     pending, steps, payload = prepared
     folder = out / "slurm" / "%j"
     try:
-        sub = _submit_jobs(cfg, out, folder, payload, pending, steps)
+        sub = _submit_jobs(cfg, out, folder, payload, pending, steps, after)
     except (SlurmError, submitit.core.utils.FailedJobError, RuntimeError) as exc:
         _say(f"error: submission failed: {exc}")
-        return 1
+        return 1, None
     record_submission(out, sub)
     _print_submitted(out, sub, c.tasks)
-    return wait(out, sub, c.tasks) if c.wait else 0
+    return 0, sub
 
 
-def _prepare(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None, out: Path) -> tuple | None:
+def _prepare(
+    cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | None, out: Path, after: list[str] | None = None
+) -> tuple | None:
     """The run's checks (which may move a changed dir aside) and its config written, under the run
     lock: (pending shards, pending steps, the jobs' payload), or None when nothing is left to do."""
     from forge.run.card_parts import record_command
     from forge.run.runner import prepare_run, save_config
 
     c = cfg.cluster
-    run = prepare_run(cfg)
-    steps = run.pre_steps() if hasattr(run, "pre_steps") else []
+    if after:  # its input is written by the jobs it waits for: checked when its own jobs start
+        planned = hook(cfg.pipeline.stage, "planned_steps")
+        steps = [(s, list(range(n))) for s, n in planned(cfg)] if planned else []
+    else:
+        run = prepare_run(cfg)
+        steps = run.pre_steps() if hasattr(run, "pre_steps") else []
     hub = target_from(cfg.output)
     if hub:
         preflight(hub)  # a bad token fails now, not in a job after GPU hours
@@ -210,10 +231,12 @@ def _prepare(cfg: ForgeConfig, raw: DictConfig | dict, overrides: list[str] | No
     return pending, steps, payload
 
 
-def _submit_steps(cfg: ForgeConfig, folder: Path, payload: dict, steps: list[tuple[str, list[int]]]) -> dict[str, str]:
-    """One array per step with unfinished tasks, each `afterok` on the one before: step -> array id."""
+def _submit_steps(
+    cfg: ForgeConfig, folder: Path, payload: dict, steps: list[tuple[str, list[int]]], after: str | None = None
+) -> dict[str, str]:
+    """One array per step with unfinished tasks, each `afterok` on the one before (the first on
+    `after`, when given): step -> array id."""
     arrays: dict[str, str] = {}
-    after = None
     for step, tasks in steps:
         if not tasks:
             continue
@@ -227,14 +250,21 @@ def _submit_steps(cfg: ForgeConfig, folder: Path, payload: dict, steps: list[tup
 
 
 def _submit_jobs(
-    cfg: ForgeConfig, out: Path, folder: Path, payload: dict, pending: list[int], steps: list | None = None
+    cfg: ForgeConfig,
+    out: Path,
+    folder: Path,
+    payload: dict,
+    pending: list[int],
+    steps: list | None = None,
+    after: list[str] | None = None,
 ) -> Submission:
     c = cfg.cluster
     jobs: dict[str, str] = {}
     logs: dict[str, str] = {}
     array_id = monitor_id = None
-    step_arrays = _submit_steps(cfg, folder, payload, steps or [])
-    last_step = list(step_arrays.values())[-1] if step_arrays else None
+    upstream = ":".join(after) if after else None
+    step_arrays = _submit_steps(cfg, folder, payload, steps or [], upstream)
+    last_step = list(step_arrays.values())[-1] if step_arrays else upstream
     if pending:
         ex = _executor(cfg, "shards", folder, **({"dependency": f"afterok:{last_step}"} if last_step else {}))
         with ex.batch():

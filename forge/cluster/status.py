@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     args = ap.parse_args(argv)
     out = args.run_dir.resolve()
+    from forge.recipe.status import is_recipe_dir, print_status
+
+    if is_recipe_dir(out):  # a recipe dir: one line per step
+        return print_status(out)
     if not (out / "forge_run.json").exists():
         print(f"forge-status: {out} is not a forge run dir (no forge_run.json)", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from forge.schema import neutral
+
 
 class EngineKind(str, Enum):
     vllm = "vllm"  # `vllm serve`, a server process forge owns
@@ -57,9 +59,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     tokenizer: str | None = None
     endpoint_url: str | None = None
-    api_key_env: str | None = None
+    api_key_env: str | None = neutral(None)
     served_name: str | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)
-    startup_timeout_s: float = 900.0
-    max_restarts: int = 3
-    compile_cache_dir: str | None = None
+    startup_timeout_s: float = neutral(900.0)
+    max_restarts: int = neutral(3)
+    compile_cache_dir: str | None = neutral(None)

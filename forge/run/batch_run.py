@@ -23,11 +23,11 @@ from forge.run.batch import batch_totals, merge_batch_stats, run_batch_task
 from forge.run.locks import shard_lock, step_lock
 from forge.run.output import (
     RunChanged,
-    start_fresh,
     check_manifest,
     mark_finished,
     mark_started,
     record_manifest,
+    start_fresh,
     write_json_atomic,
 )
 from forge.stages.registry import hook, load, spec

@@ -18,6 +18,7 @@ from forge.run.card_parts import (
     SAMPLE_CHARS,
     _size_category,
     front_matter,
+    lineage_lines,
     reproduce_command,
     unfinished_lines,
 )
@@ -218,6 +219,7 @@ def render_card(out_dir: Path, hub_repo: str | None = None, progress: dict[str, 
         for s in samples:
             lines += [f"**{s['id']}** ({s['finish_reason']})", "", "> " + s["prompt"].replace("\n", "\n> "), ""]
             lines += ["```text", s["completion"], "```", ""]
+    lines += lineage_lines(out_dir)
     lines += ["## Loading", "", "```python", "from datasets import load_dataset", ""]
     if hub_repo:
         lines += [f'ds = load_dataset("{hub_repo}", split="train")']

@@ -47,3 +47,38 @@ def unfinished_lines(stats: dict[str, Any]) -> list[str]:
         return []
     listed = "; ".join(f"`{name}` {why}" for name, why in found.items())
     return [f"**Read from an unfinished input** (`dataset.allow_unfinished=true`): {listed}.", ""]
+
+
+def lineage_lines(out_dir: Path) -> list[str]:
+    """The card's chain of recipe steps (lineage.json, written by forge/recipe/ before the step
+    ran): each step's stage, fingerprint, counts, time and the settings the recipe gives it."""
+    try:
+        data = json.loads((out_dir / "lineage.json").read_text())
+    except (OSError, ValueError):
+        return []
+    lines = [
+        "## Lineage",
+        "",
+        f"Made by recipe `{data.get('recipe')}` (`forge recipe={data.get('recipe')}`), step by step:",
+        "",
+        "| step | stage | fingerprint | reads | in | kept | rejected | seconds | settings |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    chain = data.get("steps") or []
+    for s in chain:
+        c = s.get("counts") or {}
+        if not c and s is chain[-1]:  # this run dir's own step: its stats.json is written by now
+            from forge.recipe.records import counts_of
+
+            c = counts_of(out_dir)
+        by = ", ".join(f"{k}: {v}" for k, v in (c.get("rejected_by") or {}).items())
+        rejected = f"{c.get('rejected', '')}" + (f" ({by})" if by else "")
+        settings = json.dumps((s.get("settings") or {}).get("set") or {}, sort_keys=True)
+        groups = ", ".join(f"{k}={v}" for k, v in ((s.get("settings") or {}).get("groups") or {}).items())
+        reads = ", ".join(map(str, s.get("inputs") or []))
+        lines.append(
+            f"| {s.get('step')} | {s.get('stage')} | `{s.get('fingerprint')}` | {reads} "
+            f"| {c.get('in', '')} | {c.get('kept', '')} | {rejected} | {s.get('seconds') or ''} "
+            f"| {groups}{' ' if groups else ''}`{settings}` |"
+        )
+    return [*lines, ""]

@@ -8,11 +8,10 @@ renamed, so a kill leaves whole shards or none. What is done is read back from t
 
 from __future__ import annotations
 
-import logging
-
 import asyncio
 import errno
 import json
+import logging
 import os
 import re
 import shutil

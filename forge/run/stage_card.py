@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from forge.io.secrets import redact_text
-from forge.run.card_parts import SAMPLE_CHARS, _size_category, front_matter, reproduce_command, unfinished_lines
+from forge.run.card_parts import (
+    SAMPLE_CHARS,
+    _size_category,
+    front_matter,
+    lineage_lines,
+    reproduce_command,
+    unfinished_lines,
+)
 from forge.run.output import shard_files
 from forge.stages.registry import hook
 
@@ -125,6 +132,7 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
             lines.append(f"| `{name}` | {n:,} | `{exprs.get(name, '')}` | `pools/{name}/` |")
         lines.append("")
     lines += _sample(out_dir)
+    lines += lineage_lines(out_dir)
     lines += ["## Loading", "", "```python", "from datasets import load_dataset", ""]
     if hub_repo:
         lines += [f'ds = load_dataset("{hub_repo}", split="train")']

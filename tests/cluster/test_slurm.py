@@ -21,25 +21,8 @@ import pytest
 import yaml
 from conftest import endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env")]
 UNSETTLED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "UNKNOWN")
-ENV_FILE = Path(os.environ.get("FORGE_SLURM_DIR", "/var/lib/forge-slurm")) / "env"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_env() -> dict[str, str]:
-    """The test cluster's client settings (SLURM_CONF...), exported for forge and its jobs."""
-    if not ENV_FILE.exists():
-        pytest.fail(f"no test Slurm: {ENV_FILE} missing; start it with `sudo bash .ci/slurm/up.sh`")
-    env = {}
-    for line in ENV_FILE.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            key, value = line[len("export ") :].split("=", 1)
-            env[key] = value.strip("'\"")
-    os.environ.update(env)
-    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and proc.stdout.strip(), f"test Slurm not answering: {proc.stderr}"
-    return env
 
 
 def _docs(tmp_path: Path, n: int, name: str = "d.jsonl") -> Path:

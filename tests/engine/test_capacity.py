@@ -1,6 +1,6 @@
-from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.capacity import DEFAULT_IN_FLIGHT, choose_in_flight, kv_tokens_from_metrics
 from forge.engine.compile_cache import cache_dir, entries, is_warm, locked
+from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.inprocess import engine_kwargs
 
 METRICS = """# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig

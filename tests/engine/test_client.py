@@ -7,9 +7,9 @@ import json
 import pytest
 from aiohttp import web
 
-from forge.engine.config import EngineKind, ModelConfig
 from forge.engine import ChatClient, RequestFailed, RequestRejected
 from forge.engine.client import Completion, parse_completion
+from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.server import Endpoint, EngineError
 
 OK = {

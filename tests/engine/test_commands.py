@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.commands import TESTED_VLLM, build_command, engine_executable, extra_args, missing_engine_message
+from forge.engine.config import EngineKind, ModelConfig
 from forge.engine.server import normalize_base_url
 
 

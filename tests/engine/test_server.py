@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from forge.io import secrets
 from forge.engine.server import pump_log
+from forge.io import secrets
 
 
 def test_engine_output_is_masked_in_its_log(tmp_path: Path, monkeypatch) -> None:

@@ -9,10 +9,9 @@ import pytest
 from conftest import write_jsonl
 
 from forge.config import DatasetConfig, SourceSpec
-
-from forge.schema import ConfigError
 from forge.io.dataset import DatasetError
 from forge.io.mix import expected_rows, open_mix
+from forge.schema import ConfigError
 
 
 def _sources(tmp_path: Path, sizes: dict[str, int], weights: dict[str, float]) -> list[SourceSpec]:

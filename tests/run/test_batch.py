@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from conftest import read_rows, write_jsonl
 
-from forge.run.batch import BatchResult, drop_unrecorded, read_state, reject_row, run_batch_task
 from forge.config import DatasetConfig, ForgeConfig, SourceSpec
 from forge.io.mix import open_mix
+from forge.run.batch import BatchResult, drop_unrecorded, read_state, reject_row, run_batch_task
 
 SCHEMA = pa.schema([("id", pa.string()), ("n", pa.int64())])
 

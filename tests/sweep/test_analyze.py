@@ -15,9 +15,9 @@ import yaml
 from conftest import REPO, forge_cli
 from hydra import compose, initialize_config_dir
 
-from forge.sweep.analyze import figures, measured_sessions
 from forge.cli import to_schema
 from forge.config import register_configs
+from forge.sweep.analyze import figures, measured_sessions
 
 register_configs()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.schema import neutral
+
 
 @dataclass
 class CurateConfig:
@@ -29,4 +31,4 @@ class CurateConfig:
     dedup_exact: bool = True
     pools: dict[str, str] = field(default_factory=dict)
     tokenizer: str | None = None
-    vocab_warmup_rows: int = 1000
+    vocab_warmup_rows: int = neutral(1000)

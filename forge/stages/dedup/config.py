@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from forge.schema import neutral
 from forge.stages.dedup.minhash import bands_for
 
 POLICIES = ("first", "longest", "source")  # and meta_<column>
@@ -68,8 +69,8 @@ class DedupConfig:
     minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
     keep: str = "first"
     source_priority: list[str] = dataclasses.field(default_factory=list)
-    signature_rows: int = 20_000
-    band_tasks: int | None = None
+    signature_rows: int = neutral(20_000)
+    band_tasks: int | None = neutral(None)
 
     def validate(self) -> None:
         from forge.schema import ConfigError

@@ -1,5 +1,5 @@
-"""The generate stage's groups: `prompt:` (how a row becomes chat messages, forge/stages/generate/prompt.py)
-and `generation:` (sampling parameters sent with every request). `rollout:` is forge/stages/generate/rollout/config.py."""
+"""The generate stage's groups: `prompt:` (how a row becomes chat messages, prompt.py beside this
+file) and `generation:` (sampling parameters sent with every request); `rollout:` is rollout/config.py."""
 
 from __future__ import annotations
 

@@ -12,22 +12,11 @@ from typing import Any
 
 from forge.config import ForgeConfig
 from forge.engine import Engine, open_engine
+from forge.engine.tiny_model import TINY, resolve_model
 from forge.engine.tokenizer import Tokenizer
 from forge.io.dataset import Source
 from forge.io.secrets import redact
 from forge.run.card import write_card
-from forge.engine.tiny_model import TINY, resolve_model
-from forge.run.output import start_fresh
-from forge.stages.generate.task_parts import (
-    GPU_ENGINES,
-    DocProgress,
-    flush_all,
-    make_client,
-    make_fitter,
-    open_tokenizer,
-    size_in_flight,
-    start_engine,
-)
 from forge.run.locks import shard_lock
 from forge.run.output import (
     DATA_SCHEMA,
@@ -41,6 +30,7 @@ from forge.run.output import (
     mark_finished,
     prune_rejected,
     record_manifest,
+    start_fresh,
 )
 from forge.run.progress import LiveProgress, task_progress_path
 from forge.run.stats import merge_stats, session_record, write_task_stats
@@ -50,6 +40,16 @@ from forge.stages.generate.plan import Planner, Scan
 from forge.stages.generate.prompt import load_template
 from forge.stages.generate.rollout.checks import uses_rollout_path
 from forge.stages.generate.rollout.structured import load_schema
+from forge.stages.generate.task_parts import (
+    GPU_ENGINES,
+    DocProgress,
+    flush_all,
+    make_client,
+    make_fitter,
+    open_tokenizer,
+    size_in_flight,
+    start_engine,
+)
 
 log = logging.getLogger("forge")
 

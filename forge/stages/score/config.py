@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from forge.schema import neutral
+
 KINDS = ("nll", "embed")
 VIEWS = ("conversation", "user", "assistant")
 ON_LONG = ("window", "quarantine")
@@ -41,11 +43,11 @@ class ScoreConfig:
     max_len: int | None = None
     on_long: str = "window"
     overlap: int = 256
-    batch_tokens: int = 8192
+    batch_tokens: int = neutral(8192)
     per_token: bool = False
     npy: bool = False
     pools: dict[str, str] = field(default_factory=dict)
-    bins: int = 40
+    bins: int = neutral(40)
 
     def validate(self) -> None:
         from forge.schema import ConfigError

@@ -182,13 +182,15 @@ class ScoreStage:
         for mr in rows:
             c = by_source.setdefault(self.sources[mr.source].label, {"rows_in": 0, "rows_kept": 0, "removed": {}})
             c["rows_in"] += 1
-        for r in kept:
-            by_source[r["source"]["dataset"]]["rows_kept"] += 1
         by_filter: dict[str, int] = {}
         for r in rejected:
             by_filter[r["filter"]] = by_filter.get(r["filter"], 0) + 1
             rem = by_source[r["source"]]["removed"]
             rem[r["filter"]] = rem.get(r["filter"], 0) + 1
+        # every input row is kept or rejected once; a kept row's `source.dataset` is its origin's
+        # label (a run dir read as input keeps it), not this run's source
+        for c in by_source.values():
+            c["rows_kept"] = c["rows_in"] - sum(c["removed"].values())
         counts = {
             "rows_kept": len(kept),
             "rows_removed": len(rejected),

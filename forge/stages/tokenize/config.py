@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from forge.schema import neutral
+
 FORMATS = ("megatron", "npy")
 MASKS = ("assistant", "last", "all")
 ON_DROPPED = ("quarantine", "keep")
@@ -44,8 +46,8 @@ class TokenizeConfig:
     mask: str = "assistant"
     reasoning: bool = True
     eos: bool = True
-    workers: int | None = None
-    fast: bool = True
+    workers: int | None = neutral(None)
+    fast: bool = neutral(True)
     on_dropped: str = "quarantine"
 
     def validate(self) -> None:

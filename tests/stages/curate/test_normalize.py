@@ -15,7 +15,6 @@ import pyarrow as pa
 import pytest
 
 from forge.config import SourceSpec
-
 from forge.schema import ConfigError
 from forge.stages.curate import normalize as norm
 from forge.stages.curate.normalize import check_spec, detect_format, meta_columns, normalize

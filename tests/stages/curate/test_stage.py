@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from forge.config import DatasetConfig, ForgeConfig, SourceSpec
-from forge.stages.curate.stage import CurateStage
-from forge.stages.curate.tiny_mix import write_tiny_mix
 from forge.io.dataset import SourceRow
 from forge.io.mix import Mix, MixedRow, MixSource, open_mix
+from forge.stages.curate.stage import CurateStage
+from forge.stages.curate.tiny_mix import write_tiny_mix
 
 BUNDLED = Path(__file__).resolve().parents[3] / "forge" / "data" / "mix_tiny"
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import read_rows, run_batch_stage, write_jsonl
 
 from forge.config import ForgeConfig, SourceSpec, validate
-from forge.stages.dedup.planted import Planter, jaccard
 from forge.run.output import RunChanged
+from forge.stages.dedup.planted import Planter, jaccard
 from forge.stages.registry import stage_run
 
 

@@ -6,7 +6,6 @@ import time
 import pytest
 
 from forge.schema import ConfigError
-
 from forge.stages.generate.config import Overlong, PromptConfig
 from forge.stages.generate.prompt import LengthFitter, RowRejected, build, load_template
 

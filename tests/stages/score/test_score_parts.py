@@ -68,8 +68,8 @@ def test_pool_expressions_are_checked_before_any_row_is_scored() -> None:
 
 
 def test_only_an_engine_in_this_process_can_score() -> None:
-    from forge.schema import ConfigError
     from forge.engine.config import EngineKind
+    from forge.schema import ConfigError
     from forge.stages.score.backends import check_engine
 
     for ok in (EngineKind.transformers, EngineKind.vllm, EngineKind.vllm_async):

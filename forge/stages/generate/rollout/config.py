@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.schema import neutral
+
 CHAT_FN = "forge.stages.generate.rollout.library:chat"
 
 
@@ -50,6 +52,6 @@ class RolloutConfig:
     answer_column: str = "text"
     parse_retries: int = 2
     columns: dict[str, str] = field(default_factory=dict)
-    max_active: int | None = None
+    max_active: int | None = neutral(None)
     options: dict[str, Any] = field(default_factory=dict)
-    timeout_s: float | None = None
+    timeout_s: float | None = neutral(None)

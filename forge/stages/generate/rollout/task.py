@@ -14,11 +14,11 @@ from typing import Any
 from forge.config import ForgeConfig, gpus_per_task
 from forge.engine import Engine, open_engine
 from forge.engine.config import ModelConfig
+from forge.engine.tiny_model import TINY
 from forge.run.output import REJECT_SCHEMA, ChunkWriter, check_task_input, done_keys, prune_rejected, record_manifest
 from forge.run.progress import LiveProgress, task_progress_path
 from forge.run.stats import session_record, write_task_stats
 from forge.schema import ConfigError
-from forge.engine.tiny_model import TINY
 from forge.stages.generate import task_parts as parts
 from forge.stages.generate.cache import RequestCache, check_cache
 from forge.stages.generate.generator import SessionStats

@@ -10,10 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from forge.stages.generate.cache import RequestCache
-from forge.engine.config import EngineKind
-from forge.stages.generate.config import GenerationConfig
 from forge.engine.client import Completion
+from forge.engine.config import EngineKind
+from forge.stages.generate.cache import RequestCache
+from forge.stages.generate.config import GenerationConfig
 from forge.stages.generate.generator import SessionStats
 from forge.stages.generate.rollout.calls import Calls, Lane
 from forge.stages.generate.rollout.driver import RolloutDriver, RolloutItem

@@ -9,9 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from forge.schema import ConfigError
-
 from forge.engine.config import EngineKind
+from forge.schema import ConfigError
 from forge.stages.generate.rollout.structured import JSON_TEXT, load_schema
 
 REPO = Path(__file__).resolve().parents[4]

@@ -1,0 +1,174 @@
+"""Recipes (forge/recipe/): the bundled tiny_sft recipe run for real with the tiny CPU model,
+re-runs that do nothing, a downstream change that leaves upstream outputs untouched, a setting
+switched back that reuses the earlier output, recipe.only, and config mistakes inside one step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import read_rows
+from conftest import run_recipe as run
+
+STEPS = ["generate", "curate", "dedup", "score", "tokenize"]
+THRESHOLD = "recipe.steps.dedup.set.dedup.minhash.threshold"
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every file under root (links followed as names only), with its content hash."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_the_tiny_recipe_runs_every_stage_and_records_its_lineage(tiny_recipe: Path, tmp_path: Path) -> None:
+    state = json.loads((tiny_recipe / "state.json").read_text())
+    assert sorted(state["current"]) == sorted(STEPS) and state["order"] == STEPS
+    for step in STEPS:
+        link = tiny_recipe / step
+        assert link.is_symlink() and link.resolve() == (tiny_recipe / "steps" / step / state["current"][step]).resolve()
+        assert (link / "state" / "finished.json").exists(), step
+    assert len(read_rows(tiny_recipe / "generate")) == 48
+    assert len(read_rows(tiny_recipe / "score")) == len(read_rows(tiny_recipe / "dedup"))
+    index = json.loads((tiny_recipe / "tokenize" / "index.json").read_text())
+    assert index["format"] == "megatron" and index["seq_len"] == 64
+    lineage = json.loads((tiny_recipe / "lineage.json").read_text())
+    assert [s["step"] for s in lineage["steps"]] == STEPS
+    for s in lineage["steps"]:
+        assert s["fingerprint"] == state["current"][s["step"]] and s["counts"]["in"] > 0 and s["seconds"] is not None
+    assert lineage["steps"][2]["settings"]["set"]["dedup"]["minhash"]["threshold"] == 0.7
+    card = (tiny_recipe / "tokenize" / "README.md").read_text()
+    chain = card[card.index("## Lineage") :].split("\n\n")[2]
+    assert [line.split("|")[1].strip() for line in chain.splitlines()[2:]] == STEPS
+    assert "| tokenize | tokenize |" in card and "| 48 | 48 |" in chain
+    status = __import__("subprocess").run(
+        ["forge-status", str(tiny_recipe)], capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    for step in STEPS:
+        assert any(line.split()[:1] == [step] and "finished" in line for line in status.stdout.splitlines()), (
+            status.stdout
+        )
+    assert "5/5 step(s) finished and up to date" in status.stdout
+
+
+def test_a_rerun_does_nothing(tiny_recipe: Path, tmp_path: Path) -> None:
+    before, times = digest(tiny_recipe), mtimes(tiny_recipe)
+    proc = run(tmp_path, tiny_recipe)
+    assert proc.returncode == 0, proc.stderr
+    for step in STEPS:
+        assert f"step {step} ({step}): up to date" in proc.stdout
+    assert "will run" not in proc.stdout and "engine ready" not in proc.stderr
+    assert digest(tiny_recipe) == before and mtimes(tiny_recipe) == times  # not one file written
+
+
+def test_a_downstream_change_reruns_only_downstream_and_switching_back_reuses(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "tiny_sft"
+    shutil.copytree(tiny_recipe, root, symlinks=True)
+    state = json.loads((root / "state.json").read_text())["current"]
+    upstream = {s: digest(root / "steps" / s) for s in ("generate", "curate")}
+    upstream_times = {s: mtimes(root / "steps" / s) for s in ("generate", "curate")}
+
+    plan = run(tmp_path, root, f"{THRESHOLD}=0.5", "recipe.plan=true")
+    assert plan.returncode == 0, plan.stderr
+    lines = {line.split()[0]: line for line in plan.stdout.splitlines()[1:]}
+    assert "up to date" in lines["generate"] and "up to date" in lines["curate"]
+    assert "will run: settings changed: dedup.minhash.threshold 0.7 -> 0.5" in lines["dedup"]
+    assert "will run: input dedup runs" in lines["score"] and "will run: input score runs" in lines["tokenize"]
+    assert not (root / "steps" / "dedup").joinpath(lines["dedup"].split()[2]).exists()  # plan runs nothing
+
+    changed = run(tmp_path, root, f"{THRESHOLD}=0.5")
+    assert changed.returncode == 0, changed.stderr
+    now = json.loads((root / "state.json").read_text())["current"]
+    assert {s: now[s] == state[s] for s in STEPS} == {
+        "generate": True,
+        "curate": True,
+        "dedup": False,
+        "score": False,
+        "tokenize": False,
+    }
+    for s in ("generate", "curate"):
+        assert digest(root / "steps" / s) == upstream[s] and mtimes(root / "steps" / s) == upstream_times[s]
+
+    old = {s: digest(root / "steps" / s / state[s]) for s in ("dedup", "score", "tokenize")}
+    back = run(tmp_path, root)  # the threshold back at 0.7: the earlier outputs, nothing recomputed
+    assert back.returncode == 0, back.stderr
+    for s in ("dedup", "score", "tokenize"):
+        assert f"step {s} ({s}): reuse ({state[s]})" in back.stdout
+        assert digest(root / "steps" / s / state[s]) == old[s]
+        assert (root / s).resolve() == (root / "steps" / s / state[s]).resolve()
+    assert json.loads((root / "state.json").read_text())["current"] == state
+    again = run(tmp_path, root, f"{THRESHOLD}=0.5", "recipe.plan=true")  # and forth: also kept
+    assert all("will run" not in line for line in again.stdout.splitlines()), again.stdout
+
+
+def test_recipe_only_runs_one_step_and_refuses_stale_inputs(tiny_recipe: Path, tmp_path: Path) -> None:
+    refused = run(tmp_path, tiny_recipe, "recipe.only=score", f"{THRESHOLD}=0.6")
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("forge: error: recipe.only=score: its input step dedup is not up to date"), line
+    assert not any(
+        p.name != json.loads((tiny_recipe / "state.json").read_text())["current"]["dedup"]
+        for p in (tiny_recipe / "steps" / "dedup").iterdir()
+        if p.is_dir()
+    )
+    ok = run(tmp_path, tiny_recipe, "recipe.only=curate")
+    assert ok.returncode == 0 and "step curate (curate): up to date" in ok.stdout
+    assert "step generate" not in ok.stdout and "step dedup" not in ok.stdout
+    unknown = run(tmp_path, tiny_recipe, "recipe.only=train")
+    assert unknown.returncode == 2 and "recipe.only: no step 'train'; steps: generate, curate" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (f"{THRESHOLD.replace('threshold', 'threshhold')}=0.5", "recipe.steps.dedup.set.dedup.minhash.threshhold: "),
+        (f"+{THRESHOLD.replace('threshold', 'threshhold')}=0.5", "recipe.steps.dedup: dedup.minhash.threshhold: "),
+        (f"{THRESHOLD}=2", "recipe.steps.dedup: dedup.minhash.threshold"),
+        ("recipe.steps.score.groups.model=no_such_model", "recipe.steps.score.groups: model=no_such_model"),
+        ("recipe.steps.curate.stage=cook", "recipe.steps.curate.stage: no stage 'cook'"),
+        ("recipe.steps.tokenize.set.tokenize.format=parquet", "recipe.steps.tokenize: tokenize.format"),
+    ],
+)
+def test_a_mistake_inside_one_step_names_the_step_and_key(tmp_path: Path, override: str, expected: str) -> None:
+    root = tmp_path / "r"
+    proc = run(tmp_path, root, override, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"forge: error: {expected}"), proc.stderr
+    assert not root.exists()  # refused before anything was written
+
+
+def test_settings_that_do_not_change_results_do_not_change_fingerprints(forge_cache: Path) -> None:
+    from forge.compose import compose, to_schema
+    from forge.recipe.steps import build_steps
+
+    def fingerprints(*extra: str) -> dict[str, str]:
+        cfg = to_schema(compose(["recipe=tiny_sft", "recipe.dir=/nonexistent/tiny_sft", *extra]))
+        return {s.name: s.fingerprint for s in build_steps(cfg.recipe, list(extra))}
+
+    base = fingerprints()
+    neutral = fingerprints(
+        "run.progress=false",
+        "run.max_in_flight=3",
+        "run.log_every_s=5",
+        "cluster.workers=4",
+        "+recipe.steps.tokenize.set.tokenize.workers=1",
+        "+recipe.steps.score.set.score.batch_tokens=1024",
+        "model.startup_timeout_s=10",
+    )
+    assert neutral == base
+    longer = fingerprints("recipe.steps.generate.set.generation.max_tokens=40")
+    assert all(longer[s] != base[s] for s in STEPS)  # generate changed: everything after it too
+    later = fingerprints("+recipe.steps.score.set.score.mask=all")
+    assert [s for s in STEPS if later[s] != base[s]] == ["score", "tokenize"]
