@@ -72,11 +72,9 @@ def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, token
     import yaml
 
     from forge.config import DatasetConfig, ForgeConfig, OutputConfig, RunConfig
-
     from forge.engine.config import EngineKind, ModelConfig
-
-    from forge.stages.generate.config import GenerationConfig
     from forge.io.dataset import Source
+    from forge.stages.generate.config import GenerationConfig
     from forge.stages.generate.rollout.config import RolloutConfig
     from forge.stages.generate.run import _run_async, manifest, run_task
 

@@ -417,7 +417,7 @@ def by_stage(stage: object, *choices: str) -> str:
 def run_name(stage: object, model: object, dataset: object) -> str:
     """The default run dir's name: `<model>__<dataset>` for generation, `<stage>__<dataset>` else."""
     name = str(getattr(stage, "value", stage))
-    first = slug(model) if name == "generate" else name
+    first = slug(model) if name in STAGES and STAGES[name].dir_name == "model" else name
     return f"{first}__{slug(dataset)}"
 
 

@@ -380,7 +380,23 @@ def repo_url(repo: str) -> str:
 
 
 def final_files(out_dir: Path) -> dict[str, Path]:
-    return {name: out_dir / name for name in ("stats.json", "config.yaml") if (out_dir / name).exists()}
+    """What the last commit adds besides the chunks: stats, config, and the files a stage names
+    in the registry (`published`: tokenize's token shards and index.json)."""
+    import yaml
+
+    from forge.stages.registry import DEFAULT_STAGE, spec
+
+    files = {name: out_dir / name for name in ("stats.json", "config.yaml") if (out_dir / name).exists()}
+    try:
+        saved = yaml.safe_load((out_dir / "config.yaml").read_text()) or {}
+        extra = spec((saved.get("pipeline") or {}).get("stage", DEFAULT_STAGE)).published
+    except (OSError, KeyError, yaml.YAMLError):
+        extra = ()
+    for name in extra:
+        path = out_dir / name
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        files.update({str(p.relative_to(out_dir)): p for p in found if not p.name.startswith(".")})
+    return files
 
 
 class BackgroundPublisher:

@@ -111,3 +111,16 @@ def finish_recipe(cfg: Any, steps: list[Step]) -> None:
         f"recipe {cfg.recipe.name}: {len(steps)} steps up to date; final step {last.name}: "
         f"{c.get('kept', 0)} rows in {root / last.name} ({last.dir}); lineage: {old}"
     )
+
+
+def settled(records: Records, p: Any) -> bool:
+    """A step whose output exists (up to date, or an earlier output reused): say so, make it the
+    current one, and return True; else False (it must run)."""
+    from forge.recipe.plan import REUSE, UP_TO_DATE
+
+    if p.action not in (UP_TO_DATE, REUSE):
+        return False
+    s = p.step
+    _say(f"step {s.name} ({s.stage}): {p.action} ({s.fingerprint}){': ' + p.why if p.why else ''}")
+    records.make_current(s.name, s.fingerprint)
+    return True

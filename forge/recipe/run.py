@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from forge.io.secrets import redact
-from forge.recipe.lineage import _say, end_step, finish_recipe, start_step
+from forge.recipe.lineage import _say, end_step, finish_recipe, settled, start_step
 from forge.recipe.plan import REUSE, RUNNING, UP_TO_DATE, StepPlan, plan
 from forge.recipe.records import Records
 from forge.recipe.steps import Step, build_steps
@@ -84,6 +84,17 @@ def run_recipe(cfg: Any, raw: DictConfig | dict, overrides: list[str]) -> int:
     if isinstance(chosen, str):
         print(f"forge: error: {chosen}", file=sys.stderr)
         return 2
+    final = steps[-1]
+    if recipe.hub_repo:  # a bad token or repo fails now, before any step runs
+        from forge.io.hub import HubError, preflight, target_from
+
+        final.cfg.output.hub_repo = recipe.hub_repo
+        final.raw.output.hub_repo = recipe.hub_repo
+        try:
+            preflight(target_from(final.cfg.output))
+        except HubError as exc:
+            print(f"forge: error: recipe.hub_repo: {exc}", file=sys.stderr)
+            return 2
     if recipe.only is None:
         Records(root).plan(recipe.name, {s.name: s.fingerprint for s in steps})
     if cfg.cluster.backend.value == "slurm":
@@ -95,7 +106,22 @@ def run_recipe(cfg: Any, raw: DictConfig | dict, overrides: list[str]) -> int:
     code = run_local(cfg, steps, chosen, overrides)
     if code == 0 and recipe.only is None:
         finish_recipe(cfg, steps)
+        if recipe.hub_repo and not any(p.step is final and p.runs for p in chosen):
+            return publish(final)  # the final step ran earlier: publish what it holds now
     return code
+
+
+def publish(final: Step) -> int:
+    """The final step's data, stats and card (with the whole chain) to recipe.hub_repo."""
+    from forge.io.hub import HubError, publish_final, repo_url, target_from
+
+    try:
+        publish_final(final.dir, target_from(final.cfg.output))
+    except HubError as exc:
+        print(f"forge: error: {exc}", file=sys.stderr)
+        return 1
+    _say(f"published {final.name} to {repo_url(final.cfg.output.hub_repo)}")
+    return 0
 
 
 def run_local(cfg: Any, steps: list[Step], chosen: list[StepPlan], overrides: list[str]) -> int:
@@ -104,21 +130,15 @@ def run_local(cfg: Any, steps: list[Step], chosen: list[StepPlan], overrides: li
 
     recipe, root = cfg.recipe, Path(cfg.recipe.dir)
     records = Records(root)
-    final = steps[-1].name
     for p in chosen:
         s = p.step
-        if p.action in (UP_TO_DATE, REUSE):
-            _say(f"step {s.name} ({s.stage}): {p.action} ({s.fingerprint}){': ' + p.why if p.why else ''}")
-            records.make_current(s.name, s.fingerprint)
+        if settled(records, p):
             continue
         if p.action == RUNNING:
             print(f"forge: error: step {s.name}: {p.why}; re-run once it has ended", file=sys.stderr)
             return 1
         _say(f"step {s.name} ({s.stage}): {p.action}: {p.why} -> {s.dir}")
         start_step(records, s, recipe, steps)
-        if s.name == final and recipe.hub_repo:
-            s.cfg.output.hub_repo = recipe.hub_repo
-            s.raw.output.hub_repo = recipe.hub_repo
         t0 = time.monotonic()
         code = run_forge(s.cfg, s.raw, overrides=[*overrides, f"recipe.only={s.name}"])
         if code:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.recipe.lineage import _say, finish_recipe, start_step
-from forge.recipe.plan import REUSE, RUNNING, UP_TO_DATE, StepPlan
+from forge.recipe.lineage import _say, finish_recipe, settled, start_step
+from forge.recipe.plan import RUNNING, StepPlan
 from forge.recipe.records import Records
 from forge.recipe.steps import Step
 
@@ -41,9 +41,7 @@ def submit_recipe(
     ends: dict[str, str] = {}  # step -> the finalize job its dependents wait for
     for p in chosen:
         s = p.step
-        if p.action in (UP_TO_DATE, REUSE):
-            _say(f"step {s.name} ({s.stage}): {p.action} ({s.fingerprint})")
-            records.make_current(s.name, s.fingerprint)
+        if settled(records, p):
             continue
         try:
             live, finalize = _active_finalize(s.dir.resolve())
@@ -65,9 +63,6 @@ def submit_recipe(
             f"step {s.name} ({s.stage}): {p.action}: {p.why}" + (f"; after job(s) {', '.join(after)}" if after else "")
         )
         start_step(records, s, recipe, steps)
-        if s is steps[-1] and recipe.hub_repo:
-            s.cfg.output.hub_repo = recipe.hub_repo
-            s.raw.output.hub_repo = recipe.hub_repo
         code, sub = submit_run(s.cfg, s.raw, [*overrides, f"recipe.only={s.name}"], after or None)
         if code:
             _say(f"recipe {recipe.name}: step {s.name} not submitted; earlier steps stay queued")

@@ -41,11 +41,15 @@ class Step:
 
 
 def recipe_overrides(overrides: list[str]) -> list[str]:
-    """The command line's overrides that apply to every step: all but the recipe's own and Hydra's."""
+    """The command line's overrides that apply to every step: all but the recipe's own and Hydra's.
+    output.dir and pipeline are each step's own (a note says they are ignored)."""
     keep = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
-        if key == "recipe" or key.startswith(("recipe.", "hydra.", "output.dir", "pipeline")):
+        if key == "recipe" or key.startswith(("recipe.", "hydra.")):
+            continue
+        if key in ("output.dir", "pipeline", "pipeline.stage"):
+            print(f"forge: note: {o} is ignored in a recipe: each step has its stage and its dir under recipe.dir")
             continue
         keep.append(o)
     return keep

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +34,6 @@ from forge.run.output import (
     write_json_atomic,
 )
 from forge.run.progress import LiveProgress, task_progress_path
-from forge.stages.generate.generator import batched
 
 log = logging.getLogger("forge.run.batch")
 ROW_CHARS = 10_000
@@ -273,3 +272,15 @@ def batch_totals(out_dir: Path) -> dict[str, Any]:
     if unfinished := unfinished_inputs(out_dir):
         merged["unfinished_inputs"] = unfinished
     return merged
+
+
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Lists of n items (the last one shorter)."""
+    batch: list[Any] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

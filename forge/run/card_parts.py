@@ -1,4 +1,4 @@
-"""What every card shares (forge/run/card.py for generation, forge/run/stage_card.py for batch
+"""What every card shares (forge/stages/generate/card.py for generation, forge/run/stage_card.py for batch
 stages): the front matter, the reproducing command, the unfinished-inputs lines."""
 
 from __future__ import annotations

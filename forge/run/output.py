@@ -62,6 +62,10 @@ log = logging.getLogger("forge")
 _SHARD = re.compile(r"^(\d{5})_(\d{5})\.parquet$")
 
 
+class NamedWriteError(OSError):
+    """A write that failed (disk full, read-only) whose message already names the file."""
+
+
 class RunChanged(RuntimeError):
     """The output dir holds a run with other input, sharding or generation settings."""
 
@@ -268,6 +272,28 @@ def produced_anything(out_dir: Path, task: int | None = None) -> bool:
     return rejected is not None and not all(rejected.column("retryable").to_pylist())
 
 
+# forge's own modules that moved (forge/stages/ since the recipes issue): a run dir that pinned a
+# module by its old name (`rollout.fn: forge.rollout.library:chat`) resumes under the new one
+RENAMED_MODULES = {"forge.rollout.": "forge.stages.generate.rollout.", "forge.curate.": "forge.stages.curate."}
+
+
+def renamed_module(ref: str) -> str:
+    """`forge.rollout.library:chat` -> `forge.stages.generate.rollout.library:chat` (else as is)."""
+    for old, new in RENAMED_MODULES.items():
+        if ref.startswith(old):
+            return new + ref[len(old) :]
+    return ref
+
+
+def renamed_modules(value: Any) -> Any:
+    """Every string of a pinned manifest with forge's renamed modules under their new names."""
+    if isinstance(value, dict):
+        return {k: renamed_modules(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [renamed_modules(v) for v in value]
+    return renamed_module(value) if isinstance(value, str) else value
+
+
 def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     """On a re-run, refuse to mix results made with other settings. Writes nothing: the
     settings are pinned by record_manifest once the input has been read. A run that produced
@@ -279,7 +305,7 @@ def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise OutputError(f"{path}: unreadable ({exc}); move it away to accept the current settings") from None
-    changes = _diff(old, json.loads(json.dumps(redact_strings(manifest), default=str)))
+    changes = _diff(renamed_modules(old), json.loads(json.dumps(redact_strings(manifest), default=str)))
     if changes and produced_anything(out_dir):
         shown = "; ".join(changes[:2]) + (f"; and {len(changes) - 2} more" if len(changes) > 2 else "")
         raise RunChanged(

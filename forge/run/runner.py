@@ -34,6 +34,7 @@ from forge.io.secrets import RedactingFilter, redact, register_config_secrets, r
 from forge.run.card_parts import record_command
 from forge.run.locks import RunBusy, check_not_running, check_run_free, run_lock
 from forge.run.output import (
+    NamedWriteError,
     OutputError,
     RunChanged,
     check_output_dir,
@@ -42,7 +43,6 @@ from forge.run.output import (
 )
 from forge.run.progress import console
 from forge.schema import ConfigError
-from forge.stages.generate.cache import CacheWriteError
 from forge.stages.registry import DEFAULT_STAGE, load, spec, stage_run
 
 log = logging.getLogger("forge")
@@ -258,14 +258,14 @@ def run_step(cfg: ForgeConfig, raw: DictConfig | dict, step: str, task: int, log
 def _one_line(exc: BaseException) -> str:
     """An error as one line: forge's own messages as they are; an OSError with its path and
     cause (`cannot write /x/y: No space left on device`), and what to do."""
-    if isinstance(exc, OSError) and not isinstance(exc, CacheWriteError):
+    if isinstance(exc, OSError) and not isinstance(exc, NamedWriteError):
         what = f"{exc.filename}: " if exc.filename else ""
         full = exc.errno == errno.ENOSPC
         hint = "free some space and re-run the same command to resume" if full else "re-run the same command to resume"
         text = f"{what}{exc.strerror or exc}; {hint}"
     else:
         text = str(exc)
-        if isinstance(exc, CacheWriteError) and "No space left" in text:
+        if isinstance(exc, NamedWriteError) and "No space left" in text:
             text += "; free some space and re-run the same command to resume"
     return text
 

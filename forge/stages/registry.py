@@ -44,7 +44,14 @@ class StageSpec:
             the config alone (Slurm submits a recipe's later steps before their input exists).
         finish: "module:function(out_dir, stats)": its work once every shard is done, and its part
             of stats.json.
-        card: "module:function(stats) -> [Markdown lines]": its section of the card.
+        card: "module:function(stats) -> [Markdown lines]": its section of a batch stage's card
+            (forge/run/stage_card.py).
+        render_card: "module:function(out_dir, hub_repo, progress) -> str": the whole card, for a
+            stage whose card is its own (generation); null = the batch stages' card.
+        dir_name: what the default run dir is named after: `stage` (`curate__sample`) or `model`
+            (`tiny-qwen3__sample`: a generation run is known by its model).
+        published: files and folders of its run dir that Hub publishing adds to the chunks of
+            data/, rejected/ and pools/ (tokenize: the token shards and index.json).
         reads: what each input row must be: `prompts` (a column of prompts) or `rows` (any
             dataset, brought into the curated schema).
     """
@@ -57,6 +64,9 @@ class StageSpec:
     planned_steps: str | None = None
     finish: str | None = None
     card: str | None = None
+    render_card: str | None = None
+    dir_name: str = "stage"
+    published: tuple[str, ...] = ()
     reads: str = "rows"
 
 
@@ -65,6 +75,8 @@ STAGES: dict[str, StageSpec] = {
         groups={"prompt": PromptConfig, "generation": GenerationConfig, "rollout": RolloutConfig},
         run="forge.stages.generate.run:GenerationRun",
         validate="forge.stages.generate.checks:validate_generate",
+        render_card="forge.stages.generate.card:render_generation_card",
+        dir_name="model",
         reads="prompts",
     ),
     "curate": StageSpec(groups={"curate": CurateConfig}, batch="forge.stages.curate.stage:CurateStage"),
@@ -81,6 +93,7 @@ STAGES: dict[str, StageSpec] = {
         batch="forge.stages.tokenize.stage:TokenizeStage",
         finish="forge.stages.tokenize.shards:add_report",
         card="forge.stages.tokenize.shards:card_lines",
+        published=("tokens", "index.json"),
     ),
     "score": StageSpec(
         groups={"score": ScoreConfig},

@@ -14,6 +14,7 @@ from conftest import read_rows
 from conftest import run_recipe as run
 
 STEPS = ["generate", "curate", "dedup", "score", "tokenize"]
+pytestmark = pytest.mark.xdist_group("tiny_recipe")  # one worker builds the shared recipe
 THRESHOLD = "recipe.steps.dedup.set.dedup.minhash.threshold"
 
 
@@ -172,3 +173,42 @@ def test_settings_that_do_not_change_results_do_not_change_fingerprints(forge_ca
     assert all(longer[s] != base[s] for s in STEPS)  # generate changed: everything after it too
     later = fingerprints("+recipe.steps.score.set.score.mask=all")
     assert [s for s in STEPS if later[s] != base[s]] == ["score", "tokenize"]
+
+
+def test_publishing_a_recipe_publishes_the_final_data_with_the_whole_chain(tiny_recipe: Path, tmp_path: Path) -> None:
+    """recipe.hub_repo on a finished recipe: nothing re-runs, the final step's data and its card
+    (with every step of the chain) land in the repo of FakeHub, the Hub's TEST DOUBLE (tests/fake_hub.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub
+
+    root = tmp_path / "tiny_sft"
+    shutil.copytree(tiny_recipe, root, symlinks=True)
+    token = "hf_" + "ab" * 17
+    with FakeHub({token: "write"}, user="forge-tester") as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+        env["HF_TOKEN"] = token
+        args = ["run.progress=false", "recipe=tiny_sft", f"recipe.dir={root}", "recipe.hub_repo=forge-tester/tiny"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "forge.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count(": up to date (") == len(STEPS) and "published tokenize" in proc.stdout
+        files = hub.files("forge-tester/tiny")
+        card = files["README.md"].decode()
+        chain = card[card.index("## Lineage") :]
+        assert all(f"| {s} | {s} |" in chain for s in STEPS)
+        assert "stats.json" in files and "index.json" in files
+        local = {
+            str(p.relative_to(root / "tokenize")) for p in (root / "tokenize" / "tokens").rglob("*") if p.is_file()
+        }
+        assert local and local <= set(files) and any(name.endswith(".bin") for name in local)
+        assert token not in card

@@ -18,7 +18,7 @@ import pytest
 from conftest import read_rows, run_recipe
 
 STEPS = ["generate", "curate", "dedup", "score", "tokenize"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_recipe")]
 
 
 def _started(root: Path, step: str) -> bool:

@@ -15,7 +15,7 @@ from conftest import read_rows, run_recipe
 from forge.cluster.state import load_history
 
 STEPS = ["generate", "curate", "dedup", "score", "tokenize"]
-pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env")]
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env"), pytest.mark.xdist_group("tiny_recipe")]
 
 
 def test_a_recipe_on_slurm_is_one_submission_and_matches_the_local_result(tiny_recipe: Path, tmp_path: Path) -> None:

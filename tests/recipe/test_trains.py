@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from forge.data import IGNORE, TokenShards
 
 STEPS = 40
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_recipe")]
 
 
 def _batch(ds: TokenShards, idx: list[int]) -> dict[str, torch.Tensor]:

@@ -141,3 +141,23 @@ def test_finished_markers_and_run_dirs_from_before_them(tmp_path: Path) -> None:
     moved = move_aside(tmp_path)
     assert (tmp_path / "state" / "run.lock").exists() and not (moved / "state" / "run.lock").exists()
     assert (moved / "state" / "started.json").exists()
+
+
+def test_a_run_dir_that_pinned_a_module_by_its_old_name_resumes(tmp_path: Path) -> None:
+    """Run dirs written before forge/stages/ pinned `rollout.fn: forge.rollout.library:chat`; the
+    same settings under the new module names are the same run (and a real change still is not)."""
+    import json
+
+    from forge.run.output import RunChanged, check_manifest
+
+    old = {"version": 1, "rollout": {"fn": "forge.rollout.library:chat", "rounds": 1}}
+    (tmp_path / "forge_run.json").write_text(json.dumps(old))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "00000_00000.parquet").write_bytes(b"x")
+    check_manifest(
+        tmp_path, {"version": 1, "rollout": {"fn": "forge.stages.generate.rollout.library:chat", "rounds": 1}}
+    )
+    with pytest.raises(RunChanged, match="rollout.fn"):
+        check_manifest(
+            tmp_path, {"version": 1, "rollout": {"fn": "forge.stages.generate.rollout.library:judge", "rounds": 1}}
+        )

@@ -40,11 +40,11 @@ import xxhash
 from forge.config import ForgeConfig
 from forge.io.mix import Mix
 from forge.io.secrets import redact_strings
+from forge.run.batch import batched
 from forge.run.output import RunChanged, clean_temp_files, write_atomic, write_json_atomic
 from forge.run.progress import LiveProgress
 from forge.stages.dedup.minhash import MinHasher, band_keys, candidate_probability, connected_components
 from forge.stages.dedup.stage import EXACT, NEAR, DedupStage, removals_path
-from forge.stages.generate.generator import batched
 
 log = logging.getLogger("forge.stages.dedup")
 EDGE_BLOCK = 200_000  # edges verified at a time (bounds the gathered signatures to ~200 MB)

@@ -23,13 +23,15 @@ import aiosqlite
 import orjson
 import xxhash
 
+from forge.run.output import NamedWriteError
+
 log = logging.getLogger("forge.stages.generate.cache")
 SIDE_FILES = ("-wal", "-shm", "-journal")
 FULL_CHECK_BYTES = 256 << 20
 DAMAGED = re.compile(r"not a database|malformed|no such table|no such column|corrupt", re.I)
 
 
-class CacheWriteError(OSError):
+class CacheWriteError(NamedWriteError):
     """The cache could not be written (disk full, read-only): the message names the file."""
 
 

@@ -14,12 +14,13 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from forge.engine import ChatClient, EngineError, RequestFailed, RequestRejected
 from forge.engine.client import Completion
+from forge.run.batch import batched
 from forge.run.output import ChunkWriter
 from forge.stages.generate.cache import RequestCache
 from forge.stages.generate.config import GenerationConfig
@@ -286,17 +287,6 @@ def engine_gone(
         f"{which} stopped answering: {failed_in_a_row} requests in a row failed after their retries "
         f"(last: {exc}); re-run the same command once it is back (those rows are retried)"
     )
-
-
-def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for x in items:
-        batch.append(x)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def dump_prompt(value: Any, limit: int = 10_000) -> str:

@@ -33,13 +33,13 @@ from forge.run.output import (
     start_fresh,
 )
 from forge.run.progress import LiveProgress, task_progress_path
-from forge.run.stats import merge_stats, session_record, write_task_stats
 from forge.stages.generate.cache import RequestCache, check_cache
 from forge.stages.generate.generator import Generator
 from forge.stages.generate.plan import Planner, Scan
 from forge.stages.generate.prompt import load_template
 from forge.stages.generate.rollout.checks import uses_rollout_path
 from forge.stages.generate.rollout.structured import load_schema
+from forge.stages.generate.stats import merge_stats, session_record, write_task_stats
 from forge.stages.generate.task_parts import (
     GPU_ENGINES,
     DocProgress,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import ForgeConfig
+from forge.run.output import renamed_module
 from forge.schema import ConfigError
 from forge.stages.generate.rollout.columns import parse_declared
 from forge.stages.generate.rollout.config import CHAT_FN, RolloutConfig
@@ -24,7 +25,7 @@ KNOBS = ("rounds", "turns", "n", "score_min", "score_max", "answer_column", "par
 
 def load_ref(key: str, ref: str) -> Any:
     """`module:function` -> the function; one line naming the key when it cannot be loaded."""
-    module, sep, name = ref.partition(":")
+    module, sep, name = renamed_module(ref).partition(":")  # a config written before forge/stages/
     if not sep or not module or not name:
         raise ConfigError(f"{key}: {ref!r} is not `module:function` (e.g. my_pkg.rollouts:translate_and_check)")
     if os.getcwd() not in sys.path:  # "importable from the working dir"

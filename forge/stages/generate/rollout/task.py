@@ -17,7 +17,6 @@ from forge.engine.config import ModelConfig
 from forge.engine.tiny_model import TINY
 from forge.run.output import REJECT_SCHEMA, ChunkWriter, check_task_input, done_keys, prune_rejected, record_manifest
 from forge.run.progress import LiveProgress, task_progress_path
-from forge.run.stats import session_record, write_task_stats
 from forge.schema import ConfigError
 from forge.stages.generate import task_parts as parts
 from forge.stages.generate.cache import RequestCache, check_cache
@@ -29,6 +28,7 @@ from forge.stages.generate.rollout.columns import ColumnPin, parse_declared
 from forge.stages.generate.rollout.context import Context
 from forge.stages.generate.rollout.driver import RolloutDriver, RolloutWriter
 from forge.stages.generate.rollout.structured import load_schema
+from forge.stages.generate.stats import session_record, write_task_stats
 
 log = logging.getLogger("forge.stages.generate.rollout")
 

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from forge.run.output import read_columns, shard_files, unfinished_inputs, write_json_atomic
 from forge.stages.generate.generator import SessionStats
 
-log = logging.getLogger("forge.run.stats")
+log = logging.getLogger("forge.stages.generate.stats")
 
 
 def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:

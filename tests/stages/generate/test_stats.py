@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from forge.run.stats import session_record
 from forge.stages.generate.generator import SessionStats
+from forge.stages.generate.stats import session_record
 
 
 def test_generation_is_timed_from_the_first_request_not_engine_ready() -> None:
