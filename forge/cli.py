@@ -21,7 +21,7 @@ from forge.schema import ConfigError
 
 # values that are expressions, never Hydra syntax: `+curate.pools.x='meta_correctness >= 0.8'` reaches
 # us without the shell's quotes, and `>=` or spaces are not valid in an unquoted Hydra value
-EXPRESSION_OVERRIDE = re.compile(r"^(\+{0,2}(?:curate|score)\.pools\.[A-Za-z0-9_.-]+)=(.*)$", re.S)
+EXPRESSION_OVERRIDE = re.compile(r"^(\+{0,2}(?:[A-Za-z0-9_.]+\.)?pools\.[A-Za-z0-9_.-]+)=(.*)$", re.S)
 
 
 def quote_expressions(arg: str) -> str:

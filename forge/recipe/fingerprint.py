@@ -26,7 +26,7 @@ from forge.stages.registry import spec
 
 FORMAT = 1  # bump when forge writes the same settings differently (every step then re-runs)
 SHARED = ("pipeline", "dataset", "model", "judge_model", "output", "run", "cluster")
-WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger: size, head and tail
+WHOLE_FILE = 8 << 20  # files up to this size are hashed whole; larger: size, first and last MiB
 STEP_INPUT = "step:"  # a dataset.name standing for an earlier step's output, in the settings
 
 

@@ -138,7 +138,8 @@ def build_steps(recipe: Any, overrides: list[str]) -> list[Step]:
         settings = step_settings(typed)
         ids = {}
         for s in sources:
-            ids[s["name"]] = steps[s["step"]].fingerprint if "step" in s else dataset_identity(s["name"])
+            revision = s.get("revision") or (typed.dataset.revision if len(sources) == 1 else None)
+            ids[s["name"]] = steps[s["step"]].fingerprint if "step" in s else dataset_identity(s["name"], revision)
         if not sources:  # the step's own dataset settings
             for d in typed.dataset.sources or [typed.dataset]:
                 ids[d.name] = dataset_identity(d.name, d.revision)

@@ -20,7 +20,7 @@ from forge.run.card_parts import (
     unfinished_lines,
 )
 from forge.run.output import shard_files
-from forge.stages.registry import hook
+from forge.stages.registry import STAGES, hook, spec
 
 
 def _pct(value: float | None) -> str:
@@ -53,7 +53,6 @@ def _sample(out_dir: Path) -> list[str]:
 
 
 SHORT = " (short of its share: dataset.max_repeat)"
-VERBS = {"dedup": "deduplicated", "tokenize": "tokenized", "score": "scored"}
 
 
 def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None = None) -> str:
@@ -72,7 +71,7 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
         "configs": configs,
     }
     settings = cfg.get(stage) or {}
-    verb = VERBS.get(stage, stage + "d")
+    verb = spec(stage).verb if stage in STAGES else f"{stage}d"
     lines = [
         *front_matter(header),
         f"Rows {verb} by forge: {stats.get('rows_kept', 0):,} kept of {stats.get('rows_in', 0):,} read; "

@@ -48,6 +48,7 @@ class StageSpec:
             (forge/run/stage_card.py).
         render_card: "module:function(out_dir, hub_repo, progress) -> str": the whole card, for a
             stage whose card is its own (generation); null = the batch stages' card.
+        verb: what the stage did to the rows its card counts ("Rows curated by forge: ...").
         dir_name: what the default run dir is named after: `stage` (`curate__sample`) or `model`
             (`tiny-qwen3__sample`: a generation run is known by its model).
         published: files and folders of its run dir that Hub publishing adds to the chunks of
@@ -65,6 +66,7 @@ class StageSpec:
     finish: str | None = None
     card: str | None = None
     render_card: str | None = None
+    verb: str = "processed"
     dir_name: str = "stage"
     published: tuple[str, ...] = ()
     reads: str = "rows"
@@ -75,14 +77,16 @@ STAGES: dict[str, StageSpec] = {
         groups={"prompt": PromptConfig, "generation": GenerationConfig, "rollout": RolloutConfig},
         run="forge.stages.generate.run:GenerationRun",
         validate="forge.stages.generate.checks:validate_generate",
+        verb="generated",
         render_card="forge.stages.generate.card:render_generation_card",
         dir_name="model",
         reads="prompts",
     ),
-    "curate": StageSpec(groups={"curate": CurateConfig}, batch="forge.stages.curate.stage:CurateStage"),
+    "curate": StageSpec(groups={"curate": CurateConfig}, batch="forge.stages.curate.stage:CurateStage", verb="curated"),
     "dedup": StageSpec(
         groups={"dedup": DedupConfig},
         batch="forge.stages.dedup.stage:DedupStage",
+        verb="deduplicated",
         workflow="forge.stages.dedup.steps:Workflow",
         planned_steps="forge.stages.dedup.steps:planned_steps",
         finish="forge.stages.dedup.report:add_report",
@@ -91,6 +95,7 @@ STAGES: dict[str, StageSpec] = {
     "tokenize": StageSpec(
         groups={"tokenize": TokenizeConfig},
         batch="forge.stages.tokenize.stage:TokenizeStage",
+        verb="tokenized",
         finish="forge.stages.tokenize.shards:add_report",
         card="forge.stages.tokenize.shards:card_lines",
         published=("tokens", "index.json"),
@@ -98,6 +103,7 @@ STAGES: dict[str, StageSpec] = {
     "score": StageSpec(
         groups={"score": ScoreConfig},
         batch="forge.stages.score.stage:ScoreStage",
+        verb="scored",
         finish="forge.stages.score.report:add_report",
         card="forge.stages.score.report:card_lines",
     ),

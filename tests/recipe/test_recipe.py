@@ -212,3 +212,29 @@ def test_publishing_a_recipe_publishes_the_final_data_with_the_whole_chain(tiny_
         }
         assert local and local <= set(files) and any(name.endswith(".bin") for name in local)
         assert token not in card
+
+
+def test_a_weighted_mix_of_steps_and_datasets_composes_into_sources(forge_cache: Path) -> None:
+    from forge.compose import compose, to_schema
+    from forge.recipe.steps import build_steps
+
+    mix = "recipe.steps.dedup.input=[{name:curate,weight:3},{name:generate,weight:1,max_rows:10}]"
+    cfg = to_schema(compose(["recipe=tiny_sft", "recipe.dir=/nonexistent/tiny_sft", mix]))
+    steps = {s.name: s for s in build_steps(cfg.recipe, [mix])}
+    sources = steps["dedup"].cfg.dataset.sources
+    assert [(s.label, s.weight, s.max_rows) for s in sources] == [("curate", 3.0, None), ("generate", 1.0, 10)]
+    assert [s.name for s in sources] == [str(steps["curate"].dir), str(steps["generate"].dir)]
+    assert steps["dedup"].inputs == ["curate", "generate"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "recipe").glob("*.yaml")))
+def test_every_bundled_recipe_composes_and_plans_offline(name: str, tmp_path: Path, forge_cache: Path) -> None:
+    proc = run_plan(tmp_path, name)
+    assert proc.returncode == 0, proc.stderr
+    assert "will run: never run" in proc.stdout and not (tmp_path / "r").exists()
+
+
+def run_plan(tmp: Path, name: str):
+    from conftest import forge_cli
+
+    return forge_cli([f"recipe={name}", f"recipe.dir={tmp / 'r'}", "recipe.plan=true"], tmp, timeout=120)
