@@ -113,11 +113,14 @@ def build_steps(recipe: Any, overrides: list[str]) -> list[Step]:
         for s in sources:
             if "step" not in s and s["name"] in recipe.steps:
                 raise ConfigError(f"{where}.input: step {s['name']!r} comes after {name!r}; list it first")
-        own = [f"pipeline={step.stage}", *(f"{g}={v}" for g, v in step.groups.items())]
+        given = {o.split("=", 1)[0].lstrip("+~") for o in common}
+        groups = [f"{g}={v}" for g, v in step.groups.items() if g not in given]  # the command line wins
+        own = [f"pipeline={step.stage}", *groups]
         try:
-            cfg = compose([*common, *own])
+            cfg = compose([*own, *common])
             _open_free_maps(cfg)
             cfg = OmegaConf.merge(cfg, OmegaConf.create(_plain(step.set)))
+            reapply(cfg, common)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{where}: {one_line(exc)}") from None
         except Exception as exc:  # Hydra's own: an unknown group option
@@ -153,6 +156,22 @@ def build_steps(recipe: Any, overrides: list[str]) -> list[Step]:
             name, step.stage, typed, cfg, [s["step"] for s in sources if "step" in s], fp, settings, ids, own
         )
     return list(steps.values())
+
+
+def reapply(cfg: DictConfig, overrides: list[str]) -> None:
+    """The command line's `key=value` overrides again, after the step's `set:`: as with any Hydra
+    config file, the command line wins over the recipe file (`tokenize.seq_len=128` reaches the
+    tokenize step even though the recipe sets it). Group choices were composed already."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from forge.compose import conf_dir
+
+    groups = {p.name for p in Path(conf_dir()).iterdir() if p.is_dir()}
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if key in groups or key.split(".")[0] == "hydra" or o.is_delete():
+            continue
+        OmegaConf.update(cfg, key, o.value(), merge=True, force_add=o.is_add() or o.is_force_add())
 
 
 def _open_free_maps(node: DictConfig) -> None:

@@ -173,6 +173,9 @@ def test_settings_that_do_not_change_results_do_not_change_fingerprints(forge_ca
     assert all(longer[s] != base[s] for s in STEPS)  # generate changed: everything after it too
     later = fingerprints("+recipe.steps.score.set.score.mask=all")
     assert [s for s in STEPS if later[s] != base[s]] == ["score", "tokenize"]
+    # a plain override on the command line wins over the recipe file, and only where it is read
+    longer_seqs = fingerprints("tokenize.seq_len=128")
+    assert [s for s in STEPS if longer_seqs[s] != base[s]] == ["tokenize"]
 
 
 def test_publishing_a_recipe_publishes_the_final_data_with_the_whole_chain(tiny_recipe: Path, tmp_path: Path) -> None:
