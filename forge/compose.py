@@ -50,7 +50,10 @@ def one_line(exc: BaseException) -> str:
         if isinstance(e, OmegaConfBaseException) and key:
             msg = str(e).splitlines()[0]
             close = difflib.get_close_matches(key.split(".")[-1], _fields_of(key), n=1)
-            hint = f" (did you mean {key.rsplit('.', 1)[0]}.{close[0]}?)" if close and "not in" in msg else ""
+            hint = ""
+            if close and "not in" in msg:
+                near = f"{key.rsplit('.', 1)[0]}.{close[0]}" if "." in key else close[0]
+                hint = f" (did you mean {near}?)"
             return f"{key}: {msg}{hint}"
         e = e.__cause__ or e.__context__
     text = str(exc)

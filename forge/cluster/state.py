@@ -210,3 +210,14 @@ def active_jobs(out_dir: Path) -> dict[str, str]:
     history = load_history(out_dir)
     ids = [j for sub in history for j in (sub.array_id, sub.finalize_id, *(sub.extra.get("steps") or {}).values()) if j]
     return {jid: st for jid, st in live_states(ids).items() if st in ACTIVE}
+
+
+def live_job_ids(out_dir: Path) -> list[str]:
+    """Job ids of the run dir's Slurm submissions still queued or running; none when it never had
+    one, or when no Slurm client answers here (then they cannot be asked about)."""
+    if not history_path(out_dir).exists():
+        return []
+    try:
+        return sorted({j.split("_")[0] for j in active_jobs(out_dir)})
+    except (SlurmError, OSError):
+        return []

@@ -47,11 +47,11 @@ class ModelConfig:
     engine: EngineKind = EngineKind.transformers
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: int = neutral(1)
     max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = neutral(None)
+    max_num_seqs: int | None = neutral(None)
+    max_num_batched_tokens: int | None = neutral(None)
     speculative: Any = None
     kv_cache_dtype: str | None = None
     quantization: str | None = None

@@ -25,8 +25,8 @@ from forge.schema import NEUTRAL
 from forge.stages.registry import spec
 
 FORMAT = 1  # bump when forge writes the same settings differently (every step then re-runs)
-SHARED = ("pipeline", "dataset", "model", "judge_model", "output", "run", "cluster")
-WHOLE_FILE = 8 << 20  # files up to this size are hashed whole; larger: size, first and last MiB
+SHARED = ("pipeline", "dataset", "output", "run", "cluster")
+WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger: size, first and last MiB
 STEP_INPUT = "step:"  # a dataset.name standing for an earlier step's output, in the settings
 
 
@@ -46,13 +46,14 @@ def settings_of(obj: Any) -> Any:
 
 
 def step_settings(cfg: Any) -> dict[str, Any]:
-    """What a step's result depends on, from its typed config: the shared groups and its stage's own."""
-    groups = [*SHARED, *spec(cfg.pipeline.stage).groups]
+    """What a step's result depends on, from its typed config: the shared groups its stage uses
+    (registry `uses`) and its own."""
+    stage = spec(cfg.pipeline.stage)
+    groups = [*SHARED, *stage.uses, *stage.groups]
     return {key: settings_of(getattr(cfg, key)) for key in groups}
 
 
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
+def _hash_file(path: Path, size: int) -> str:
     h = xxhash.xxh3_128()
     with open(path, "rb") as fh:
         if size <= WHOLE_FILE:
@@ -63,6 +64,45 @@ def _file_digest(path: Path) -> str:
             fh.seek(size - (1 << 20))
             h.update(fh.read(1 << 20))
     return f"{size}:{h.hexdigest()}"
+
+
+class Digests:
+    """File digests remembered by (path, size, mtime, inode) in $FORGE_CACHE/file_digests.json, so
+    that planning a recipe over a large local corpus reads each file once, not on every command
+    (a file changed in place gets a new mtime, hence a new digest). Bounded to MAX entries."""
+
+    MAX = 200_000
+
+    def __init__(self) -> None:
+        from forge.engine.tiny_model import default_cache_dir
+
+        self.path = default_cache_dir() / "file_digests.json"
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.added = 0
+
+    def get(self, path: Path) -> str:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if key not in self.known:
+            self.known[key] = _hash_file(path, st.st_size)
+            self.added += 1
+        return self.known[key]
+
+    def save(self) -> None:
+        """Write them back when new ones were computed (never on a plan that hashed nothing new)."""
+        if not self.added:
+            return
+        items = list(self.known.items())[-self.MAX :]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(dict(items)))
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only cache: digests are computed again next time
+            pass
 
 
 def dataset_identity(name: str, revision: str | None = None) -> dict[str, Any]:
@@ -82,7 +122,10 @@ def dataset_identity(name: str, revision: str | None = None) -> dict[str, Any]:
         if not files:
             return {"hub": name, "revision": revision}
     base = files[0].parent if len(files) == 1 else Path(os.path.commonpath([str(f) for f in files]))
-    return {"files": {str(f.relative_to(base)): _file_digest(f) for f in files}}
+    digests = Digests()
+    identity = {"files": {str(f.relative_to(base)): digests.get(f) for f in files}}
+    digests.save()
+    return identity
 
 
 def fingerprint(settings: dict[str, Any], inputs: dict[str, Any]) -> str:

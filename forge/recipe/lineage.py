@@ -20,9 +20,9 @@ def _say(text: str) -> None:
     print(f"forge: {text}", flush=True)
 
 
-def lineage(steps: list[Step], root: Path, upto: str | None = None) -> dict[str, Any]:
+def lineage(steps: list[Step], root: Path, upto: str | None = None, name: str | None = None) -> dict[str, Any]:
     """The chain of steps (up to and including `upto`): fingerprint, dir, inputs, counts, times,
-    the settings the recipe gives it."""
+    the settings the recipe gives it and the command line's overrides that applied to it."""
     records = Records(root)
     chain = []
     for s in steps:
@@ -43,14 +43,20 @@ def lineage(steps: list[Step], root: Path, upto: str | None = None) -> dict[str,
         )
         if s.name == upto:
             break
-    return {"recipe": root.name, "written_at": now(), "steps": chain}
+    return {"recipe": name or records.state().get("recipe") or root.name, "written_at": now(), "steps": chain}
 
 
 def key_settings(step: Step, recipe: Any) -> dict[str, Any]:
-    """What the recipe sets for a step: its group choices and `set:` (secrets masked)."""
+    """What the recipe sets for a step (its group choices and `set:`) and the command line's
+    overrides that reached it (they win over the recipe file); secrets masked."""
+    from forge.io.secrets import redact_override
+
     spec = recipe.steps[step.name]
     plain = OmegaConf.to_container(spec.set, resolve=True) if isinstance(spec.set, DictConfig) else spec.set
-    return redact({"groups": dict(spec.groups), "set": plain})
+    applied = {"groups": dict(spec.groups), "set": plain}
+    if step.overrides:
+        applied["overrides"] = [redact_override(o) for o in step.overrides]
+    return redact(applied)
 
 
 def start_step(records: Records, s: Step, recipe: Any, steps: list[Step]) -> None:
@@ -61,19 +67,19 @@ def start_step(records: Records, s: Step, recipe: Any, steps: list[Step]) -> Non
         "stage": s.stage,
         "created_at": now(),
     }
-    record.update(settings=s.settings, inputs=s.input_ids, key_settings=key_settings(s, recipe))
+    record.update(settings=redact(s.settings), inputs=s.input_ids, key_settings=key_settings(s, recipe))
     record.setdefault("started_at", now())
     records.put(s.name, s.fingerprint, record)
     s.dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(s.dir / "lineage.json", lineage(steps, records.root, upto=s.name))
+    write_json_atomic(s.dir / "lineage.json", lineage(steps, records.root, upto=s.name, name=recipe.name))
 
 
-def refresh_lineage(s: Step, steps: list[Step], root: Path) -> None:
+def refresh_lineage(s: Step, steps: list[Step], root: Path, name: str | None = None) -> None:
     """A Slurm step's chain was written before its inputs ran: once it is done, its lineage.json
     gets their counts and its card is rendered again."""
     from forge.run.card import write_card
 
-    write_json_atomic(s.dir / "lineage.json", lineage(steps, root, upto=s.name))
+    write_json_atomic(s.dir / "lineage.json", lineage(steps, root, upto=s.name, name=name))
     write_card(s.dir, s.cfg.output.hub_repo)
 
 
@@ -84,17 +90,29 @@ def end_step(records: Records, s: Step, seconds: float) -> None:
     records.make_current(s.name, s.fingerprint)
 
 
+def record_finished(cfg: Any, steps: list[Step], only: list[Step] | None = None) -> None:
+    """Steps a Slurm finalize job finished (their records have no end yet): their end, counts and
+    chain recorded, their cards rendered again, and each made the step's current output."""
+    from forge.run.output import is_finished
+
+    root = Path(cfg.recipe.dir)
+    records = Records(root)
+    for s in only or steps:
+        if not is_finished(s.dir):
+            continue
+        record = records.get(s.name, s.fingerprint)
+        if record is not None and "finished_at" not in record:
+            end_step(records, s, 0.0)
+            refresh_lineage(s, steps, root, cfg.recipe.name)
+        records.make_current(s.name, s.fingerprint)
+
+
 def finish_recipe(cfg: Any, steps: list[Step]) -> None:
     """The recipe's lineage.json, old outputs beyond recipe.keep removed, a summary line."""
     root = Path(cfg.recipe.dir)
     records = Records(root)
-    for s in steps:  # a Slurm step finished by its own finalize job: record it now
-        record = records.get(s.name, s.fingerprint)
-        if record is not None and "finished_at" not in record and (s.dir / "stats.json").exists():
-            end_step(records, s, 0.0)
-            refresh_lineage(s, steps, root)
-        records.make_current(s.name, s.fingerprint)
-    data = lineage(steps, root)
+    record_finished(cfg, steps)
+    data = lineage(steps, root, name=cfg.recipe.name)
     old = root / "lineage.json"
     try:
         same = yaml.safe_load(old.read_text()) if old.exists() else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge.cluster.state import live_job_ids as slurm_jobs
+from forge.io.secrets import redact
 from forge.recipe.fingerprint import changes
 from forge.recipe.records import Records
 from forge.recipe.steps import Step
@@ -42,8 +44,9 @@ def _why_run(step: Step, records: Records, planned: dict[str, StepPlan]) -> str:
         last = others[0] if others else None
     if last is None:
         return "never run"
-    if last.get("settings") != step.settings:
-        return "settings changed: " + changes(last.get("settings") or {}, step.settings)
+    mine = redact(step.settings)  # records hold masked settings: compare (and print) masked ones
+    if last.get("settings") != mine:
+        return "settings changed: " + changes(last.get("settings") or {}, mine)
     for name, ident in step.input_ids.items():
         if (last.get("inputs") or {}).get(name) != ident:
             return f"input {name} changed"
@@ -56,7 +59,10 @@ def plan(steps: list[Step], root: Path) -> list[StepPlan]:
     planned: dict[str, StepPlan] = {}
     for s in steps:
         holder = running_holder(s.dir) if s.dir.is_dir() else None
-        if holder:
+        jobs = slurm_jobs(s.dir)
+        if jobs:
+            p = StepPlan(s, RUNNING, f"queued or running on Slurm as job(s) {', '.join(jobs)}")
+        elif holder:
             p = StepPlan(s, RUNNING, f"being written by {holder}")
         elif is_finished(s.dir) and (s.dir / "stats.json").exists():
             current = records.current(s.name)

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +48,25 @@ class Records:
         except (OSError, ValueError):
             return {}
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """state.json is read, changed and written by one command at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".state.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
     def plan(self, recipe: str, fingerprints: dict[str, str]) -> None:
         """What the last command planned: the step order and each step's fingerprint (forge-status)."""
         state = self.state()
         new = {**state, "recipe": recipe, "order": list(fingerprints), "planned": fingerprints}
-        if new != state:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.root / STATE, new)
+        if new == state:
+            return
+        with self._locked():
+            state = self.state()
+            write_json_atomic(
+                self.root / STATE, {**state, "recipe": recipe, "order": list(fingerprints), "planned": fingerprints}
+            )
 
     def current(self, step: str) -> str | None:
         return (self.state().get("current") or {}).get(step)
@@ -69,10 +84,11 @@ class Records:
 
     def make_current(self, step: str, fp: str) -> None:
         """The step's current output is `fp`: state.json, its record's used_at, the link."""
-        state = self.state()
-        if (state.get("current") or {}).get(step) != fp:
-            state.setdefault("current", {})[step] = fp
-            write_json_atomic(self.root / STATE, state)
+        if (self.state().get("current") or {}).get(step) != fp:
+            with self._locked():
+                state = self.state()
+                state.setdefault("current", {})[step] = fp
+                write_json_atomic(self.root / STATE, state)
             record = self.get(step, fp)
             if record is not None:
                 record["used_at"] = now()
@@ -90,16 +106,28 @@ class Records:
             tmp.unlink(missing_ok=True)
 
     def collect(self, steps: list[str], keep: int) -> list[Path]:
-        """Remove each step's outputs beyond the current one and the `keep` most recently used."""
+        """Remove each step's outputs beyond the current one and the `keep` most recently used,
+        never one that a forge process or a Slurm job is writing. The record goes first and the
+        dir is renamed before it is deleted, so a kill midway never leaves a half-removed output
+        that a later command would take for a finished one."""
+        from forge.cluster.state import live_job_ids
+        from forge.run.locks import running_holder
+
         removed = []
         for step in steps:
             current = self.current(step)
             others = [r for r in self.all_of(step) if r.get("fingerprint") != current]
             for r in others[keep:]:
                 fp = r["fingerprint"]
-                shutil.rmtree(self.root / "steps" / step / fp, ignore_errors=True)
+                out = self.root / "steps" / step / fp
+                if out.is_dir() and (running_holder(out) or live_job_ids(out)):
+                    continue
                 self.path(step, fp).unlink(missing_ok=True)
-                removed.append(self.root / "steps" / step / fp)
+                if out.is_dir():
+                    trash = out.with_name(f".removed-{fp}-{os.getpid()}")
+                    os.replace(out, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                removed.append(out)
         return removed
 
 

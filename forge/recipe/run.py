@@ -5,6 +5,7 @@ dependent Slurm arrays (forge/recipe/slurm.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from forge.io.secrets import redact
+from forge.io.secrets import redact, register_config_secrets
 from forge.recipe.lineage import _say, end_step, finish_recipe, settled, start_step
 from forge.recipe.plan import REUSE, RUNNING, UP_TO_DATE, StepPlan, plan
 from forge.recipe.records import Records
@@ -41,6 +42,8 @@ def prepare(cfg: Any, overrides: list[str]) -> tuple[list[Step], list[StepPlan]]
     except ConfigError as exc:
         print(f"forge: error: {exc}", file=sys.stderr)
         return 2
+    for s in steps:  # a secret in one step's settings is masked in every line this command prints
+        register_config_secrets(OmegaConf.to_container(s.raw, resolve=True))
     names = [s.name for s in steps]
     if recipe.only is not None and recipe.only not in names:
         print(f"forge: error: recipe.only: no step {recipe.only!r}; steps: {', '.join(names)}", file=sys.stderr)
@@ -70,15 +73,23 @@ def run_recipe(cfg: Any, raw: DictConfig | dict, overrides: list[str]) -> int:
 
     setup_logging()
     recipe = cfg.recipe
+    recipe.dir = str(Path(recipe.dir).absolute())  # one spelling of every step's dir, whatever the cwd form
     root = Path(recipe.dir)
+    register_config_secrets(OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw)
+    if recipe.keep < 0:
+        print(f"forge: error: recipe.keep: must be >= 0 (got {recipe.keep})", file=sys.stderr)
+        return 2
     prepared = prepare(cfg, overrides)
     if isinstance(prepared, int):
         return prepared
     steps, plans = prepared
     if recipe.plan:
-        _say(f"recipe {recipe.name}: {len(steps)} steps in {root}")
-        for p in plans:
-            print(f"  {p.line()}")
+        try:
+            _say(f"recipe {recipe.name}: {len(steps)} steps in {root}")
+            for p in plans:
+                print(f"  {p.line()}", flush=True)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     chosen = selected(plans, recipe.only, recipe.name)
     if isinstance(chosen, str):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.recipe.lineage import _say, finish_recipe, settled, start_step
+from forge.recipe.lineage import _say, finish_recipe, record_finished, settled, start_step
 from forge.recipe.plan import RUNNING, StepPlan
 from forge.recipe.records import Records
 from forge.recipe.steps import Step
@@ -69,9 +69,14 @@ def submit_recipe(
             return code
         if sub is not None:
             ends[s.name] = sub.finalize_id
+    if not ends:  # nothing queued or running: every chosen step is done
+        if recipe.only is None:
+            finish_recipe(cfg, steps)
+        else:
+            record_finished(cfg, steps, [p.step for p in chosen])
+        return 0
     if not cfg.cluster.wait:
-        if ends:
-            _say(f"follow the recipe: forge-status {root}")
+        _say(f"follow the recipe: forge-status {root}")
         return 0
     return wait_recipe(cfg, steps, ends)
 
@@ -104,4 +109,6 @@ def wait_recipe(cfg: Any, steps: list[Step], ends: dict[str, str], poll_s: float
         return 1
     if recipe.only is None:
         finish_recipe(cfg, steps)
+    else:
+        record_finished(cfg, steps, [s for s in steps if s.name in ends])
     return 0

@@ -59,7 +59,7 @@ def recipe_status(root: Path) -> list[dict[str, Any]]:
         record = records.get(name, fp) if fp else None
         stale = []
         if current.get(name) and fp != current.get(name):
-            stale.append(f"current output {current[name]} is older than the planned {fp}")
+            stale.append(f"its current output {current[name]} is not the one the last full command planned ({fp})")
         for inp, ident in ((record or {}).get("inputs") or {}).items():
             if inp in current and isinstance(ident, str) and ident != current[inp]:
                 stale.append(f"input {inp} changed since")

@@ -66,8 +66,20 @@ def _inputs(name: str, entries: list[Any], known: dict[str, Step]) -> list[dict[
             src["step"] = src["name"]
         elif src["name"] == name:
             raise ConfigError(f"recipe.steps.{name}.input[{i}]: a step cannot read itself")
+        elif not _looks_like_dataset(src["name"]):
+            raise ConfigError(
+                f"recipe.steps.{name}.input[{i}]: {src['name']!r} is neither an earlier step "
+                f"({', '.join(known) or 'none'}) nor an existing file, dir or glob, nor a Hub id (org/name)"
+            )
         out.append(src)
     return out
+
+
+def _looks_like_dataset(name: str) -> bool:
+    """A local file, dir or glob that exists, a `scheme://` name, or a Hub id (`org/name`)."""
+    import glob
+
+    return "://" in name or "/" in name or Path(name).expanduser().exists() or bool(glob.glob(name))
 
 
 def _set_input(cfg: DictConfig, sources: list[dict[str, Any]], dirs: dict[str, str], mixes: bool) -> None:
@@ -103,7 +115,7 @@ def build_steps(recipe: Any, overrides: list[str]) -> list[Step]:
     if not recipe.steps:
         raise ConfigError(f"recipe.steps: recipe {recipe.name!r} has no steps")
     common = recipe_overrides(overrides)
-    root = Path(recipe.dir)
+    root = Path(recipe.dir).absolute()  # step inputs are pinned by path in each run dir
     steps: dict[str, Step] = {}
     for name, step in recipe.steps.items():
         where = f"recipe.steps.{name}"
@@ -153,7 +165,7 @@ def build_steps(recipe: Any, overrides: list[str]) -> list[Step]:
             cfg.output.dir = str(out_dir)
         typed = to_schema(cfg)
         steps[name] = Step(
-            name, step.stage, typed, cfg, [s["step"] for s in sources if "step" in s], fp, settings, ids, own
+            name, step.stage, typed, cfg, [s["step"] for s in sources if "step" in s], fp, settings, ids, common
         )
     return list(steps.values())
 

@@ -48,6 +48,8 @@ class StageSpec:
             (forge/run/stage_card.py).
         render_card: "module:function(out_dir, hub_repo, progress) -> str": the whole card, for a
             stage whose card is its own (generation); null = the batch stages' card.
+        uses: the shared groups beyond pipeline, dataset, output, run and cluster that its
+            results depend on (a recipe step's fingerprint hashes only those and its own).
         verb: what the stage did to the rows its card counts ("Rows curated by forge: ...").
         dir_name: what the default run dir is named after: `stage` (`curate__sample`) or `model`
             (`tiny-qwen3__sample`: a generation run is known by its model).
@@ -66,6 +68,7 @@ class StageSpec:
     finish: str | None = None
     card: str | None = None
     render_card: str | None = None
+    uses: tuple[str, ...] = ("model",)
     verb: str = "processed"
     dir_name: str = "stage"
     published: tuple[str, ...] = ()
@@ -77,6 +80,7 @@ STAGES: dict[str, StageSpec] = {
         groups={"prompt": PromptConfig, "generation": GenerationConfig, "rollout": RolloutConfig},
         run="forge.stages.generate.run:GenerationRun",
         validate="forge.stages.generate.checks:validate_generate",
+        uses=("model", "judge_model"),
         verb="generated",
         render_card="forge.stages.generate.card:render_generation_card",
         dir_name="model",
@@ -86,6 +90,7 @@ STAGES: dict[str, StageSpec] = {
     "dedup": StageSpec(
         groups={"dedup": DedupConfig},
         batch="forge.stages.dedup.stage:DedupStage",
+        uses=(),
         verb="deduplicated",
         workflow="forge.stages.dedup.steps:Workflow",
         planned_steps="forge.stages.dedup.steps:planned_steps",

@@ -139,6 +139,7 @@ def test_recipe_only_runs_one_step_and_refuses_stale_inputs(tiny_recipe: Path, t
         (f"{THRESHOLD}=2", "recipe.steps.dedup: dedup.minhash.threshold"),
         ("recipe.steps.score.groups.model=no_such_model", "recipe.steps.score.groups: model=no_such_model"),
         ("recipe.steps.curate.stage=cook", "recipe.steps.curate.stage: no stage 'cook'"),
+        ("recipe.steps.dedup.input=[curat]", "recipe.steps.dedup.input[0]: 'curat' is neither an earlier step"),
         ("recipe.steps.tokenize.set.tokenize.format=parquet", "recipe.steps.tokenize: tokenize.format"),
     ],
 )
@@ -241,3 +242,38 @@ def run_plan(tmp: Path, name: str):
     from conftest import forge_cli
 
     return forge_cli([f"recipe={name}", f"recipe.dir={tmp / 'r'}", "recipe.plan=true"], tmp, timeout=120)
+
+
+def test_a_changed_input_file_changes_the_fingerprint_and_an_unchanged_one_is_read_once(
+    forge_cache: Path, tmp_path: Path
+) -> None:
+    from forge.compose import compose, to_schema
+    from forge.recipe.steps import build_steps
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))
+
+    def first() -> str:
+        extra = [f"recipe.steps.generate.input=[{data}]"]
+        cfg = to_schema(compose(["recipe=tiny_sft", "recipe.dir=/nonexistent/tiny_sft", *extra]))
+        return build_steps(cfg.recipe, extra)[0].fingerprint
+
+    before = first()
+    digests = forge_cache / "file_digests.json"
+    assert str(data) in digests.read_text()
+    stamp = digests.stat().st_mtime_ns
+    assert first() == before and digests.stat().st_mtime_ns == stamp  # known file: nothing hashed or written
+    data.write_text(data.read_text().replace("question 4", "question 5"))  # same size, new content
+    assert first() != before
+
+
+def test_a_secret_in_a_step_setting_is_never_written_or_printed(tiny_recipe: Path, tmp_path: Path) -> None:
+    root = tmp_path / "tiny_sft"
+    shutil.copytree(tiny_recipe, root, symlinks=True)
+    secret = "sk-" + "Zq7" * 8
+    proc = run(tmp_path, root, f"+recipe.steps.curate.set.model.engine_args.api_key={secret}", "recipe.only=curate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step curate (curate): will run: settings changed" in proc.stdout
+    assert secret not in proc.stdout + proc.stderr
+    leaked = [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked
