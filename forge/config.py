@@ -20,6 +20,7 @@ from forge.engine.config import EngineKind, ModelConfig
 from forge.recipe.config import RecipeConfig
 from forge.schema import ConfigError, neutral
 from forge.stages.registry import DEFAULT_STAGE, STAGES, hook, spec, stage_groups
+from forge.storage.config import StorageConfig
 
 
 class OnChange(str, Enum):
@@ -60,8 +61,11 @@ class DatasetConfig:
     """Where documents come from.
 
     Attributes:
-        name: Hub dataset id, or a local parquet/jsonl/json/csv/arrow file, glob, directory,
-            or `save_to_disk` directory. `forge://sample` is the bundled sample.
+        name: Hub dataset id, or a parquet/jsonl/json/csv/arrow file, glob or directory, local
+            or remote (`s3://`, `gs://`, `hf://`, `https://`, any fsspec protocol: conf `storage:`),
+            or a `save_to_disk` directory. `forge://sample` is the bundled sample.
+        streaming: read a Hub dataset file by file as the stage goes, instead of downloading it
+            first (remote files are always read that way); a resume skips exactly the rows done.
         config: Hub config (subset) name.
         split: split to read.
         revision: Hub revision (branch, tag or commit) to pin.
@@ -93,6 +97,7 @@ class DatasetConfig:
     config: str | None = None
     split: str = "train"
     revision: str | None = None
+    streaming: bool = False
     prompt_column: str = "prompt"
     id_column: str | None = None
     max_examples: int | None = None
@@ -263,6 +268,7 @@ def _root_fields() -> list[tuple[str, Any, Any]]:
         ("run", RunConfig, field(default_factory=RunConfig)),
         ("cluster", ClusterConfig, field(default_factory=ClusterConfig)),
         ("sweep", SweepConfig, field(default_factory=SweepConfig)),
+        ("storage", StorageConfig, field(default_factory=StorageConfig)),
         ("recipe", RecipeConfig, field(default_factory=RecipeConfig)),
     ]
     groups = [(key, schema, field(default_factory=schema)) for key, schema in stage_groups().items()]
@@ -320,6 +326,7 @@ def validate(cfg: ForgeConfig) -> None:
     if not cfg.dataset.prompt_column:
         raise ConfigError("dataset.prompt_column: must name a column")
     validate_cluster(cfg)
+    cfg.storage.validate()
     stage = spec(cfg.pipeline.stage)
     for key in stage.groups:
         own = getattr(getattr(cfg, key), "validate", None)

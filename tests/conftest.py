@@ -222,3 +222,25 @@ def tiny_recipe(forge_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     proc = run_recipe(tmp, root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto_server) for this test session, behind the FaultyStore
+    double that injects faults only when a test asks (tests/object_store.py)."""
+    from object_store import ObjectStore
+
+    store = ObjectStore(tmp_path_factory.mktemp("s3"))
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def s3(object_store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The object store, its credentials in the environment (forge's subprocesses inherit them),
+    no fault left from another test, and a scratch dir of this test's own."""
+    object_store.faults.clear()
+    for key, value in object_store.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FORGE_SCRATCH", str(tmp_path / "scratch"))
+    return object_store

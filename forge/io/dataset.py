@@ -10,6 +10,7 @@ is read up to the break, which becomes one error row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
@@ -23,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from forge.config import DatasetConfig
+from forge.storage.fs import is_remote
+from forge.storage.inputs import REMOTE_BLOCK, InputError, filesystem, remote_files, streamed_hub_files
+from forge.storage.readahead import read_ahead
 
 log = logging.getLogger("forge.io.dataset")
 
@@ -49,6 +54,15 @@ class SourceRow:
     error: str | None = None
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name` (or `name`) that is no local path: what datasets.load_dataset reads."""
+    return (
+        not name.startswith((SAMPLE_PREFIX, ".", "/", "~"))
+        and not Path(name).exists()
+        and not any(ch in name for ch in "*?[")
+    )
+
+
 def bundled(name: str) -> Path:
     return Path(__file__).resolve().parents[1] / "data" / (name + ".jsonl")
 
@@ -60,14 +74,38 @@ def _suffix(path: str) -> str:
     return Path(path).suffix
 
 
+def open_binary(path: str) -> Any:
+    """A local file, or a remote one (s3://, gs://, hf://, https://...) read in large blocks."""
+    if not is_remote(path):
+        return open(path, "rb")
+    fs, inner = filesystem(path)
+    return fs.open(inner, "rb", block_size=REMOTE_BLOCK, cache_type="readahead")
+
+
+def file_identity(path: str) -> tuple[int | None, str | None]:
+    """(size, a hash of the first MiB) of a local file; (size, the store's ETag) of a remote one,
+    so a changed input is noticed without downloading it. (None, None) when unreadable."""
+    try:
+        if is_remote(path):
+            fs, inner = filesystem(path)
+            info = fs.info(inner)
+            keys = ("ETag", "etag", "md5Hash", "blob_id", "LastModified")
+            tag = next((str(info[k]) for k in keys if info.get(k)), None)
+            return info.get("size"), tag
+        with open(path, "rb") as fh:
+            head = xxhash.xxh64_hexdigest(fh.read(1 << 20))
+        return Path(path).stat().st_size, head
+    except (OSError, ValueError):
+        return None, None
+
+
 def _broken(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
 def _read_json_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str, str | None]]:
     gz = path.endswith(".gz")
-    opener = gzip.open if gz else open
-    with opener(path, "rb") as fh:
+    with open_binary(path) as raw_fh, gzip.GzipFile(fileobj=raw_fh) if gz else contextlib.nullcontext(raw_fh) as fh:
         head = fh.read(1)  # a gzip file damaged from its first byte raises here: the run stops naming it
         while head and head.isspace():
             head = fh.read(1)
@@ -158,7 +196,7 @@ def is_run_dir(name: str) -> bool:
 def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(open_binary(path) if is_remote(path) else path)
     names = pf.schema_arrow.names
     _require_columns(path, names, columns)
     row = 0
@@ -171,7 +209,7 @@ def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any
 def _read_arrow(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
     import pyarrow as pa
 
-    with open(path, "rb") as fh:
+    with open_binary(path) as fh:
         try:
             reader = pa.ipc.open_file(fh)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -195,7 +233,10 @@ def _read_csv(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any] | 
     delimiter = "\t" if path.endswith(".tsv") else ","
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(path, newline="", encoding="utf-8-sig", errors="strict") as fh:
+    with (
+        open_binary(path) as raw_fh,
+        io.TextIOWrapper(raw_fh, encoding="utf-8-sig", errors="strict", newline="") as fh,
+    ):
         reader = csv.reader(fh, delimiter=delimiter)
         try:
             names = next(reader, None) or []
@@ -237,7 +278,13 @@ class Source:
         self.hub = False
         self.unfinished: str | None = None  # why a forge run dir read as input is not finished
         name = cfg.name
-        if name.startswith(SAMPLE_PREFIX):
+        self.remote = is_remote(name) or (cfg.streaming and _looks_like_hub_id(name))
+        if self.remote:
+            try:
+                self._find_remote(name)
+            except InputError as exc:
+                raise DatasetError(str(exc)) from None
+        elif name.startswith(SAMPLE_PREFIX):
             path = bundled(name[len(SAMPLE_PREFIX) :])
             if not path.exists():
                 raise DatasetError(f"dataset.name: no bundled dataset {name!r}")
@@ -274,8 +321,24 @@ class Source:
         else:
             self.hub = True
 
+    def _find_remote(self, name: str) -> None:
+        """The files of a remote dataset.name, or of a Hub dataset read as it goes (streaming)."""
+        cfg = self.cfg
+        if is_remote(name):
+            self.files, self.unfinished = remote_files(name, FILE_SUFFIXES, _suffix)
+            if self.unfinished and not cfg.allow_unfinished:
+                raise DatasetError(
+                    f"dataset.name: the forge run dir {name} {self.unfinished}; finish it first (re-run the "
+                    "command that writes it), or set dataset.allow_unfinished=true to read the chunks it has"
+                )
+            if self.unfinished:
+                log.warning("dataset.allow_unfinished: reading %s, which %s", name, self.unfinished)
+        elif self.remote:  # dataset.streaming: a Hub dataset read file by file, nothing downloaded first
+            self.files = streamed_hub_files(name, cfg.config, cfg.split, cfg.revision, FILE_SUFFIXES, _suffix)
+
     def describe(self) -> dict[str, Any]:
-        """What identifies this input, for the run fingerprint and the dataset card."""
+        """What identifies this input, for the run fingerprint and the dataset card (not
+        dataset.streaming: how it is read, not what)."""
         return {
             "name": self.cfg.name,
             "config": self.cfg.config,
@@ -347,6 +410,10 @@ class Source:
         """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples."""
         limit = self.cfg.max_examples
         streams = [self._file_rows(f) for f in self.files] if self.files else [self._hf_rows()]
+        if self.remote:  # fetched and parsed in a thread while the stage works (bounded)
+            from forge.storage.fs import settings
+
+            streams = [read_ahead(iter(st), settings().read_ahead_rows) for st in streams]
         if self.files and not self.all_columns and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
             try:
                 self._check_json_keys(self.files[0])

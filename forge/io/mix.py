@@ -20,8 +20,9 @@ from typing import Any
 import xxhash
 
 from forge.config import DatasetConfig, SourceSpec
-from forge.io.dataset import DatasetError, Source, SourceRow
+from forge.io.dataset import DatasetError, Source, SourceRow, file_identity, open_binary
 from forge.schema import ConfigError
+from forge.storage.fs import is_remote
 
 log = logging.getLogger("forge.io.mix")
 CHARS_PER_TOKEN = 4
@@ -304,7 +305,10 @@ def quick_count(reader: Source) -> int | None:
     for f in reader.files:
         try:
             if f.endswith(".parquet"):
-                n += pq.ParquetFile(f).metadata.num_rows
+                with open_binary(f) as fh:  # a remote file: its footer only
+                    n += pq.ParquetFile(fh).metadata.num_rows
+            elif is_remote(f):
+                return None  # counting lines would mean downloading it
             elif f.endswith((".jsonl", ".ndjson", ".csv", ".tsv")):
                 with open(f, "rb") as fh:
                     lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
@@ -338,10 +342,5 @@ def input_fingerprint(mix: Mix) -> list[list[Any]]:
     out = []
     for s in mix.sources:
         for f in s.reader.files:
-            try:
-                with open(f, "rb") as fh:
-                    head = xxhash.xxh64_hexdigest(fh.read(1 << 20))
-                out.append([s.label, Path(f).name, Path(f).stat().st_size, head])
-            except OSError:
-                out.append([s.label, Path(f).name, None, None])
+            out.append([s.label, Path(f).name, *file_identity(f)])
     return out

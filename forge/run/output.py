@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from forge.io.secrets import redact_strings, redact_table
+from forge.storage.mirror import notify_commit
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DATA_SCHEMA = pa.schema(
@@ -159,6 +160,7 @@ def write_atomic(path: Path, table: pa.Table, use_dictionary: bool | list[str] =
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_failed(path, exc) from None
+    notify_commit()  # a remote run dir pushes it (forge/storage/mirror.py)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -170,6 +172,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_failed(path, exc) from None
+    notify_commit()
 
 
 def clean_temp_files(directory: Path, prefix: str = "") -> None:

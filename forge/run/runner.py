@@ -44,6 +44,7 @@ from forge.run.output import (
 from forge.run.progress import console
 from forge.schema import ConfigError
 from forge.stages.registry import DEFAULT_STAGE, load, spec, stage_run
+from forge.storage.fs import StorageError, is_remote
 
 log = logging.getLogger("forge")
 
@@ -117,7 +118,15 @@ def run_forge(
     overrides: list[str] | None = None,
 ) -> int:
     """Run the shards of cfg (all, or cluster.task_index) here; returns the exit code. A local
-    run holds the run dir's lock (forge/run/locks.py) from before its checks to its last write."""
+    run holds the run dir's lock (forge/run/locks.py) from before its checks to its last write.
+    A run dir on an object store is worked on through local scratch (forge/run/remote.py)."""
+    if is_remote(cfg.output.dir):
+        from forge.run.remote import run_remote
+
+        setup_logging()
+        task = cfg.cluster.task_index
+        role, lease, others = ("run", "run", ()) if task is None else (f"task-{task:05d}", f"task_{task:05d}", ("run",))
+        return run_remote(cfg, role, lease, others, lambda: run_forge(cfg, raw, log_name, merge, overrides))
     with contextlib.ExitStack() as held:
         return _run_forge(cfg, raw, held, log_name, merge, overrides)
 
@@ -258,13 +267,15 @@ def run_step(cfg: ForgeConfig, raw: DictConfig | dict, step: str, task: int, log
 def _one_line(exc: BaseException) -> str:
     """An error as one line: forge's own messages as they are; an OSError with its path and
     cause (`cannot write /x/y: No space left on device`), and what to do."""
-    if isinstance(exc, OSError) and not isinstance(exc, NamedWriteError):
+    if isinstance(exc, OSError) and not isinstance(exc, NamedWriteError | StorageError):
         what = f"{exc.filename}: " if exc.filename else ""
         full = exc.errno == errno.ENOSPC
         hint = "free some space and re-run the same command to resume" if full else "re-run the same command to resume"
         text = f"{what}{exc.strerror or exc}; {hint}"
     else:
         text = str(exc)
+        if isinstance(exc, StorageError):
+            text += "; what reached the store is whole: re-run the same command to resume"
         if isinstance(exc, NamedWriteError) and "No space left" in text:
             text += "; free some space and re-run the same command to resume"
     return text

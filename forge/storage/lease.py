@@ -1,0 +1,167 @@
+"""Who may write a remote run dir: a lease object `state/<name>.lease`, created only where none
+is (S3's If-None-Match, GCS's generation 0), renewed while its holder runs, deleted at its end.
+
+A second writer is refused with one line naming the holder. A holder killed with -9 leaves its
+lease behind: it is stale at once for a process on the same machine (its pid is gone), and for
+any machine once not renewed for storage.lease_s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from forge.storage.fs import StorageError, filesystem, join, retrying, settings
+
+log = logging.getLogger("forge.storage.lease")
+SUFFIX = ".lease"
+
+
+class LeaseHeld(StorageError):
+    """Another forge process writes this remote run dir (or this shard of it) right now."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder_text(owner: dict[str, Any]) -> str:
+    return f"pid {owner.get('pid')} on {owner.get('host')}"
+
+
+def is_live(owner: dict[str, Any] | None) -> bool:
+    """Whether a lease's holder may still be writing."""
+    if not owner:
+        return False
+    if owner.get("host") == socket.gethostname() and owner.get("boot") == _boot_id():
+        return _alive(int(owner.get("pid", 0)))
+    return time.time() - float(owner.get("renewed_at", 0)) < settings().lease_s
+
+
+def _create(fs: Any, path: str, data: bytes) -> None:
+    """Write `path` only if it does not exist (FileExistsError else)."""
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return
+    except (TypeError, NotImplementedError):
+        pass  # a store without conditional writes: check, write, read back
+    if fs.exists(path):
+        raise FileExistsError(path)
+    fs.pipe_file(path, data)
+    if fs.cat_file(path) != data:
+        raise FileExistsError(path)
+
+
+def read_owner(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+
+
+def live_holders(url: str, *names: str) -> list[str]:
+    """The holders of the run dir's live leases (all of them, or those named)."""
+    fs, root = filesystem(url)
+    state = join(root, "state")
+    try:
+        paths = retrying(url, "list its leases", lambda: fs.glob(join(state, "*" + SUFFIX)), (FileNotFoundError,))
+    except FileNotFoundError:
+        return []
+    found = []
+    for path in sorted(paths):
+        if names and os.path.basename(path)[: -len(SUFFIX)] not in names:
+            continue
+        owner = retrying(url, "read a lease", lambda p=path: read_owner(fs, p))
+        if is_live(owner):
+            found.append(holder_text(owner or {}))
+    return found
+
+
+class Lease:
+    """The lease `name` of the remote run dir `url`, held from acquire() to release()."""
+
+    def __init__(self, url: str, name: str, busy: str) -> None:
+        self.url = url
+        self.name = name
+        self.busy = busy  # the refusal, with {holder}
+        self.fs, root = filesystem(url)
+        self.path = join(root, "state", name + SUFFIX)
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _owner(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "boot": _boot_id(),
+            "token": self.token,
+            "renewed_at": time.time(),
+        }
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            body = json.dumps(self._owner()).encode()
+            try:
+                retrying(self.url, "take its lock", lambda b=body: _create(self.fs, self.path, b), (FileExistsError,))
+                break
+            except FileExistsError:
+                pass
+            owner = retrying(self.url, "read its lock", lambda: read_owner(self.fs, self.path))
+            if is_live(owner):
+                raise LeaseHeld(self.busy.format(holder=holder_text(owner or {})))
+            log.warning(
+                "%s: the lock of %s was left by a process that is gone; taking it over",
+                self.url,
+                holder_text(owner or {}),
+            )
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+        else:
+            raise LeaseHeld(self.busy.format(holder="another process"))
+        self._thread = threading.Thread(target=self._renew_loop, name="forge-lease", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        every = max(settings().lease_s / 4, 0.5)
+        while not self._stop.wait(every):
+            try:
+                self.fs.pipe_file(self.path, json.dumps(self._owner()).encode())
+            except Exception as exc:  # a missed renewal is retried next time; the run goes on
+                log.warning("%s: could not renew its lock (%s)", self.url, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+            try:
+                owner = read_owner(self.fs, self.path)
+                if owner is not None and owner.get("token") == self.token:
+                    self.fs.rm_file(self.path)
+            except Exception as exc:  # stale at once for a re-run here, after lease_s elsewhere
+                log.warning("%s: could not remove its lock (%s)", self.url, exc)

@@ -1,0 +1,338 @@
+"""A remote run dir worked on through local scratch: pulled down at the start, pushed up as the
+run goes (at every chunk, at least every storage.sync_every_s, and at the end).
+
+The commit protocol. forge writes every file of a run dir locally as it always does: to a temp
+name, then renamed, in an order where any prefix is a valid state (a chunk before the record
+that counts it). A push uploads the files that changed, one at a time, oldest change first; an
+object store makes an object visible only once its upload is whole (a PUT, or a multipart upload
+completed), so the remote dir is always a prefix of the local history: a chunk is there whole or
+not at all, and a record never names a chunk that is not there. A file that changes again while
+a push runs waits for the next push, so nothing overtakes what it depends on. Files gone locally
+(a redone batch's chunks) are then deleted remotely.
+
+The request cache stays a local sqlite file (cache/task_T.sqlite, never uploaded whole); each push
+first exports the answers added since the last one as a segment file (cache/task_T.seg/*.parquet),
+uploaded like any file. A pull on another machine loads every segment into its local cache, so a
+resume there replays every answer already paid for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from forge.storage.fs import StorageError, filesystem, first_line, join, retrying, settings
+
+log = logging.getLogger("forge.storage.mirror")
+MARKER = ".forge-mirror.json"  # in scratch: each file as last pulled or pushed (size, mtime, etag)
+# never uploaded: temp files, flock files, the live sqlite cache and its side files, the marker
+LOCAL_ONLY = re.compile(r"(^|/)\.[^/]*\.tmp-|(^|/)\.partial/|\.lock$|\.lease$|\.sqlite(-wal|-shm|-journal)?$|\.suspect$|\.damaged-|^\.forge-")
+LAZY = re.compile(r"\.log$")  # appended all the time: pushed at most every LAZY_S (and at the end)
+LAZY_S = 60.0
+SEGMENTS = ".seg"  # cache/task_T.sqlite -> cache/task_T.seg/<stamp>.parquet
+MIN_ROUND_GAP_S = 0.5
+_active: weakref.WeakSet[Mirror] = weakref.WeakSet()
+
+
+def notify_commit() -> None:
+    """A file of a run dir was committed locally (forge/run/output.py): wake every mirror's
+    pusher, and stop the run here, with the store's one line, if a push has failed."""
+    for mirror in list(_active):
+        mirror.wake()
+        mirror.raise_if_failed()
+
+
+def _etag(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "last_modified"):
+        if info.get(key):
+            return str(info[key])
+    return ""
+
+
+class Mirror:
+    """The remote run dir `url` through the local directory `scratch`."""
+
+    def __init__(self, url: str, scratch: Path) -> None:
+        self.url = url.rstrip("/")
+        self.scratch = scratch
+        self.fs, self.root = filesystem(self.url)
+        self.known: dict[str, dict[str, Any]] = {}  # rel -> {size, mtime_ns, etag}
+        self._lock = threading.Lock()  # one push at a time
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failure: StorageError | None = None
+        self._lazy_at: dict[str, float] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # ---- remote listing and local files
+    def remote_files(self) -> dict[str, dict[str, Any]]:
+        """rel path -> info of every object under the run dir."""
+
+        def find() -> dict[str, Any]:
+            try:
+                return self.fs.find(self.root, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        found = retrying(self.url, "list it", find)
+        prefix = self.root.rstrip("/") + "/"
+        out = {}
+        for path, info in found.items():
+            if info.get("type", "file") != "file" or not path.startswith(prefix):
+                continue
+            out[path[len(prefix) :]] = info
+        return out
+
+    def local_files(self) -> dict[str, os.stat_result]:
+        out = {}
+        base = str(self.scratch)
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, base).replace(os.sep, "/")
+                if LOCAL_ONLY.search(rel):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    out[rel] = os.stat(full)
+        return out
+
+    def _load_marker(self) -> None:
+        try:
+            self.known = json.loads((self.scratch / MARKER).read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    def _save_marker(self) -> None:
+        tmp = self.scratch / f"{MARKER}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(self.known))
+        os.replace(tmp, self.scratch / MARKER)
+
+    # ---- pull
+    def pull(self) -> int:
+        """Make scratch what the remote dir holds (the local request cache is kept, and every
+        remote cache segment loaded into it); returns the files downloaded."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._load_marker()
+        remote = self.remote_files()
+        local = self.local_files()
+        for rel in set(local) - set(remote):
+            if rel.startswith("cache/") and SEGMENTS + "/" in rel:
+                continue  # answers exported but not yet uploaded: the next push takes them
+            (self.scratch / rel).unlink(missing_ok=True)
+            self.known.pop(rel, None)
+        fetched = 0
+        for rel, info in sorted(remote.items()):
+            if LOCAL_ONLY.search(rel):
+                continue
+            etag = _etag(info)
+            have = local.get(rel)
+            was = self.known.get(rel)
+            if (
+                have is not None
+                and was is not None
+                and was.get("etag") == etag
+                and have.st_size == was.get("size")
+                and have.st_mtime_ns == was.get("mtime_ns")
+            ):
+                continue
+            dest = self.scratch / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+            retrying(self.url, f"read {rel}", lambda r=rel, t=tmp: self.fs.get_file(join(self.root, r), str(t)))
+            os.replace(tmp, dest)
+            st = dest.stat()
+            self.bytes_down += st.st_size
+            self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": etag}
+            fetched += 1
+        self._save_marker()
+        load_cache_segments(self.scratch)
+        return fetched
+
+    # ---- push
+    def push(self, final: bool = False) -> int:
+        """Upload what changed since the last push (oldest change first), then delete what is
+        gone; returns the files uploaded."""
+        with self._lock:
+            export_cache_segments(self.scratch)
+            started = time.time_ns()
+            local = self.local_files()
+            changed = []
+            now = time.monotonic()
+            for rel, st in local.items():
+                was = self.known.get(rel)
+                if was is not None and was.get("size") == st.st_size and was.get("mtime_ns") == st.st_mtime_ns:
+                    continue
+                if st.st_mtime_ns > started:
+                    continue  # changing right now: the next push takes it
+                if LAZY.search(rel) and not final and now - self._lazy_at.get(rel, 0.0) < LAZY_S:
+                    continue
+                changed.append((st.st_mtime_ns, rel))
+            sent = 0
+            for _, rel in sorted(changed):
+                path = self.scratch / rel
+                try:
+                    before = path.stat()
+                except FileNotFoundError:
+                    continue
+                if before.st_mtime_ns > started:
+                    continue
+                remote = join(self.root, rel)
+                retrying(self.url, f"write {rel}", lambda p=path, r=remote: self.fs.put_file(str(p), r))
+                after = path.stat()
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    continue  # rewritten while it went up: not recorded, so pushed again next time
+                etag = ""
+                with contextlib.suppress(Exception):
+                    etag = _etag(self.fs.info(remote))
+                self.known[rel] = {"size": after.st_size, "mtime_ns": after.st_mtime_ns, "etag": etag}
+                self.bytes_up += after.st_size
+                if LAZY.search(rel):
+                    self._lazy_at[rel] = now
+                sent += 1
+            for rel in sorted(set(self.known) - set(local)):
+                if not (self.scratch / rel).exists():
+                    with contextlib.suppress(FileNotFoundError):
+                        retrying(
+                            self.url,
+                            f"delete {rel}",
+                            lambda r=rel: self.fs.rm_file(join(self.root, r)),
+                            (FileNotFoundError,),
+                        )
+                    self.known.pop(rel, None)
+            self._save_marker()
+            return sent
+
+    # ---- the background pusher
+    def start(self) -> None:
+        """Push in the background: woken by every committed file, at least every sync_every_s."""
+        _active.add(self)
+        self._thread = threading.Thread(target=self._loop, name="forge-push", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _loop(self) -> None:
+        every = settings().sync_every_s
+        while not self._stop.is_set():
+            self._wake.wait(every)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.push()
+            except StorageError as exc:
+                self._failure = exc
+                log.error("%s", exc)
+                return
+            except Exception as exc:  # a bug or a local error: reported as the store's failure
+                self._failure = StorageError(f"{self.url}: cannot write: {first_line(exc)}")
+                log.error("%s", self._failure)
+                return
+            self._stop.wait(MIN_ROUND_GAP_S)
+
+    def close(self, final: bool = True) -> None:
+        """Stop the pusher; with final, push everything left (raises the store's error)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        _active.discard(self)
+        if final:
+            self.push(final=True)
+
+
+# ---- the request cache's segments
+def _segment_dir(db: Path) -> Path:
+    return db.with_name(db.stem + SEGMENTS)
+
+
+def export_cache_segments(scratch: Path) -> int:
+    """Answers added to each local request cache since the last export, as one new segment
+    file beside it; returns the answers exported."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = 0
+    for db in sorted((scratch / "cache").glob("*.sqlite")) if (scratch / "cache").is_dir() else []:
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+                con.execute("CREATE TABLE IF NOT EXISTS forge_sync (name TEXT PRIMARY KEY, value INTEGER)")
+                row = con.execute("SELECT value FROM forge_sync WHERE name = 'exported'").fetchone()
+                done = row[0] if row else 0
+                if not con.execute("SELECT name FROM sqlite_master WHERE name = 'answers'").fetchone():
+                    continue
+                rows = con.execute(
+                    "SELECT rowid, key, value FROM answers WHERE rowid > ? ORDER BY rowid", (done,)
+                ).fetchall()
+                if not rows:
+                    continue
+                seg = _segment_dir(db)
+                seg.mkdir(exist_ok=True)
+                name = f"{time.time_ns():020d}-{os.getpid()}-{rows[0][0]}-{rows[-1][0]}.parquet"
+                table = pa.table({"key": [r[1] for r in rows], "value": [r[2] for r in rows]})
+                tmp = seg / f".{name}.tmp-{os.getpid()}"
+                pq.write_table(table, tmp, compression="zstd")
+                os.replace(tmp, seg / name)
+                con.execute("CREATE TABLE IF NOT EXISTS forge_segments (name TEXT PRIMARY KEY)")
+                con.execute("INSERT OR IGNORE INTO forge_segments VALUES (?)", (name,))
+                con.execute("INSERT OR REPLACE INTO forge_sync VALUES ('exported', ?)", (rows[-1][0],))
+                con.commit()
+                total += len(rows)
+        except sqlite3.DatabaseError as exc:  # a damaged cache is the run's to report (check_cache)
+            log.warning("%s: answers not exported this time (%s)", db, exc)
+    return total
+
+
+def load_cache_segments(scratch: Path) -> int:
+    """Load the segments pulled from the remote dir into the local request caches (each once);
+    returns the answers added."""
+    import pyarrow.parquet as pq
+
+    added = 0
+    cache = scratch / "cache"
+    if not cache.is_dir():
+        return 0
+    for seg in sorted(cache.glob("*" + SEGMENTS)):
+        db = seg.with_name(seg.name[: -len(SEGMENTS)] + ".sqlite")
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            con.execute("CREATE TABLE IF NOT EXISTS forge_segments (name TEXT PRIMARY KEY)")
+            con.execute("CREATE TABLE IF NOT EXISTS forge_sync (name TEXT PRIMARY KEY, value INTEGER)")
+            loaded = {r[0] for r in con.execute("SELECT name FROM forge_segments")}
+            top_before = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
+            row = con.execute("SELECT value FROM forge_sync WHERE name = 'exported'").fetchone()
+            exported = row[0] if row else 0
+            for path in sorted(seg.glob("*.parquet")):
+                if path.name in loaded:
+                    continue
+                table = pq.read_table(path)
+                before = con.total_changes
+                con.executemany(
+                    "INSERT OR IGNORE INTO answers VALUES (?, ?)",
+                    zip(table.column("key").to_pylist(), table.column("value").to_pylist(), strict=True),
+                )
+                added += con.total_changes - before
+                con.execute("INSERT INTO forge_segments VALUES (?)", (path.name,))
+            top = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
+            if exported >= top_before and top > exported:  # what was loaded is not exported again
+                con.execute("INSERT OR REPLACE INTO forge_sync VALUES ('exported', ?)", (top,))
+            con.commit()
+    return added
