@@ -7,7 +7,10 @@ a real store cannot produce on demand: 500s, slow answers, a denied write, an up
 from __future__ import annotations
 
 import http.client
+import io
+import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -15,9 +18,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 # long enough to be masked (forge masks values of 4+ characters); never real credentials
 KEY_ID = "FORGETESTKEYID7Q2XW9"
@@ -39,6 +46,7 @@ class Fault:
     path: str = ""
     status: int | None = None
     delay_s: float = 0.0
+    drop: bool = False  # after the delay, close the connection unanswered (an upload that never lands)
     times: int | None = None
     fired: int = 0
     hit: threading.Event = field(default_factory=threading.Event)
@@ -116,6 +124,9 @@ class FaultyStore:
             fault.hit.set()
             if fault.delay_s:
                 time.sleep(fault.delay_s)
+            if fault.drop:
+                h.close_connection = True
+                return
             if fault.status:
                 code, message = ERRORS.get(fault.status, ("Error", "injected"))
                 xml = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
@@ -211,3 +222,62 @@ class ObjectStore:
         self.faults.stop()
         self.proc.kill()
         self.proc.wait()
+
+
+# ---- helpers of the object-store tests: inputs on the store, a remote run dir read back
+def chats(n: int, seed: int = 0, prefix: str = "c") -> list[dict]:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(10))
+        out.append(
+            {
+                "id": f"{prefix}{i}",
+                "messages": [
+                    {"role": "user", "content": f"{q} number {i}?"},
+                    {"role": "assistant", "content": f"answer {i}: {q} {rng.random():.6f}"},
+                ],
+            }
+        )
+    return out
+
+
+def put_parquet(fs, path: str, rows: list[dict], row_group_size: int = 64) -> None:  # noqa: ANN001
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=row_group_size)
+    fs.pipe(path, buf.getvalue())
+
+
+def put_jsonl(fs, path: str, rows: list[dict]) -> None:  # noqa: ANN001
+    fs.pipe(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def remote_rows(fs, run: str, sub: str = "data") -> list[dict]:  # noqa: ANN001
+    rows: list[dict] = []
+    fs.invalidate_cache()
+    for path in sorted(fs.glob(f"{run}/{sub}/*.parquet")):
+        rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+    return rows
+
+
+def remote_files(fs, run: str) -> list[str]:  # noqa: ANN001
+    fs.invalidate_cache()
+    return sorted(p[len(run) + 1 :] for p in fs.find(run))
+
+
+def assert_no_secret_in_bucket(fs, bucket: str, *streams: str) -> None:  # noqa: ANN001
+    """Neither credential in any object of the bucket nor in the given streams."""
+    fs.invalidate_cache()
+    for path in fs.find(bucket):
+        blob = fs.cat_file(path)
+        for secret in (SECRET, KEY_ID):
+            assert secret.encode() not in blob, f"a credential was written to s3://{path}"
+    for text in streams:
+        for secret in (SECRET, KEY_ID):
+            assert secret not in (text or ""), "a credential was printed"
+
+
+def once(ids: list[str]) -> None:
+    dup = [k for k, n in Counter(ids).items() if n > 1]
+    assert not dup, f"duplicated: {dup[:5]}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import forge_cli, read_rows
 from faults.checks import error_line
-from remote import assert_no_secret_in_bucket, chats, once, put_jsonl, put_parquet, remote_files, remote_rows
+from object_store import assert_no_secret_in_bucket, chats, once, put_jsonl, put_parquet, remote_files, remote_rows
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +123,50 @@ def test_a_second_writer_is_refused_on_any_machine(s3, tmp_path: Path, monkeypat
 
 def _boot() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def test_dedup_tokenize_and_score_on_the_store_match_local_runs(s3, tiny_model: Path, tmp_path: Path) -> None:
+    """Each batch stage's whole run dir (dedup's steps, tokenize's shards and index, score's
+    columns) goes to the store, and reads the previous stage's remote run dir."""
+    from forge.stages.dedup.planted import write
+
+    fs = s3.fs()
+    bucket = s3.bucket("stages")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    write(planted, 300, seed=5)
+    fs.put(str(planted / "a.jsonl"), f"{bucket}/in/a.jsonl")
+    steps = {
+        "dedup": (["pipeline=dedup", "dedup.minhash.threshold=0.7"], "in/a.jsonl"),
+        "tok": (["pipeline=tokenize", f"tokenize.tokenizer={tiny_model}", "tokenize.shard_tokens=4000"], "runs/dedup"),
+        "score": (["pipeline=score", "model=tiny_cpu", "score.max_len=64", "dataset.max_examples=30"], "runs/dedup"),
+    }
+    for name, (args, src) in steps.items():
+        remote = forge_cli(
+            [*args, f"dataset.name=s3://{bucket}/{src}", f"output.dir=s3://{bucket}/runs/{name}"], tmp_path
+        )
+        assert remote.returncode == 0, f"{name}: {remote.stderr[-3000:]}"
+        local_src = tmp_path / "local" / src
+        if not local_src.exists():
+            fs.get(f"{bucket}/{src}", str(local_src), recursive=True)
+        local = forge_cli(
+            [*args, f"dataset.name={local_src}", f"output.dir={tmp_path / 'local' / 'runs' / name}"], tmp_path
+        )
+        assert local.returncode == 0, f"{name}: {local.stderr[-3000:]}"
+        here = tmp_path / "local" / "runs" / name
+        mine = sorted(str(p.relative_to(here)) for p in here.rglob("*") if p.is_file())
+        theirs = remote_files(fs, f"{bucket}/runs/{name}")
+        kept = [f for f in mine if not f.endswith((".lock", ".log")) and "/." not in f and not f.startswith(".")]
+        kept = [f for f in kept if not f.startswith("tokens/")]  # a shard dir is named by the input's label
+        assert set(kept) <= set(theirs), (name, sorted(set(kept) - set(theirs)))
+        assert len(remote_rows(fs, f"{bucket}/runs/{name}")) == len(read_rows(here)), name
+    index = json.loads(fs.cat_file(f"{bucket}/runs/tok/index.json"))
+    local_index = json.loads((tmp_path / "local/runs/tok/index.json").read_text())
+    [remote_source], [local_source] = index["sources"].values(), local_index["sources"].values()
+    assert remote_source["documents"] == local_source["documents"] and remote_source["tokens"] == local_source["tokens"]
+    for mine, theirs in zip(remote_source["shards"], local_source["shards"], strict=True):
+        local_bin = (tmp_path / "local/runs/tok" / f"{theirs['prefix']}.bin").read_bytes()
+        assert fs.cat_file(f"{bucket}/runs/tok/{mine['prefix']}.bin") == local_bin
+    scores = sorted(round(r["nll_mean"], 4) for r in remote_rows(fs, f"{bucket}/runs/score"))
+    assert scores and scores == sorted(round(r["nll_mean"], 4) for r in read_rows(tmp_path / "local/runs/score"))
+    assert_no_secret_in_bucket(fs, bucket)
