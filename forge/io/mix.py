@@ -180,6 +180,7 @@ def open_mix(d: DatasetConfig) -> Mix:
             config=spec.config,
             split=spec.split,
             revision=spec.revision,
+            streaming=d.streaming,
             allow_unfinished=d.allow_unfinished,
         )
         try:
