@@ -44,6 +44,7 @@ from forge.run.output import RunChanged, is_finished, mark_finished, mark_starte
 from forge.run.progress import aggregate_progress
 from forge.schema import ConfigError
 from forge.stages.registry import hook
+from forge.storage.fs import is_remote
 
 ROLES = ("shards", "monitor", "finalize")
 
@@ -154,6 +155,12 @@ def submit_run(
     `after`: job ids the run's first arrays wait for (`afterok`; a recipe's earlier steps). Its
     input does not exist yet, so the input checks run in the jobs, not here: the config was
     validated when the recipe was composed."""
+    if is_remote(cfg.output.dir):
+        _say(
+            f"error: output.dir: {cfg.output.dir} is on an object store; a Slurm submission needs a run dir "
+            "on the cluster's shared disk (or run forge itself on a node: it resumes any remote run dir)"
+        )
+        return 2, None
     out = Path(cfg.output.dir).resolve()
     cfg.output.dir = str(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,26 @@ from pathlib import Path
 
 from forge.cluster.state import SlurmError, job_states, load_history, shard_reports
 from forge.run.progress import aggregate_progress
+from forge.storage.fs import StorageError, is_remote
+
+BULK = ("data/", "rejected/", "pools/", "tokens/", "cache/", "steps/", ".stale/")
+
+
+def pull_for_status(url: str) -> Path:
+    """The small files of a remote run dir (state, progress, stats, manifest), in this machine's
+    scratch; says who writes it right now."""
+    from forge.run.remote import scratch_dir
+    from forge.storage.config import StorageConfig
+    from forge.storage.fs import configure
+    from forge.storage.lease import live_holders
+    from forge.storage.mirror import Mirror
+
+    configure(StorageConfig())
+    local = scratch_dir(url, None, "status")
+    Mirror(url, local).pull(include=lambda rel: not rel.startswith(BULK))
+    holders = live_holders(url)
+    print(f"{url}: " + (f"being written right now by {', '.join(holders)}" if holders else "nobody writes it now"))
+    return local
 
 
 def tasks_of(out: Path) -> int:
@@ -19,9 +39,16 @@ def tasks_of(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="forge-status", description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("run_dir", help="a run dir, local or on an object store (s3://, gs://, hf://...)")
     args = ap.parse_args(argv)
-    out = args.run_dir.resolve()
+    if is_remote(args.run_dir):
+        try:
+            out = pull_for_status(args.run_dir)
+        except StorageError as exc:
+            print(f"forge-status: {exc}", file=sys.stderr)
+            return 1
+    else:
+        out = Path(args.run_dir).resolve()
     from forge.recipe.status import is_recipe_dir, print_status
 
     if is_recipe_dir(out):  # a recipe dir: one line per step

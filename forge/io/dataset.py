@@ -193,14 +193,26 @@ def is_run_dir(name: str) -> bool:
     return path.is_dir() and (path / "forge_run.json").is_file() and (path / "data").is_dir()
 
 
-def _read_parquet(path: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], str, None]]:
+def parquet_row_groups(path: str) -> list[int]:
+    """The rows of each row group of a Parquet file, from its footer (one small read remotely)."""
+    import pyarrow.parquet as pq
+
+    with open_binary(path) as fh:
+        meta = pq.ParquetFile(fh).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _read_parquet(path: str, columns: list[str], first_group: int = 0) -> Iterator[tuple[dict[str, Any], str, None]]:
+    """Rows of a Parquet file, from row group `first_group` on (a resume skips whole groups)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(open_binary(path) if is_remote(path) else path)
     names = pf.schema_arrow.names
     _require_columns(path, names, columns)
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in names] if columns else None):
+    row = sum(pf.metadata.row_group(i).num_rows for i in range(first_group))
+    groups = list(range(first_group, pf.metadata.num_row_groups))
+    wanted = [c for c in columns if c in names] if columns else None
+    for batch in pf.iter_batches(batch_size=4096, row_groups=groups, columns=wanted):
         for item in batch.to_pylist():
             yield item, f"{path}:row {row}", None
             row += 1
@@ -406,26 +418,38 @@ class Source:
                     f"{path}: no row has the key {column!r} (dataset.{key}); keys seen: {', '.join(sorted(seen))}"
                 )
 
-    def rows(self, task: int = 0, tasks: int = 1) -> Iterator[SourceRow]:
-        """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples."""
+    def rows(self, task: int = 0, tasks: int = 1, skip: int = 0) -> Iterator[SourceRow]:
+        """Rows of shard `task` of `tasks`, in source order, up to dataset.max_examples. Rows whose
+        position is below `skip` are never yielded, and not even read where the format allows
+        (a resume: whole Parquet files and row groups are passed over by their footers)."""
         limit = self.cfg.max_examples
-        streams = [self._file_rows(f) for f in self.files] if self.files else [self._hf_rows()]
-        if self.remote:  # fetched and parsed in a thread while the stage works (bounded)
-            from forge.storage.fs import settings
-
-            streams = [read_ahead(iter(st), settings().read_ahead_rows) for st in streams]
         if self.files and not self.all_columns and _suffix(self.files[0]) not in (".parquet", ".arrow", ".csv", ".tsv"):
             try:
                 self._check_json_keys(self.files[0])
             except (OSError, EOFError, zlib.error) as exc:  # e.g. a gzip file damaged from its first byte
                 raise DatasetError(f"{self.files[0]}: cannot read: {exc}") from exc
         index = 0
-        for path, stream in zip(self.files or [self.cfg.name], streams, strict=True):
+        for path in self.files or [self.cfg.name]:
             try:
+                if self.files and skip > index and _suffix(path) == ".parquet":
+                    groups = parquet_row_groups(path)
+                    first = 0
+                    while first < len(groups) and index + groups[first] <= skip:
+                        index += groups[first]
+                        first += 1
+                    if first == len(groups):
+                        continue  # every row of this file is done
+                    stream: Iterator = _read_parquet(path, self.columns, first)
+                else:
+                    stream = self._file_rows(path) if self.files else self._hf_rows()
+                if self.remote:  # fetched and parsed in a thread while the stage works (bounded)
+                    from forge.storage.fs import settings
+
+                    stream = read_ahead(iter(stream), settings().read_ahead_rows)
                 for record, where, error in stream:
                     if limit is not None and index >= limit:
                         return
-                    if index % tasks == task:
+                    if index >= skip and index % tasks == task:
                         yield SourceRow(index, record, where, error)
                     index += 1
             except DatasetError:

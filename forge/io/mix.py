@@ -95,8 +95,22 @@ class Mix:
             "requested_share": self.requested,
         }
 
-    def rows(self, task: int = 0, tasks: int = 1) -> Iterator[MixedRow]:
-        """The rows of shard `task`, in stream order (the same order on every run)."""
+    def rows(self, task: int = 0, tasks: int = 1, done: int = 0) -> Iterator[MixedRow]:
+        """The rows of shard `task`, in stream order (the same order on every run), after the
+        first `done` of them (a resume). A single source read once as it is skips them without
+        reading them where its format allows; any other mix reads through them."""
+        if done and len(self.sources) == 1 and self.sources[0].rate == 1.0 and self.sources[0].spec.max_rows is None:
+            src = self.sources[0]
+            for row in src.reader.rows(task, tasks, skip=task + done * tasks):
+                yield MixedRow(row.index, src.index, row)
+            return
+        taken = 0
+        for row in self._rows(task, tasks):
+            if taken >= done:
+                yield row
+            taken += 1
+
+    def _rows(self, task: int, tasks: int) -> Iterator[MixedRow]:
         index = 0
         for src in self.sources:
             whole, frac = int(src.rate), src.rate - int(src.rate)

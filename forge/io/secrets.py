@@ -272,11 +272,15 @@ def redact_table(table: Any) -> Any:
     import pyarrow.compute as pc
 
     values = [v for v in _live_values() if len(v) >= MIN_DATA_SECRET_LEN]
+    # one pass of RE2 over each array for all values (a substring search per value costs ~10x)
+    anyone = "|".join(re.escape(v) for v in values)
 
     def walk(arr: Any) -> Any | None:
         """The array with known values masked, or None when nothing in it changed."""
         t = arr.type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
+            if not pc.any(pc.match_substring_regex(arr, anyone)).as_py():
+                return None
             hits = [v for v in values if pc.any(pc.match_substring(arr, v)).as_py()]
             for v in hits:
                 arr = pc.replace_substring(arr, v, MASK)

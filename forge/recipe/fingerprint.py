@@ -23,6 +23,7 @@ import xxhash
 
 from forge.schema import NEUTRAL
 from forge.stages.registry import spec
+from forge.storage.fs import is_remote
 
 FORMAT = 1  # bump when forge writes the same settings differently (every step then re-runs)
 SHARED = ("pipeline", "dataset", "output", "run", "cluster")
@@ -106,7 +107,12 @@ class Digests:
 
 
 def dataset_identity(name: str, revision: str | None = None) -> dict[str, Any]:
-    """A dataset's identity: its local files' sizes and hashes, or a Hub id and revision."""
+    """A dataset's identity: its local files' sizes and hashes, a remote dataset's objects' sizes
+    and ETags, or a Hub id and revision."""
+    if is_remote(name):
+        from forge.storage.inputs import remote_identity
+
+        return remote_identity(name)
     path = Path(name).expanduser()
     if name.startswith("forge://"):
         from forge.io.dataset import bundled

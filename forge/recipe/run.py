@@ -20,6 +20,7 @@ from forge.recipe.plan import REUSE, RUNNING, UP_TO_DATE, StepPlan, plan
 from forge.recipe.records import Records
 from forge.recipe.steps import Step, build_steps
 from forge.schema import ConfigError
+from forge.storage.fs import is_remote
 
 log = logging.getLogger("forge.recipe")
 
@@ -73,6 +74,13 @@ def run_recipe(cfg: Any, raw: DictConfig | dict, overrides: list[str]) -> int:
 
     setup_logging()
     recipe = cfg.recipe
+    if is_remote(recipe.dir):  # its links and state.json need a file system; its steps read remote inputs
+        print(
+            f"forge: error: recipe.dir: {recipe.dir} is on an object store; a recipe dir must be local "
+            "(its steps' inputs may be remote, and forge-pull brings a remote run dir down)",
+            file=sys.stderr,
+        )
+        return 2
     recipe.dir = str(Path(recipe.dir).absolute())  # one spelling of every step's dir, whatever the cwd form
     root = Path(recipe.dir)
     register_config_secrets(OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw)

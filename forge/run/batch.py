@@ -191,7 +191,8 @@ def run_batch_task(cfg: ForgeConfig, task: int, stage: BatchStage, mix: Mix, tot
     t0 = time.monotonic()
     bar.start()
     try:
-        todo = ((k, b) for k, b in enumerate(batched(mix.rows(task, tasks), size)) if k >= done_batches)
+        # the rows of recorded batches are skipped, unread where the input allows (Parquet footers)
+        todo = enumerate(batched(mix.rows(task, tasks, done=done_batches * size), size), start=done_batches)
         for k, batch, result in results_in_order(stage, todo):
             for name, table in result.outputs.items():
                 if table.num_rows:

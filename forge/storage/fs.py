@@ -110,6 +110,10 @@ def options(protocol: str) -> dict[str, Any]:
         kwargs.setdefault("connect_timeout", cfg.timeout_s)
         kwargs.setdefault("read_timeout", cfg.timeout_s)
         kwargs.setdefault("retries", {"max_attempts": cfg.max_retries + 1, "mode": "standard"})
+        # checksums only where the API requires them: a CRC of every body costs CPU for nothing
+        # (each object is whole or absent anyway), and older S3-compatible servers reject them
+        kwargs.setdefault("request_checksum_calculation", "when_required")
+        kwargs.setdefault("response_checksum_validation", "when_required")
         opts["config_kwargs"] = kwargs
     elif protocol == "hf":
         endpoint = os.environ.get("HF_ENDPOINT")

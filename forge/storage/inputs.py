@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from forge.storage.fs import StorageError, explain, filesystem, join, retrying
 from forge.storage.lease import live_holders
@@ -61,6 +62,27 @@ def remote_files(url: str, suffixes: tuple[str, ...], suffix: Callable[[str], st
         raise
     except (OSError, ValueError) as exc:
         raise _dataset_error(f"dataset.name: {explain(url, exc, 'read it')}") from None
+
+
+def remote_identity(url: str) -> dict[str, Any]:
+    """What identifies a remote input without downloading it: each object's size and ETag (a
+    recipe re-runs the steps that read it once either changes)."""
+    fs, path = filesystem(url)
+    try:
+        if any(ch in path for ch in "*?["):
+            found = retrying(url, "list it", lambda: fs.glob(path, detail=True))
+        else:
+            found = retrying(url, "list it", lambda: fs.find(path, detail=True, withdirs=False))
+            if not found:
+                found = {path: retrying(url, "read it", lambda: fs.info(path))}
+    except (FileNotFoundError, StorageError) as exc:
+        return {"remote": url, "unreadable": str(exc)}
+    tags = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime")
+    files = {}
+    for name, info in sorted(found.items()):
+        if info.get("type", "file") == "file" and "/state/" not in name and not name.endswith((".lock", ".lease")):
+            files[name] = [info.get("size"), next((str(info[k]) for k in tags if info.get(k)), None)]
+    return {"remote": url, "files": files}
 
 
 def unfinished_reason(url: str) -> str | None:
@@ -145,4 +167,4 @@ def _configured_patterns(base: str, config: str | None) -> dict[str, list[str]] 
     return None
 
 
-__all__ = ["REMOTE_BLOCK", "filesystem", "remote_files", "streamed_hub_files", "unfinished_reason"]
+__all__ = ["REMOTE_BLOCK", "filesystem", "remote_files", "remote_identity", "streamed_hub_files", "unfinished_reason"]

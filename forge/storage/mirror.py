@@ -27,6 +27,8 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,12 @@ from forge.storage.fs import StorageError, filesystem, first_line, join, retryin
 log = logging.getLogger("forge.storage.mirror")
 MARKER = ".forge-mirror.json"  # in scratch: each file as last pulled or pushed (size, mtime, etag)
 # never uploaded: temp files, flock files, the live sqlite cache and its side files, the marker
-LOCAL_ONLY = re.compile(r"(^|/)\.[^/]*\.tmp-|(^|/)\.partial/|\.lock$|\.lease$|\.sqlite(-wal|-shm|-journal)?$|\.suspect$|\.damaged-|^\.forge-")
+LOCAL_ONLY = re.compile(
+    r"(^|/)\.[^/]*\.tmp-|(^|/)\.partial/|\.lock$|\.lease$|\.sqlite(-wal|-shm|-journal)?$|\.suspect$|\.damaged-|^\.forge-"
+)
+PAYLOAD = re.compile(r"\.(parquet|npy|bin|idx|arrow)$")  # never a record of what is done
+UPLOAD_WORKERS = 8
+WHOLE_PUT_BYTES = 32 << 20  # a file up to this is sent from memory in one request
 LAZY = re.compile(r"\.log$")  # appended all the time: pushed at most every LAZY_S (and at the end)
 LAZY_S = 60.0
 SEGMENTS = ".seg"  # cache/task_T.sqlite -> cache/task_T.seg/<stamp>.parquet
@@ -52,7 +59,7 @@ def notify_commit() -> None:
 
 
 def _etag(info: dict[str, Any]) -> str:
-    for key in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "last_modified"):
+    for key in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "last_modified", "created"):
         if info.get(key):
             return str(info[key])
     return ""
@@ -119,12 +126,15 @@ class Mirror:
         os.replace(tmp, self.scratch / MARKER)
 
     # ---- pull
-    def pull(self) -> int:
+    def pull(self, include: Callable[[str], bool] | None = None) -> int:
         """Make scratch what the remote dir holds (the local request cache is kept, and every
-        remote cache segment loaded into it); returns the files downloaded."""
+        remote cache segment loaded into it); returns the files downloaded. `include`: only the
+        files it accepts (forge-status reads the small ones)."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         self._load_marker()
         remote = self.remote_files()
+        if include is not None:
+            remote = {rel: info for rel, info in remote.items() if include(rel)}
         local = self.local_files()
         for rel in set(local) - set(remote):
             if rel.startswith("cache/") and SEGMENTS + "/" in rel:
@@ -178,28 +188,28 @@ class Mirror:
                 if LAZY.search(rel) and not final and now - self._lazy_at.get(rel, 0.0) < LAZY_S:
                     continue
                 changed.append((st.st_mtime_ns, rel))
-            sent = 0
-            for _, rel in sorted(changed):
-                path = self.scratch / rel
-                try:
-                    before = path.stat()
-                except FileNotFoundError:
-                    continue
-                if before.st_mtime_ns > started:
-                    continue
-                remote = join(self.root, rel)
-                retrying(self.url, f"write {rel}", lambda p=path, r=remote: self.fs.put_file(str(p), r))
-                after = path.stat()
-                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                    continue  # rewritten while it went up: not recorded, so pushed again next time
-                etag = ""
-                with contextlib.suppress(Exception):
-                    etag = _etag(self.fs.info(remote))
-                self.known[rel] = {"size": after.st_size, "mtime_ns": after.st_mtime_ns, "etag": etag}
-                self.bytes_up += after.st_size
-                if LAZY.search(rel):
-                    self._lazy_at[rel] = now
-                sent += 1
+            ordered = [rel for _, rel in sorted(changed)]
+            # payload (chunks, arrays, shards) goes up in parallel, then the records that count it
+            # (state, markers, stats, card), one at a time in the order they were written
+            payload = [rel for rel in ordered if PAYLOAD.search(rel)]
+            records = [rel for rel in ordered if not PAYLOAD.search(rel)]
+            sent = []
+            if payload:
+                with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+                    done = list(pool.map(lambda rel: self._upload(rel, started), payload))
+                sent += [d for d in done if d is not None]
+            for rel in records:
+                got = self._upload(rel, started)
+                if got is not None:
+                    sent.append(got)
+            if sent:
+                with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+                    tags = list(pool.map(lambda item: self._remote_etag(item[0], item[2]), sent))
+                for (rel, st, _), etag in zip(sent, tags, strict=True):
+                    self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": etag}
+                    self.bytes_up += st.st_size
+                    if LAZY.search(rel):
+                        self._lazy_at[rel] = now
             for rel in sorted(set(self.known) - set(local)):
                 if not (self.scratch / rel).exists():
                     with contextlib.suppress(FileNotFoundError):
@@ -211,7 +221,38 @@ class Mirror:
                         )
                     self.known.pop(rel, None)
             self._save_marker()
-            return sent
+            return len(sent)
+
+    def _upload(self, rel: str, started: int) -> tuple[str, os.stat_result, str | None] | None:
+        """Upload one file as it is now: (rel, its stat, its ETag if the store said it), or None
+        when it changed after the push began or while it went up (then the next push takes it)."""
+        path = self.scratch / rel
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            return None
+        if before.st_mtime_ns > started:
+            return None
+        remote = join(self.root, rel)
+        if before.st_size <= WHOLE_PUT_BYTES:  # one request, whose answer carries the ETag
+            body = path.read_bytes()
+            answer = retrying(self.url, f"write {rel}", lambda: self.fs.pipe_file(remote, body))
+            etag = _etag(answer) if isinstance(answer, dict) else None
+        else:  # streamed from disk (multipart where the store has it): bounded memory
+            retrying(self.url, f"write {rel}", lambda: self.fs.put_file(str(path), remote))
+            etag = None
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return None
+        return rel, after, etag
+
+    def _remote_etag(self, rel: str, etag: str | None) -> str:
+        if etag is not None:
+            return etag
+        try:
+            return _etag(self.fs.info(join(self.root, rel)))
+        except Exception:  # an etag only spares a later pull a download
+            return ""
 
     # ---- the background pusher
     def start(self) -> None:
