@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from forge.compose import conf_dir, one_line, to_schema
 from forge.config import ForgeConfig, register_configs
 from forge.schema import ConfigError
+from forge.storage.fs import is_remote
 
 # values that are expressions, never Hydra syntax: `+curate.pools.x='meta_correctness >= 0.8'` reaches
 # us without the shell's quotes, and `>=` or spaces are not valid in an unquoted Hydra value
@@ -217,6 +218,9 @@ def _task(cfg: DictConfig) -> None:
         params = hc.sweeper.get("params")
         keys = swept_keys(sys.argv[1:], OmegaConf.to_container(params) if params is not None else None)
         base, note = sweep_base_dir(sys.argv[1:], cfg.output.dir, str(hc.sweep.dir))
+        if is_remote(base):  # points' outcomes and Hydra's multirun.yaml are local files
+            print(f"forge: error: output.dir: a sweep's points go to a local dir, not {base}", file=sys.stderr)
+            sys.exit(2)
         if note and not _noted:
             _noted.append(note)
             print(note, file=sys.stderr)

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="forge-status", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="a run dir, local or on an object store (s3://, gs://, hf://...)")
     args = ap.parse_args(argv)
+    shown = args.run_dir
     if is_remote(args.run_dir):
         try:
             out = pull_for_status(args.run_dir)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         out = Path(args.run_dir).resolve()
+        shown = str(out)
     from forge.recipe.status import is_recipe_dir, print_status
 
     if is_recipe_dir(out):  # a recipe dir: one line per step
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forge-status: {exc}", file=sys.stderr)
         return 1
     pct = f" ({progress['percent']}%)" if progress["percent"] is not None else ""
-    print(f"{out}: {progress['done']}/{progress['total']} docs{pct} reported by {progress['tasks_reporting']} shard(s)")
+    reporting = progress["tasks_reporting"]
+    print(f"{shown}: {progress['done']}/{progress['total']} docs{pct} reported by {reporting} shard(s)")
     for r in reports:
         p = per_task.get(str(r.shard), {})
         rows = f"{p.get('done', '?')}/{p.get('total', '?')}"
@@ -81,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             if jid:
                 print(f"  {name:<8} job {jid:<12} {side.get(jid, 'UNKNOWN')}")
     complete = sum(r.complete for r in reports)
-    print(
-        f"{complete}/{tasks} shard(s) complete" + ("; stats: " + str(out / "stats.json") if complete == tasks else "")
-    )
+    stats = f"; stats: {shown.rstrip('/')}/stats.json" if complete == tasks else ""
+    print(f"{complete}/{tasks} shard(s) complete{stats}")
     return 0
 
 

@@ -55,6 +55,7 @@ def remote_run_dir(cfg: Any, role: str, lease: str, others: tuple[str, ...] = ()
     try:
         scratch = scratch_dir(url, cfg.storage.scratch_dir, role)
         mirror = Mirror(url, scratch)
+        mirror.lease = owner
         t0 = time.monotonic()
         fetched = mirror.pull()
         if fetched:
@@ -95,6 +96,13 @@ def run_remote(cfg: Any, role: str, lease: str, others: tuple[str, ...], work: C
                     if code == 0 or mirror._failure is None:  # else already reported by the run
                         _say(str(exc), "what reached the store is whole; re-run the same command to resume")
                     code = code or 1
+                except KeyboardInterrupt:
+                    print(
+                        "forge: interrupted during the last upload: what reached the store is whole; re-run "
+                        "the same command to resume",
+                        file=sys.stderr,
+                    )
+                    code = 130
             if code == 0:
                 print(f"forge: run dir {url} ({mirror.bytes_up / 1e6:.1f} MB uploaded)", file=sys.stderr)
             return code

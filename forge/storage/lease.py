@@ -111,6 +111,8 @@ class Lease:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed = time.monotonic()
+        self.lost: str | None = None  # why this process may no longer write (taken over, unrenewable)
 
     def _owner(self) -> dict[str, Any]:
         return {
@@ -150,9 +152,26 @@ class Lease:
         every = max(settings().lease_s / 4, 0.5)
         while not self._stop.wait(every):
             try:
+                owner = read_owner(self.fs, self.path)
+                if owner is None or owner.get("token") != self.token:
+                    taken = holder_text(owner) if owner else "nobody (it was deleted)"
+                    self.lost = f"{self.url}: its lock is now held by {taken}; this run stops writing it"
+                    return
                 self.fs.pipe_file(self.path, json.dumps(self._owner()).encode())
+                self._renewed = time.monotonic()
             except Exception as exc:  # a missed renewal is retried next time; the run goes on
                 log.warning("%s: could not renew its lock (%s)", self.url, exc)
+                if time.monotonic() - self._renewed > settings().lease_s * 0.75:
+                    self.lost = (
+                        f"{self.url}: its lock could not be renewed for {settings().lease_s * 0.75:.0f} s "
+                        f"({exc}); this run stops before another machine may take it over"
+                    )
+                    return
+
+    def check(self) -> None:
+        """Raise once this process may no longer write the run dir (its lease lost)."""
+        if self.lost:
+            raise LeaseHeld(self.lost + "; re-run the same command to resume")
 
     def release(self) -> None:
         self._stop.set()

@@ -47,6 +47,7 @@ LAZY = re.compile(r"\.log$")  # appended all the time: pushed at most every LAZY
 LAZY_S = 60.0
 SEGMENTS = ".seg"  # cache/task_T.sqlite -> cache/task_T.seg/<stamp>.parquet
 MIN_ROUND_GAP_S = 0.5
+PROGRESS_S = 5.0  # a long pull logs its progress and ETA this often
 _active: weakref.WeakSet[Mirror] = weakref.WeakSet()
 
 
@@ -78,6 +79,7 @@ class Mirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: StorageError | None = None
+        self.lease: Any = None  # the run dir's Lease: a lost one stops the run at its next commit
         self._lazy_at: dict[str, float] = {}
         self.bytes_up = 0
         self.bytes_down = 0
@@ -142,7 +144,21 @@ class Mirror:
             (self.scratch / rel).unlink(missing_ok=True)
             self.known.pop(rel, None)
         fetched = 0
+        total = sum(int(i.get("size") or 0) for i in remote.values())
+        t0 = last = time.monotonic()
         for rel, info in sorted(remote.items()):
+            if time.monotonic() - last > PROGRESS_S and self.bytes_down:
+                last = time.monotonic()
+                rate = self.bytes_down / (last - t0)
+                eta = (total - self.bytes_down) / rate if rate else 0
+                log.info(
+                    "%s: pulled %.0f of %.0f MB (%.1f MB/s), ETA %s",
+                    self.url,
+                    self.bytes_down / 1e6,
+                    total / 1e6,
+                    rate / 1e6,
+                    time.strftime("%H:%M:%S", time.gmtime(eta)),
+                )
             if LOCAL_ONLY.search(rel):
                 continue
             etag = _etag(info)
@@ -267,6 +283,8 @@ class Mirror:
     def raise_if_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
+        if self.lease is not None:
+            self.lease.check()
 
     def _loop(self) -> None:
         every = settings().sync_every_s

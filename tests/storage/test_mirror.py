@@ -174,3 +174,23 @@ def test_read_ahead_keeps_order_and_raises_where_the_reader_failed() -> None:
         for x in read_ahead(broken(), 64):
             got.append(x)
     assert got == list(range(300))
+
+
+def test_a_lease_taken_over_stops_its_old_holder_at_its_next_commit(store, tmp_path: Path) -> None:
+    fs, root = store
+    configure(StorageConfig(lease_s=2.0))  # renewed (and checked) every 0.5 s
+    url = f"memory://{root}/run"
+    lease = Lease(url, "run", "busy: {holder}")
+    lease.acquire()
+    mirror = Mirror(url, tmp_path / "s")
+    mirror.lease = lease
+    try:
+        fs.pipe_file(f"{root}/run/state/run.lease", json.dumps({"pid": 7, "host": "other-node", "token": "x"}).encode())
+        deadline = time.monotonic() + 10
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(LeaseHeld, match="held by pid 7 on other-node"):
+            mirror.raise_if_failed()
+    finally:
+        lease.release()
+    assert fs.exists(f"{root}/run/state/run.lease")  # the new holder's lease is left alone

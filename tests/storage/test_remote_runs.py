@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,23 @@ def test_dedup_tokenize_and_score_on_the_store_match_local_runs(s3, tiny_model: 
     for mine, theirs in zip(remote_source["shards"], local_source["shards"], strict=True):
         local_bin = (tmp_path / "local/runs/tok" / f"{theirs['prefix']}.bin").read_bytes()
         assert fs.cat_file(f"{bucket}/runs/tok/{mine['prefix']}.bin") == local_bin
+    # forge.data reads a remote tokenize run once forge-pull has brought it down
+    from forge.data import TokenShards
+
+    pulled = subprocess.run(
+        ["forge-pull", f"s3://{bucket}/runs/tok", str(tmp_path / "tok")], capture_output=True, text=True
+    )
+    assert pulled.returncode == 0 and "file(s)" in pulled.stdout, pulled.stderr
+    ds = TokenShards(tmp_path / "tok", 32)
+    assert len(ds) > 0 and ds[0]["input_ids"].shape == (32,)
+    again = subprocess.run(
+        ["forge-pull", f"s3://{bucket}/runs/tok", str(tmp_path / "tok")], capture_output=True, text=True
+    )
+    assert again.returncode == 0 and again.stdout.startswith("forge-pull: 0 file(s)"), again.stdout
+    status = subprocess.run(["forge-status", f"s3://{bucket}/runs/tok"], capture_output=True, text=True)
+    assert (
+        status.returncode == 0 and "nobody writes it now" in status.stdout and "1/1 shard(s) complete" in status.stdout
+    )
     scores = sorted(round(r["nll_mean"], 4) for r in remote_rows(fs, f"{bucket}/runs/score"))
     assert scores and scores == sorted(round(r["nll_mean"], 4) for r in read_rows(tmp_path / "local/runs/score"))
     assert_no_secret_in_bucket(fs, bucket)
