@@ -53,6 +53,9 @@ def remote_run_dir(cfg: Any, role: str, lease: str, others: tuple[str, ...] = ()
     owner = Lease(url, lease, busy)
     owner.acquire()
     try:
+        held = live_holders(url, *others, exclude=lease)  # one that started meanwhile
+        if held:
+            raise StorageBusy(busy.format(holder=held[0]))
         scratch = scratch_dir(url, cfg.storage.scratch_dir, role)
         mirror = Mirror(url, scratch)
         mirror.lease = owner
@@ -93,7 +96,7 @@ def run_remote(cfg: Any, role: str, lease: str, others: tuple[str, ...], work: C
                 try:
                     mirror.close(final=True)
                 except StorageError as exc:
-                    if code == 0 or mirror._failure is None:  # else already reported by the run
+                    if code == 0 or not mirror.failed:  # else already reported by the run
                         _say(str(exc), "what reached the store is whole; re-run the same command to resume")
                     code = code or 1
                 except KeyboardInterrupt:

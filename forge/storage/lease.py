@@ -8,6 +8,7 @@ any machine once not renewed for storage.lease_s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from forge.storage.fs import StorageError, filesystem, join, retrying, settings
 
 log = logging.getLogger("forge.storage.lease")
 SUFFIX = ".lease"
+VERIFY_S = 0.5  # after creating a lease, wait this long and read it back (two takers of one stale lease)
 
 
 class LeaseHeld(StorageError):
@@ -35,14 +37,31 @@ def _boot_id() -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
+def _pid_namespace() -> int:
+    """Containers on one host share its name and boot id, not their pid namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot): a reused pid is another process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not started or _started(pid) in ("", started)
 
 
 def holder_text(owner: dict[str, Any]) -> str:
@@ -53,8 +72,9 @@ def is_live(owner: dict[str, Any] | None) -> bool:
     """Whether a lease's holder may still be writing."""
     if not owner:
         return False
-    if owner.get("host") == socket.gethostname() and owner.get("boot") == _boot_id():
-        return _alive(int(owner.get("pid", 0)))
+    here = owner.get("host") == socket.gethostname() and owner.get("boot") == _boot_id()
+    if here and owner.get("pidns", _pid_namespace()) == _pid_namespace():
+        return _alive(int(owner.get("pid", 0)), owner.get("started"))
     return time.time() - float(owner.get("renewed_at", 0)) < settings().lease_s
 
 
@@ -81,8 +101,8 @@ def read_owner(fs: Any, path: str) -> dict[str, Any] | None:
         return {}
 
 
-def live_holders(url: str, *names: str) -> list[str]:
-    """The holders of the run dir's live leases (all of them, or those named)."""
+def live_holders(url: str, *names: str, exclude: str | None = None) -> list[str]:
+    """The holders of the run dir's live leases (all of them, or those named; not `exclude`)."""
     fs, root = filesystem(url)
     state = join(root, "state")
     try:
@@ -91,7 +111,8 @@ def live_holders(url: str, *names: str) -> list[str]:
         return []
     found = []
     for path in sorted(paths):
-        if names and os.path.basename(path)[: -len(SUFFIX)] not in names:
+        name = os.path.basename(path)[: -len(SUFFIX)]
+        if (names and name not in names) or name == exclude:
             continue
         owner = retrying(url, "read a lease", lambda p=path: read_owner(fs, p))
         if is_live(owner):
@@ -119,34 +140,49 @@ class Lease:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "boot": _boot_id(),
+            "pidns": _pid_namespace(),
+            "started": _started(os.getpid()),
             "token": self.token,
             "renewed_at": time.time(),
         }
 
     def acquire(self) -> None:
+        """Create the lease, or take over a stale one; refused (LeaseHeld) while it is live."""
         for _ in range(3):
             body = json.dumps(self._owner()).encode()
             try:
                 retrying(self.url, "take its lock", lambda b=body: _create(self.fs, self.path, b), (FileExistsError,))
-                break
             except FileExistsError:
-                pass
+                owner = retrying(self.url, "read its lock", lambda: read_owner(self.fs, self.path))
+                if is_live(owner):
+                    raise LeaseHeld(self.busy.format(holder=holder_text(owner or {}))) from None
+                self._remove_stale(owner)
+                continue
+            # two processes that both found the same stale lease: the one whose lease is there
+            # after a moment keeps it, the other backs off
+            time.sleep(VERIFY_S)
             owner = retrying(self.url, "read its lock", lambda: read_owner(self.fs, self.path))
-            if is_live(owner):
+            if owner is None or owner.get("token") != self.token:
                 raise LeaseHeld(self.busy.format(holder=holder_text(owner or {})))
-            log.warning(
-                "%s: the lock of %s was left by a process that is gone; taking it over",
-                self.url,
-                holder_text(owner or {}),
-            )
-            try:
-                self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+            break
         else:
             raise LeaseHeld(self.busy.format(holder="another process"))
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="forge-lease", daemon=True)
         self._thread.start()
+
+    def _remove_stale(self, owner: dict[str, Any] | None) -> None:
+        """Delete a stale lease, unless it changed since it was read (someone took it over)."""
+        again = retrying(self.url, "read its lock", lambda: read_owner(self.fs, self.path))
+        if again is None:
+            return
+        if again != owner:
+            if is_live(again):
+                raise LeaseHeld(self.busy.format(holder=holder_text(again)))
+        gone = holder_text(again)
+        log.warning("%s: the lock of %s was left by a process that is gone; taking it over", self.url, gone)
+        with contextlib.suppress(FileNotFoundError):
+            retrying(self.url, "remove a stale lock", lambda: self.fs.rm_file(self.path), (FileNotFoundError,))
 
     def _renew_loop(self) -> None:
         every = max(settings().lease_s / 4, 0.5)

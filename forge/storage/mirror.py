@@ -3,12 +3,11 @@ run goes (at every chunk, at least every storage.sync_every_s, and at the end).
 
 The commit protocol. forge writes every file of a run dir locally as it always does: to a temp
 name, then renamed, in an order where any prefix is a valid state (a chunk before the record
-that counts it). A push uploads the files that changed, one at a time, oldest change first; an
-object store makes an object visible only once its upload is whole (a PUT, or a multipart upload
-completed), so the remote dir is always a prefix of the local history: a chunk is there whole or
-not at all, and a record never names a chunk that is not there. A file that changes again while
-a push runs waits for the next push, so nothing overtakes what it depends on. Files gone locally
-(a redone batch's chunks) are then deleted remotely.
+that counts it). An object store makes an object visible only once its upload is whole (a PUT,
+or a completed multipart upload). A push (Mirror.push) snapshots the changed records first, then
+uploads the payload (chunks, arrays, shards) and only then the record snapshots, oldest first; so
+a chunk is in the store whole or not at all, and no record there names a chunk that is not.
+Records scratch no longer has are deleted before, payload after (a redone batch's chunks).
 
 The request cache stays a local sqlite file (cache/task_T.sqlite, never uploaded whole); each push
 first exports the answers added since the last one as a segment file (cache/task_T.seg/*.parquet),
@@ -38,7 +37,7 @@ log = logging.getLogger("forge.storage.mirror")
 MARKER = ".forge-mirror.json"  # in scratch: each file as last pulled or pushed (size, mtime, etag)
 # never uploaded: temp files, flock files, the live sqlite cache and its side files, the marker
 LOCAL_ONLY = re.compile(
-    r"(^|/)\.[^/]*\.tmp-|(^|/)\.partial/|\.lock$|\.lease$|\.sqlite(-wal|-shm|-journal)?$|\.suspect$|\.damaged-|^\.forge-"
+    r"(^|/)\.[^/]*\.tmp-|\.tmp$|(^|/)\.partial/|\.lock$|\.lease$|\.sqlite(-wal|-shm|-journal)?$|\.suspect$|\.damaged-|^\.forge-"
 )
 PAYLOAD = re.compile(r"\.(parquet|npy|bin|idx|arrow)$")  # never a record of what is done
 UPLOAD_WORKERS = 8
@@ -103,7 +102,8 @@ class Mirror:
             out[path[len(prefix) :]] = info
         return out
 
-    def local_files(self) -> dict[str, os.stat_result]:
+    def local_files(self, payload: bool | None = None) -> dict[str, os.stat_result]:
+        """rel path -> stat of every file scratch would upload (only payload, only records)."""
         out = {}
         base = str(self.scratch)
         for dirpath, _, names in os.walk(base):
@@ -111,6 +111,8 @@ class Mirror:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, base).replace(os.sep, "/")
                 if LOCAL_ONLY.search(rel):
+                    continue
+                if payload is not None and bool(PAYLOAD.search(rel)) != payload:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     out[rel] = os.stat(full)
@@ -179,7 +181,7 @@ class Mirror:
             os.replace(tmp, dest)
             st = dest.stat()
             self.bytes_down += st.st_size
-            self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": etag}
+            self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "etag": etag}
             fetched += 1
         self._save_marker()
         load_cache_segments(self.scratch)
@@ -187,80 +189,134 @@ class Mirror:
 
     # ---- push
     def push(self, final: bool = False) -> int:
-        """Upload what changed since the last push (oldest change first), then delete what is
-        gone; returns the files uploaded."""
+        """Bring the store up to date with scratch; returns the files uploaded.
+
+        1. Snapshot the records that changed (their bytes, read now), then list the payload. A
+           record is written after the chunks it counts, so every chunk a snapshot counts is
+           already on disk when the payload is listed, whatever happens after.
+        2. Delete the records scratch no longer has (`finished.json` when a session starts, an
+           old run's state when `output.on_change=fresh` moved it aside): the store never shows
+           an old record over new chunks.
+        3. Upload the changed payload, in parallel; a file rewritten meanwhile waits, and so do
+           the records this time.
+        4. Upload the record snapshots one at a time, in the order they were written.
+        5. Delete the payload scratch no longer has (a redone batch's chunks).
+        """
         with self._lock:
+            self._check_lease()
             export_cache_segments(self.scratch)
-            started = time.time_ns()
-            local = self.local_files()
-            changed = []
             now = time.monotonic()
-            for rel, st in local.items():
-                was = self.known.get(rel)
-                if was is not None and was.get("size") == st.st_size and was.get("mtime_ns") == st.st_mtime_ns:
+            records: list[tuple[int, str, os.stat_result, bytes | None]] = []
+            present_records: set[str] = set()
+            for rel, st in self.local_files(payload=False).items():
+                present_records.add(rel)
+                if self._same(rel, st):
                     continue
-                if st.st_mtime_ns > started:
-                    continue  # changing right now: the next push takes it
                 if LAZY.search(rel) and not final and now - self._lazy_at.get(rel, 0.0) < LAZY_S:
                     continue
-                changed.append((st.st_mtime_ns, rel))
-            ordered = [rel for _, rel in sorted(changed)]
-            # payload (chunks, arrays, shards) goes up in parallel, then the records that count it
-            # (state, markers, stats, card), one at a time in the order they were written
-            payload = [rel for rel in ordered if PAYLOAD.search(rel)]
-            records = [rel for rel in ordered if not PAYLOAD.search(rel)]
-            sent = []
+                try:
+                    body = (self.scratch / rel).read_bytes() if st.st_size <= WHOLE_PUT_BYTES else None
+                    st = (self.scratch / rel).stat() if body is None else st
+                except FileNotFoundError:
+                    continue
+                if body is not None and len(body) != st.st_size:  # rewritten between stat and read
+                    st = (self.scratch / rel).stat()
+                records.append((st.st_mtime_ns, rel, st, body))
+            payload_now = self.local_files(payload=True)
+            payload = [rel for rel, st in sorted(payload_now.items(), key=lambda x: x[1].st_mtime_ns)]
+            payload = [rel for rel in payload if not self._same(rel, payload_now[rel])]
+            gone = [rel for rel in sorted(self.known) if rel not in present_records and rel not in payload_now]
+            for rel in gone:
+                if not PAYLOAD.search(rel):
+                    self._check_lease()
+                    self._delete(rel)
+            sent: list[tuple[str, os.stat_result, str | None]] = []
+            held_back = False
             if payload:
+                self._check_lease()
                 with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-                    done = list(pool.map(lambda rel: self._upload(rel, started), payload))
+                    done = list(pool.map(self._upload_file, payload))
+                held_back = any(d is None for d in done)
                 sent += [d for d in done if d is not None]
-            for rel in records:
-                got = self._upload(rel, started)
-                if got is not None:
-                    sent.append(got)
+            if not held_back:
+                for _, rel, st, body in sorted(records, key=lambda r: r[0]):
+                    self._check_lease()
+                    got = self._upload_record(rel, st, body)
+                    if got is not None:
+                        sent.append(got)
             if sent:
                 with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
                     tags = list(pool.map(lambda item: self._remote_etag(item[0], item[2]), sent))
                 for (rel, st, _), etag in zip(sent, tags, strict=True):
-                    self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": etag}
+                    self.known[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "etag": etag}
                     self.bytes_up += st.st_size
                     if LAZY.search(rel):
                         self._lazy_at[rel] = now
-            for rel in sorted(set(self.known) - set(local)):
-                if not (self.scratch / rel).exists():
-                    with contextlib.suppress(FileNotFoundError):
-                        retrying(
-                            self.url,
-                            f"delete {rel}",
-                            lambda r=rel: self.fs.rm_file(join(self.root, r)),
-                            (FileNotFoundError,),
-                        )
-                    self.known.pop(rel, None)
+            for rel in gone:
+                if PAYLOAD.search(rel) and not (self.scratch / rel).exists():
+                    self._check_lease()
+                    self._delete(rel)
             self._save_marker()
             return len(sent)
 
-    def _upload(self, rel: str, started: int) -> tuple[str, os.stat_result, str | None] | None:
-        """Upload one file as it is now: (rel, its stat, its ETag if the store said it), or None
-        when it changed after the push began or while it went up (then the next push takes it)."""
+    def _same(self, rel: str, st: os.stat_result) -> bool:
+        """Whether `rel` is as last pulled or pushed (size, mtime and inode: an atomic rewrite
+        within one clock tick still gets a new inode)."""
+        was = self.known.get(rel)
+        return (
+            was is not None
+            and was.get("size") == st.st_size
+            and was.get("mtime_ns") == st.st_mtime_ns
+            and was.get("ino", st.st_ino) == st.st_ino
+        )
+
+    def _check_lease(self) -> None:
+        """A run dir whose lease was lost (taken over, unrenewable) is not written any more."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def _delete(self, rel: str) -> None:
+        remote = join(self.root, rel)
+        with contextlib.suppress(FileNotFoundError):
+            retrying(self.url, f"delete {rel}", lambda: self.fs.rm_file(remote), (FileNotFoundError,))
+        self.known.pop(rel, None)
+
+    def _upload_file(self, rel: str) -> tuple[str, os.stat_result, str | None] | None:
+        """Upload a payload file as it is now: (rel, its stat, its ETag if the store said it), or
+        None when it changed or went while it went up (then the next push takes it)."""
         path = self.scratch / rel
         try:
             before = path.stat()
+            body = path.read_bytes() if before.st_size <= WHOLE_PUT_BYTES else None
         except FileNotFoundError:
             return None
-        if before.st_mtime_ns > started:
+        etag = self._put(rel, path, body)
+        try:
+            after = path.stat()
+        except FileNotFoundError:
             return None
-        remote = join(self.root, rel)
-        if before.st_size <= WHOLE_PUT_BYTES:  # one request, whose answer carries the ETag
-            body = path.read_bytes()
-            answer = retrying(self.url, f"write {rel}", lambda: self.fs.pipe_file(remote, body))
-            etag = _etag(answer) if isinstance(answer, dict) else None
-        else:  # streamed from disk (multipart where the store has it): bounded memory
-            retrying(self.url, f"write {rel}", lambda: self.fs.put_file(str(path), remote))
-            etag = None
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
             return None
         return rel, after, etag
+
+    def _upload_record(
+        self, rel: str, st: os.stat_result, body: bytes | None
+    ) -> tuple[str, os.stat_result, str | None] | None:
+        """Upload a record's snapshot (or, for a large one, the file as it is now)."""
+        path = self.scratch / rel
+        if body is None and not path.exists():
+            return None
+        return rel, st, self._put(rel, path, body)
+
+    def _put(self, rel: str, path: Path, body: bytes | None) -> str | None:
+        """One object: from memory in one request (its answer carries the ETag), or streamed
+        from disk for a large file (multipart where the store has it: bounded memory)."""
+        remote = join(self.root, rel)
+        if body is not None:
+            answer = retrying(self.url, f"write {rel}", lambda: self.fs.pipe_file(remote, body))
+            return _etag(answer) if isinstance(answer, dict) else None
+        retrying(self.url, f"write {rel}", lambda: self.fs.put_file(str(path), remote))
+        return None
 
     def _remote_etag(self, rel: str, etag: str | None) -> str:
         if etag is not None:
@@ -280,11 +336,14 @@ class Mirror:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
     def raise_if_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
-        if self.lease is not None:
-            self.lease.check()
+        self._check_lease()
 
     def _loop(self) -> None:
         every = settings().sync_every_s
@@ -362,7 +421,6 @@ def export_cache_segments(scratch: Path) -> int:
 def load_cache_segments(scratch: Path) -> int:
     """Load the segments pulled from the remote dir into the local request caches (each once);
     returns the answers added."""
-    import pyarrow.parquet as pq
 
     added = 0
     cache = scratch / "cache"
@@ -370,28 +428,42 @@ def load_cache_segments(scratch: Path) -> int:
         return 0
     for seg in sorted(cache.glob("*" + SEGMENTS)):
         db = seg.with_name(seg.name[: -len(SEGMENTS)] + ".sqlite")
-        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            con.execute("CREATE TABLE IF NOT EXISTS forge_segments (name TEXT PRIMARY KEY)")
-            con.execute("CREATE TABLE IF NOT EXISTS forge_sync (name TEXT PRIMARY KEY, value INTEGER)")
-            loaded = {r[0] for r in con.execute("SELECT name FROM forge_segments")}
-            top_before = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
-            row = con.execute("SELECT value FROM forge_sync WHERE name = 'exported'").fetchone()
-            exported = row[0] if row else 0
-            for path in sorted(seg.glob("*.parquet")):
-                if path.name in loaded:
-                    continue
-                table = pq.read_table(path)
-                before = con.total_changes
-                con.executemany(
-                    "INSERT OR IGNORE INTO answers VALUES (?, ?)",
-                    zip(table.column("key").to_pylist(), table.column("value").to_pylist(), strict=True),
-                )
-                added += con.total_changes - before
-                con.execute("INSERT INTO forge_segments VALUES (?)", (path.name,))
-            top = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
-            if exported >= top_before and top > exported:  # what was loaded is not exported again
-                con.execute("INSERT OR REPLACE INTO forge_sync VALUES ('exported', ?)", (top,))
-            con.commit()
+        try:
+            added += _load_segments(seg, db)
+        except (sqlite3.DatabaseError, OSError, ValueError) as exc:
+            # a damaged local cache is the run's to move aside (check_cache); the segments stay
+            # in the store for the next pull
+            log.warning("%s: answers from the store not loaded (%s)", db, exc)
+    return added
+
+
+def _load_segments(seg: Path, db: Path) -> int:
+    """The segments of one cache not loaded yet, into it; returns the answers added."""
+    import pyarrow.parquet as pq
+
+    added = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        con.execute("CREATE TABLE IF NOT EXISTS forge_segments (name TEXT PRIMARY KEY)")
+        con.execute("CREATE TABLE IF NOT EXISTS forge_sync (name TEXT PRIMARY KEY, value INTEGER)")
+        loaded = {r[0] for r in con.execute("SELECT name FROM forge_segments")}
+        top_before = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
+        row = con.execute("SELECT value FROM forge_sync WHERE name = 'exported'").fetchone()
+        exported = row[0] if row else 0
+        for path in sorted(seg.glob("*.parquet")):
+            if path.name in loaded:
+                continue
+            table = pq.read_table(path)
+            before = con.total_changes
+            con.executemany(
+                "INSERT OR IGNORE INTO answers VALUES (?, ?)",
+                zip(table.column("key").to_pylist(), table.column("value").to_pylist(), strict=True),
+            )
+            added += con.total_changes - before
+            con.execute("INSERT INTO forge_segments VALUES (?)", (path.name,))
+        top = con.execute("SELECT max(rowid) FROM answers").fetchone()[0] or 0
+        if exported >= top_before and top > exported:  # what was loaded is not exported again
+            con.execute("INSERT OR REPLACE INTO forge_sync VALUES ('exported', ?)", (top,))
+        con.commit()
     return added

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from forge.storage.config import StorageConfig
 from forge.storage.fs import StorageError, configure, is_remote
+from forge.storage.lease import live_holders
 from forge.storage.mirror import MARKER, Mirror
 
 
@@ -27,6 +28,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(StorageConfig(endpoint_url=args.endpoint_url))
     t0 = time.monotonic()
+    try:
+        holders = live_holders(args.url)
+    except StorageError as exc:
+        print(f"forge-pull: error: {exc}", file=sys.stderr)
+        return 1
+    if holders:
+        print(
+            f"forge-pull: {args.url} is being written right now by {holders[0]}: the copy is what the store holds "
+            "now (whole chunks, maybe not the last ones); pull again once it is finished",
+            file=sys.stderr,
+        )
     mirror = Mirror(args.url, args.dest)
     try:
         fetched = mirror.pull()

@@ -19,26 +19,34 @@ def read_ahead(items: Iterator[T], limit: int) -> Iterator[T]:
     q: queue.Queue = queue.Queue(maxsize=max(limit // BLOCK, 2))
     stop = threading.Event()
 
+    def put(value: object) -> bool:
+        """Hand `value` over, unless the reader stopped (then False)."""
+        while not stop.is_set():
+            try:
+                q.put(value, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         block: list = []
         try:
             for item in items:
                 block.append(item)
                 if len(block) >= BLOCK:
-                    while not stop.is_set():
-                        try:
-                            q.put(block, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(block):
                         return
                     block = []
-            q.put(block)
-            q.put(_END)
+            if put(block):
+                put(_END)
         except BaseException as exc:  # handed to the reader, raised where it reads
-            q.put(block)
-            q.put(exc)
+            if put(block):
+                put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # the file it reads
 
     thread = threading.Thread(target=produce, name="forge-read-ahead", daemon=True)
     thread.start()
