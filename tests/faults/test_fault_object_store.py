@@ -5,6 +5,7 @@ dir), ends with every row exactly once; generation's paid answers reach the othe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import endpoint_args, forge_cli
+from conftest import endpoint_args, forge_cli, read_rows
 from faults.checks import error_line
 from object_store import assert_no_secret_in_bucket, chats, once, put_jsonl, put_parquet, remote_files, remote_rows
 
@@ -125,3 +126,54 @@ def test_generation_on_the_store_replays_paid_answers_on_another_machine(s3, cpu
     assert again.returncode == 0, again.stderr[-3000:]
     assert "replayed from the request cache" in again.stderr
     assert {r["id"]: r["text"] for r in remote_rows(fs, run)} == answers
+
+
+@pytest.mark.parametrize("stage", ["dedup", "tokenize"])
+def test_kill_9_at_random_moments_each_resumed_on_a_fresh_machine(
+    s3, tiny_model: Path, tmp_path: Path, stage: str
+) -> None:
+    """Killed three times at random moments, each re-run on a fresh scratch dir (another machine):
+    the store ends with exactly the rows, steps and shards of an uninterrupted local run."""
+    import random
+
+    from forge.stages.dedup.planted import write
+
+    fs = s3.fs()
+    bucket = s3.bucket(stage[:5])
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    write(planted, 600, seed=11)
+    fs.put(str(planted / "a.jsonl"), f"{bucket}/in/a.jsonl")
+    stage_args = {
+        "dedup": ["pipeline=dedup", "dedup.minhash.threshold=0.7", "output.examples_per_chunk=50"],
+        "tokenize": ["pipeline=tokenize", f"tokenize.tokenizer={tiny_model}", "tokenize.shard_tokens=3000"],
+    }[stage]
+    args = [*stage_args, f"dataset.name=s3://{bucket}/in/a.jsonl", f"output.dir=s3://{bucket}/runs/r"]
+    rng = random.Random(int(time.time()))
+    for attempt in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forge.cli", "run.progress=false", *args],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "FORGE_SCRATCH": str(tmp_path / f"machine{attempt}")},
+        )
+        time.sleep(rng.uniform(2.0, 6.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last = forge_cli(args, tmp_path, env={"FORGE_SCRATCH": str(tmp_path / "last")})
+    assert last.returncode == 0, last.stderr[-3000:]
+    local_args = [*stage_args, f"dataset.name={planted / 'a.jsonl'}", f"output.dir={tmp_path / 'local'}"]
+    local = forge_cli(local_args, tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    got = sorted(r["source"]["id"] for r in remote_rows(fs, f"{bucket}/runs/r"))
+    want = sorted(r["source"]["id"] for r in read_rows(tmp_path / "local"))
+    once(got)
+    assert got == want
+    if stage == "tokenize":
+        index = json.loads(fs.cat_file(f"{bucket}/runs/r/index.json"))
+        local_index = json.loads((tmp_path / "local" / "index.json").read_text())
+        [mine], [theirs] = index["sources"].values(), local_index["sources"].values()
+        assert (mine["documents"], mine["tokens"]) == (theirs["documents"], theirs["tokens"])
+    assert "state/run.lease" not in remote_files(fs, f"{bucket}/runs/r")
