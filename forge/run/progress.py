@@ -122,8 +122,11 @@ class LiveProgress:
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
+        rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
+        if not self.total and self.done:  # an input not counted ahead (a remote JSON file, the Hub)
+            unit = "rows" if self.rows_per_s else "docs"
+            return f"{self.label}: {self.done} {unit} so far, {rate:,.0f} {unit}/s (total not known ahead: no ETA)"
         if self.rows_per_s:  # a stage without an engine: its rate is rows, not tokens
-            rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
             eta = _eta(self.eta_s())
             return f"{self.label}: {self.done}/{self.total} rows ({pct:.1f}%), {rate:,.0f} rows/s, ETA {eta}"
         return (

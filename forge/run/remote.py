@@ -19,7 +19,7 @@ from typing import Any
 
 import xxhash
 
-from forge.storage.fs import StorageError, configure, is_remote
+from forge.storage.fs import StorageError, check_url, configure, is_remote
 from forge.storage.lease import Lease, live_holders
 from forge.storage.mirror import Mirror
 
@@ -44,6 +44,7 @@ def scratch_dir(url: str, configured: str | None, role: str) -> Path:
 def remote_run_dir(cfg: Any, role: str, lease: str, others: tuple[str, ...] = ()) -> Iterator[Mirror]:
     """Hold the remote run dir's lease `lease` (refused while any lease in `others` is live, or
     any at all when `others` is empty), pull it into scratch and point cfg.output.dir there."""
+    check_url(str(cfg.output.dir), "output.dir")
     url = str(cfg.output.dir).rstrip("/")
     configure(cfg.storage)
     busy = f"{url} is being run right now by {{holder}}; not starting a second run in it"
@@ -85,7 +86,7 @@ def run_remote(cfg: Any, role: str, lease: str, others: tuple[str, ...], work: C
     """work() (a run of forge/run/runner.py) on the remote run dir cfg.output.dir, through local
     scratch; the last push also after an error or Ctrl-C. Returns work's exit code, or 1 when the
     store refuses (one line naming the URL)."""
-    url = str(cfg.output.dir).rstrip("/")
+    url = str(cfg.output.dir)
     try:
         with remote_run_dir(cfg, role, lease, others) as mirror:
             mirror.start()

@@ -71,6 +71,13 @@ def scheme(path: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def check_url(url: str, key: str) -> None:
+    """A remote URL must name at least a bucket (or repo): `s3://` alone names nothing."""
+    rest = str(url).split("://", 1)[1] if "://" in str(url) else ""
+    if not rest.strip("/"):
+        raise StorageError(f"{key}: {url} names no bucket; write {scheme(url)}://BUCKET/PATH")
+
+
 def is_remote(path: object) -> bool:
     """A URL an fsspec backend reads (s3://, gs://, hf://, https://...), not a local path."""
     found = scheme(str(path))

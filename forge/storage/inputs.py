@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from forge.storage.fs import StorageError, explain, filesystem, join, retrying
+from forge.storage.fs import StorageError, check_url, explain, filesystem, join, retrying
 from forge.storage.lease import live_holders
 
 log = logging.getLogger("forge.storage.inputs")
@@ -28,6 +28,10 @@ def _dataset_error(message: str) -> InputError:
 def remote_files(url: str, suffixes: tuple[str, ...], suffix: Callable[[str], str]) -> tuple[list[str], str | None]:
     """(the data files of `url` as full URLs, in order; why it is an unfinished forge run dir or
     None)."""
+    try:
+        check_url(url, "dataset.name")
+    except StorageError as exc:
+        raise InputError(str(exc)) from None
     fs, path = filesystem(url)
     full = fs.unstrip_protocol
 
