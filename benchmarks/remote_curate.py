@@ -6,7 +6,8 @@ command (Gopher quality + repetition, FineWeb quality) in their own subprocess, 
 `--repeat` times each; wall time, CPU seconds and the peak RSS come from outside (os.wait4). The
 headline is remote throughput / local throughput (input MB/s), the issue's target being >= 0.8.
 
-    python benchmarks/remote_curate.py [--docs 15000] [--files 8] [--repeat 2] [--filters datatrove|none] [--json out.json]
+    python benchmarks/remote_curate.py [--docs 15000] [--files 8] [--repeat 2] [--filters datatrove|none]
+                                       [--json out.json]
 """
 
 from __future__ import annotations

@@ -143,6 +143,26 @@ def read_stats(out_dir: Path) -> dict:
     return json.loads((out_dir / "stats.json").read_text())
 
 
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """n distinct two-turn chats `{id, messages}` (ids c0, c1, ...), the same for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(8))
+        rows.append(
+            {
+                "id": f"c{i}",
+                "messages": [
+                    {"role": "user", "content": f"{q} {i}?"},
+                    {"role": "assistant", "content": f"answer {i}: {q}"},
+                ],
+            }
+        )
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -229,24 +228,6 @@ class ObjectStore:
 
 
 # ---- helpers of the object-store tests: inputs on the store, a remote run dir read back
-def chats(n: int, seed: int = 0, prefix: str = "c") -> list[dict]:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    out = []
-    for i in range(n):
-        q = " ".join(rng.choice(words) for _ in range(10))
-        out.append(
-            {
-                "id": f"{prefix}{i}",
-                "messages": [
-                    {"role": "user", "content": f"{q} number {i}?"},
-                    {"role": "assistant", "content": f"answer {i}: {q} {rng.random():.6f}"},
-                ],
-            }
-        )
-    return out
-
-
 def put_parquet(fs, path: str, rows: list[dict], row_group_size: int = 64) -> None:  # noqa: ANN001
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=row_group_size)

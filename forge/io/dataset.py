@@ -311,13 +311,7 @@ class Source:
             self.files = [name]
         elif is_run_dir(name):  # a forge run dir: the next stage reads what it wrote
             self.unfinished = unfinished_reason(Path(name))
-            if self.unfinished and not cfg.allow_unfinished:
-                raise DatasetError(
-                    f"dataset.name: the forge run dir {name} {self.unfinished}; finish it first (re-run the "
-                    "command that writes it), or set dataset.allow_unfinished=true to read the chunks it has"
-                )
-            if self.unfinished:
-                log.warning("dataset.allow_unfinished: reading %s, which %s", name, self.unfinished)
+            self._accept_unfinished(name)
             self.files = sorted(str(p) for p in (Path(name) / "data").glob("*.parquet"))
             if not self.files:
                 raise DatasetError(f"dataset.name: the forge run dir {name} has no rows in data/ yet")
@@ -333,18 +327,22 @@ class Source:
         else:
             self.hub = True
 
+    def _accept_unfinished(self, name: str) -> None:
+        """An unfinished forge run dir as input: refused, or read as it is (allow_unfinished)."""
+        if self.unfinished and not self.cfg.allow_unfinished:
+            raise DatasetError(
+                f"dataset.name: the forge run dir {name} {self.unfinished}; finish it first (re-run the "
+                "command that writes it), or set dataset.allow_unfinished=true to read the chunks it has"
+            )
+        if self.unfinished:
+            log.warning("dataset.allow_unfinished: reading %s, which %s", name, self.unfinished)
+
     def _find_remote(self, name: str) -> None:
         """The files of a remote dataset.name, or of a Hub dataset read as it goes (streaming)."""
         cfg = self.cfg
         if is_remote(name):
             self.files, self.unfinished = remote_files(name, FILE_SUFFIXES, _suffix)
-            if self.unfinished and not cfg.allow_unfinished:
-                raise DatasetError(
-                    f"dataset.name: the forge run dir {name} {self.unfinished}; finish it first (re-run the "
-                    "command that writes it), or set dataset.allow_unfinished=true to read the chunks it has"
-                )
-            if self.unfinished:
-                log.warning("dataset.allow_unfinished: reading %s, which %s", name, self.unfinished)
+            self._accept_unfinished(name)
         elif self.remote:  # dataset.streaming: a Hub dataset read file by file, nothing downloaded first
             self.files = streamed_hub_files(name, cfg.config, cfg.split, cfg.revision, FILE_SUFFIXES, _suffix)
 

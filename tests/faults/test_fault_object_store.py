@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import chat_rows as chats
 from conftest import endpoint_args, forge_cli, read_rows
 from faults.checks import error_line
-from object_store import assert_no_secret_in_bucket, chats, once, put_jsonl, put_parquet, remote_files, remote_rows
+from object_store import assert_no_secret_in_bucket, once, put_jsonl, put_parquet, remote_files, remote_rows
 
 pytestmark = pytest.mark.slow
 

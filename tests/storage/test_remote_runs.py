@@ -10,9 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import chat_rows as chats
 from conftest import forge_cli, read_rows
 from faults.checks import error_line
-from object_store import assert_no_secret_in_bucket, chats, once, put_jsonl, put_parquet, remote_files, remote_rows
+from object_store import assert_no_secret_in_bucket, once, put_jsonl, put_parquet, remote_files, remote_rows
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_curate_reads_and_writes_the_store_and_matches_a_local_run(s3, tmp_path:
     want = read_rows(tmp_path / "local")
     assert sorted(r["id"] for r in got) == sorted(r["id"] for r in want) and len(got) == 299
     rejected = remote_rows(fs, f"{bucket}/runs/c1", "rejected")
-    assert len(rejected) == 1 and "number" not in rejected[0]["row"] and "part-0.parquet" in rejected[0]["where"]
+    assert len(rejected) == 1 and "no answer" in rejected[0]["row"] and "part-0.parquet" in rejected[0]["where"]
     files = remote_files(fs, f"{bucket}/runs/c1")
     assert "state/finished.json" in files and "README.md" in files and "stats.json" in files
     assert not [f for f in files if f.endswith((".lock", ".lease")) or ".tmp-" in f], files

@@ -14,26 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
+from conftest import chat_rows, endpoint_args, forge_cli, read_rows, read_stats, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 
-def _chats(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        q = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(8))
-        rows.append(
-            {
-                "id": f"c{i}",
-                "messages": [
-                    {"role": "user", "content": f"{q} {i}?"},
-                    {"role": "assistant", "content": f"answer {i}: {q}"},
-                ],
-            }
-        )
-    return rows
+_chats = chat_rows
 
 
 def _planted(n: int) -> list:
