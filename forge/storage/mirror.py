@@ -387,6 +387,8 @@ def export_cache_segments(scratch: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from forge.io.secrets import redact_table
+
     total = 0
     for db in sorted((scratch / "cache").glob("*.sqlite")) if (scratch / "cache").is_dir() else []:
         try:
@@ -404,7 +406,8 @@ def export_cache_segments(scratch: Path) -> int:
                 seg = _segment_dir(db)
                 seg.mkdir(exist_ok=True)
                 name = f"{time.time_ns():020d}-{os.getpid()}-{rows[0][0]}-{rows[-1][0]}.parquet"
-                table = pa.table({"key": [r[1] for r in rows], "value": [r[2] for r in rows]})
+                # the one masking path of every file forge writes: no secret reaches the store
+                table = redact_table(pa.table({"key": [r[1] for r in rows], "value": [r[2] for r in rows]}))
                 tmp = seg / f".{name}.tmp-{os.getpid()}"
                 pq.write_table(table, tmp, compression="zstd")
                 os.replace(tmp, seg / name)

@@ -129,7 +129,7 @@ def _boot() -> str:
 
 def test_dedup_tokenize_and_score_on_the_store_match_local_runs(s3, tiny_model: Path, tmp_path: Path) -> None:
     """Each batch stage's whole run dir (dedup's steps, tokenize's shards and index, score's
-    columns) goes to the store, and reads the previous stage's remote run dir."""
+    columns) goes to the store; tokenize reads dedup's remote run dir, score remote chats."""
     from forge.stages.dedup.planted import write
 
     fs = s3.fs()
@@ -138,10 +138,11 @@ def test_dedup_tokenize_and_score_on_the_store_match_local_runs(s3, tiny_model: 
     planted.mkdir()
     write(planted, 300, seed=5)
     fs.put(str(planted / "a.jsonl"), f"{bucket}/in/a.jsonl")
+    put_jsonl(fs, f"{bucket}/in/chats.jsonl", chats(12))
     steps = {
         "dedup": (["pipeline=dedup", "dedup.minhash.threshold=0.7"], "in/a.jsonl"),
         "tok": (["pipeline=tokenize", f"tokenize.tokenizer={tiny_model}", "tokenize.shard_tokens=4000"], "runs/dedup"),
-        "score": (["pipeline=score", "model=tiny_cpu", "score.max_len=64", "dataset.max_examples=30"], "runs/dedup"),
+        "score": (["pipeline=score", "model=tiny_cpu"], "in/chats.jsonl"),
     }
     for name, (args, src) in steps.items():
         remote = forge_cli(
