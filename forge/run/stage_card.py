@@ -23,6 +23,27 @@ from forge.run.output import shard_files
 from forge.stages.registry import STAGES, hook, spec
 
 
+def _flat(counts: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _filter_findings(filters: dict[str, Any]) -> list[str]:
+    """What filters counted besides removals: PII finds per type, contaminated rows per benchmark."""
+    if not filters:
+        return []
+    lines = ["## Filter findings", "", "| filter | count of | |", "|---|---|---:|"]
+    for name, counts in filters.items():
+        for key, value in _flat(counts):
+            lines.append(f"| `{name}` | {key} | {value:,} |")
+    return [*lines, ""]
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
@@ -112,6 +133,7 @@ def render_stage_card(out_dir: Path, stats: dict[str, Any], hub_repo: str | None
             }
             lines.append(f"| `{name}` | {n:,} | {', '.join(f'{k}: {v:,}' for k, v in per.items())} |")
         lines.append("")
+    lines += _filter_findings(stats.get("filters") or {})
     card_lines = hook(stage, "card")
     if card_lines is not None:
         lines += card_lines(stats)

@@ -18,7 +18,7 @@ from forge.stages.curate.config import CurateConfig
 from forge.stages.dedup.config import DedupConfig
 from forge.stages.generate.config import GenerationConfig, PromptConfig
 from forge.stages.generate.rollout.config import RolloutConfig
-from forge.stages.score.config import ScoreConfig
+from forge.stages.score.config import ClassifierConfig, ScoreConfig
 from forge.stages.tokenize.config import TokenizeConfig
 
 BATCH_RUN = "forge.run.batch_run:BatchRun"
@@ -92,8 +92,8 @@ STAGES: dict[str, StageSpec] = {
         batch="forge.stages.dedup.stage:DedupStage",
         uses=(),
         verb="deduplicated",
-        workflow="forge.stages.dedup.steps:Workflow",
-        planned_steps="forge.stages.dedup.steps:planned_steps",
+        workflow="forge.stages.dedup.semantic:workflow",
+        planned_steps="forge.stages.dedup.semantic:planned_steps",
         finish="forge.stages.dedup.report:add_report",
         card="forge.stages.dedup.report:card_lines",
     ),
@@ -106,7 +106,7 @@ STAGES: dict[str, StageSpec] = {
         published=("tokens", "index.json"),
     ),
     "score": StageSpec(
-        groups={"score": ScoreConfig},
+        groups={"score": ScoreConfig, "classifier": ClassifierConfig},
         batch="forge.stages.score.stage:ScoreStage",
         verb="scored",
         finish="forge.stages.score.report:add_report",

@@ -229,10 +229,21 @@ def test_multirun_submits_every_point_without_blocking(tmp_path: Path, cpu_serve
     args = [a for a in _slurm_args(data, base, 1, *endpoint_args(cpu_server)) if not a.startswith("output.dir")]
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "forge.cli", "--multirun", "run.progress=false", f"output.dir={base}", *args,
-         "run.max_in_flight=2,4"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "forge.cli",
+            "--multirun",
+            "run.progress=false",
+            f"output.dir={base}",
+            *args,
+            "run.max_in_flight=2,4",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert time.time() - t0 < 90
     points = sorted(p.parent.parent for p in base.glob("*/slurm/jobs.json"))
@@ -401,3 +412,32 @@ def test_score_array_then_finalize_resolves_quantiles_over_every_shard(tmp_path:
     low = {r["id"] for r in read_rows(out / "pools", "low")}
     assert low == {r["id"] for r in read_rows(tmp_path / "local" / "pools", "low")} and 15 <= len(low) <= 25
     assert read_stats(out)["score"]["scored_tokens"] == read_stats(tmp_path / "local")["score"]["scored_tokens"]
+
+
+def test_semantic_dedup_steps_run_as_arrays(tmp_path: Path) -> None:
+    """dedup.method=semantic on Slurm: embeddings (2 tasks) -> kmeans -> assign -> pairs ->
+    clusters -> the filter array -> finalize; the same removals as a local run."""
+    from forge.stages.dedup.paraphrases import plant_paraphrases
+
+    rows, _ = plant_paraphrases(10, 60, seed=2)
+    data = write_jsonl(tmp_path / "docs.jsonl", rows)
+    common = [
+        "pipeline=dedup",
+        "dedup.method=semantic",
+        f"dataset.name={data}",
+        "cluster.tasks=2",
+        "dedup.signature_rows=30",
+        "dedup.semantic.cluster_rows=40",
+    ]
+    local = forge_cli([*common, f"output.dir={tmp_path / 'local'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "slurm"
+    proc = forge_cli([*common, "cluster=slurm_ci", "cluster.wait=true", f"output.dir={out}"], tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for step in ("embeddings", "kmeans", "assign", "pairs", "clusters"):
+        assert f"submitted step {step}" in proc.stdout, proc.stdout
+    removed = sorted((r["id"], r["duplicate_of"]) for r in read_rows(out, "rejected"))
+    assert removed and removed == sorted(
+        (r["id"], r["duplicate_of"]) for r in read_rows(tmp_path / "local", "rejected")
+    )
+    assert read_stats(out)["dedup"]["method"] == "semantic"

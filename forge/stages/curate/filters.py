@@ -38,6 +38,11 @@ class RowFilter:
     def check(self, row: dict[str, Any]) -> Removal | None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def batch_counts(self) -> dict[str, Any] | None:
+        """Counters of this filter's own since the last call (finds per type, matches per
+        benchmark), added to the batch's stats under `filters.<name>`; None: nothing to add."""
+        return None
+
     def wants(self, row: dict[str, Any]) -> bool:
         """Whether this filter applies to `row` (chats carry `messages`, documents `text`)."""
         if self.applies_to == "all":
@@ -363,6 +368,8 @@ FILTERS: dict[str, FilterSpec] = {
         "forge.stages.curate.chat_filters:RoleTokensFilter", applies_to="chats", options=ROLES, needs_tokenizer=True
     ),
     "language": FilterSpec("forge.stages.curate.langid:LanguageFilter", applies_to="all"),
+    "pii": FilterSpec("forge.stages.curate.pii:PiiFilter", applies_to="all"),
+    "decontaminate": FilterSpec("forge.stages.curate.decontaminate:DecontaminateFilter", applies_to="all"),
 }
 
 

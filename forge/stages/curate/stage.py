@@ -78,6 +78,7 @@ class CurateStage:
             removed[step] = removed.get(step, 0) + 1
         table = self._table(kept, rows, rejected, by_source, removed)
         pools = pool_tables(table, self.pools)
+        own = {f.name: c for f in self.filters if (c := f.batch_counts())}
         counts: dict[str, Any] = {
             "rows_kept": table.num_rows,
             "rows_removed": len(rejected),
@@ -85,6 +86,8 @@ class CurateStage:
             "by_source": by_source,
             "pools": {name.split("/", 1)[1]: t.num_rows for name, t in pools.items()},
         }
+        if own:
+            counts["filters"] = own
         return BatchResult({"data": table, **pools}, rejected, counts)
 
     def _table(self, kept: list, rows: list, rejected: list, by_source: dict, removed: dict) -> pa.Table:

@@ -9,6 +9,8 @@ from forge.schema import neutral
 from forge.stages.dedup.minhash import bands_for
 
 POLICIES = ("first", "longest", "source")  # and meta_<column>
+METHODS = ("minhash", "semantic")
+EMBEDDERS = ("auto", "model", "lexical")
 
 
 @dataclass
@@ -47,12 +49,62 @@ class MinHashConfig:
 
 
 @dataclass
+class SemanticConfig:
+    """Semantic dedup (dedup.method=semantic; forge/stages/dedup/semantic.py): embed each row,
+    k-means the embeddings, and within each k-means cluster remove a row whose cosine similarity
+    to a row that stays is at least `threshold`.
+
+    Attributes:
+        embedder: model (the `model=` group's embedding model: vLLM on GPU, transformers on CPU,
+            as for score.kind=embed) | lexical (hashed TF-IDF of words: no model, CPU) | auto
+            (model when `model=` names an embedding model, else lexical).
+        threshold: cosine similarity at or above which two rows are duplicates; null = the
+            embedder's default: 0.9 for a model, 0.6 for lexical (whose unrelated rows stay below
+            0.25 and reordered, cut or 15%-reworded copies above 0.65).
+        dim: lexical: hashed dimensions.
+        clusters: k-means clusters; null = one per `cluster_rows` rows.
+        cluster_rows: rows per k-means cluster when `clusters` is null (pairs are compared within
+            a cluster: more rows per cluster, more pairs compared, fewer missed at the borders).
+        border: a row whose second-nearest centroid is within this much cosine of its nearest is
+            compared in both clusters (0 = nearest only): fewer duplicates missed at cluster borders.
+        kmeans_iters: Lloyd iterations.
+        kmeans_sample: rows k-means is trained on (spread over the whole input).
+        pair_rows: rows whose embeddings the pairs step holds at once (its memory bound; a larger
+            k-means cluster is still compared whole).
+        max_chars: characters of each row's compared field that are embedded.
+        batch_tokens: model: tokens per forward pass (CPU) / vLLM's max_num_batched_tokens.
+        seed: k-means initialisation.
+    """
+
+    embedder: str = "auto"
+    threshold: float | None = None
+    dim: int = 1024
+    clusters: int | None = None
+    cluster_rows: int = 5000
+    border: float = 0.05
+    kmeans_iters: int = 20
+    kmeans_sample: int = 200_000
+    pair_rows: int = neutral(200_000)
+    max_chars: int = 8000
+    batch_tokens: int = neutral(16384)
+    seed: int = 1
+
+    def cutoff(self, embedder: str) -> float:
+        """The threshold in use for the chosen embedder (model | lexical)."""
+        if self.threshold is not None:
+            return self.threshold
+        return 0.6 if embedder == "lexical" else 0.9
+
+
+@dataclass
 class DedupConfig:
     """What `forge pipeline=dedup` compares and keeps (forge/stages/dedup/).
 
     Attributes:
         field: what is compared: text | messages | messages.user | messages.assistant | a column
             (forge/stages/dedup/fields.py); normalized (NFKC, case, whitespace) first.
+        method: minhash (exact + MinHash near-dedup) | semantic (embeddings, k-means, cosine
+            within clusters: `dedup.semantic`).
         exact: remove exact copies of the normalized field across every shard and source.
         minhash: near-dedup settings.
         keep: which row of a cluster stays: first (input order) | longest | meta_<name> (highest
@@ -65,7 +117,9 @@ class DedupConfig:
     """
 
     field: str = "text"
+    method: str = "minhash"
     exact: bool = True
+    semantic: SemanticConfig = dataclasses.field(default_factory=SemanticConfig)
     minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
     keep: str = "first"
     source_priority: list[str] = dataclasses.field(default_factory=list)
@@ -76,7 +130,21 @@ class DedupConfig:
         from forge.schema import ConfigError
 
         m = self.minhash
-        if not self.exact and not m.enabled:
+        if self.method not in METHODS:
+            raise ConfigError(f"dedup.method: {self.method!r}; one of {', '.join(METHODS)}")
+        sem = self.semantic
+        if sem.embedder not in EMBEDDERS:
+            raise ConfigError(f"dedup.semantic.embedder: {sem.embedder!r}; one of {', '.join(EMBEDDERS)}")
+        if sem.threshold is not None and not 0 < sem.threshold <= 1:
+            raise ConfigError(f"dedup.semantic.threshold: must be in (0, 1] (got {sem.threshold})")
+        for key in ("dim", "cluster_rows", "kmeans_iters", "kmeans_sample", "pair_rows", "max_chars", "batch_tokens"):
+            if getattr(sem, key) < 1:
+                raise ConfigError(f"dedup.semantic.{key}: must be >= 1 (got {getattr(sem, key)})")
+        if not 0 <= sem.border <= 2:
+            raise ConfigError(f"dedup.semantic.border: must be in [0, 2] (got {sem.border})")
+        if sem.clusters is not None and sem.clusters < 1:
+            raise ConfigError(f"dedup.semantic.clusters: must be >= 1 (got {sem.clusters})")
+        if self.method == "minhash" and not self.exact and not m.enabled:
             raise ConfigError("dedup: both dedup.exact and dedup.minhash.enabled are false; nothing to do")
         if self.keep not in POLICIES and not (self.keep.startswith("meta_") and len(self.keep) > 5):
             raise ConfigError(f"dedup.keep: {self.keep!r}; one of {', '.join(POLICIES)} or meta_<column>")

@@ -31,12 +31,14 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
     clusters = (_markers(out_dir, "clusters") or [{}])[0]
     buckets = _markers(out_dir, "buckets")
     signatures = _markers(out_dir, "signatures")
+    embeddings = _markers(out_dir, "embeddings")  # dedup.method=semantic
     histogram = clusters.get("cluster_size_histogram") or {}
     stats["dedup"] = {
+        "method": "semantic" if embeddings else "minhash",
         "rows_in": stats.get("rows_in", 0),
-        "rows_compared": sum(m.get("compared", 0) for m in signatures),
+        "rows_compared": sum(m.get("compared", 0) for m in signatures + embeddings),
         "exact_duplicates": removed.get("dedup_exact", 0),
-        "near_duplicates": removed.get("dedup_near", 0),
+        "near_duplicates": removed.get("dedup_near", 0) + removed.get("dedup_semantic", 0),
         "rows_kept": stats.get("rows_kept", 0),
         "clusters": clusters.get("clusters", 0),
         "rows_in_clusters": clusters.get("rows_in_clusters", 0),
@@ -51,6 +53,18 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
             "clusters": clusters.get("seconds", 0),
         },
     }
+    if embeddings:
+        steps = ("embeddings", "kmeans", "assign", "pairs", "clusters")
+        seconds = {s: round(sum(m.get("seconds", 0) for m in _markers(out_dir, s)), 3) for s in steps}
+        kmeans = (_markers(out_dir, "kmeans") or [{}])[0]
+        stats["dedup"].update(
+            step_seconds=seconds,
+            embedder=embeddings[0].get("embedder"),
+            kmeans_clusters=kmeans.get("clusters", 0),
+            similar_pairs=sum(m.get("pairs", 0) for m in _markers(out_dir, "pairs")),
+        )
+        for key in ("candidate_edges_over_bands", "verified_edges_over_bands"):
+            stats["dedup"].pop(key)
     try:
         plot_cluster_sizes(histogram, out_dir / PNG)
         stats["dedup"]["plot"] = PNG
@@ -79,13 +93,15 @@ def card_lines(stats: dict[str, Any]) -> list[str]:
     d = stats.get("dedup")
     if not d:
         return []
+    semantic = d.get("method") == "semantic"
+    near, measure = ("semantic", "`similarity` (cosine)") if semantic else ("near", "`jaccard` (estimated)")
     lines = [
         "## Deduplication",
         "",
         f"{d['rows_in']:,} rows in, {d['rows_compared']:,} compared: {d['exact_duplicates']:,} exact and "
-        f"{d['near_duplicates']:,} near duplicates removed ({d['clusters']:,} clusters, the largest of "
+        f"{d['near_duplicates']:,} {near} duplicates removed ({d['clusters']:,} clusters, the largest of "
         f"{d['largest_cluster']:,} rows); each removed row is in `rejected/` with `duplicate_of` (the id kept "
-        "in its place) and `jaccard` (estimated).",
+        f"in its place) and {measure}.",
         "",
         "| cluster size | clusters |",
         "|---:|---:|",

@@ -24,10 +24,14 @@ from forge.stages.curate.normalize import check_spec, meta_columns, normalize
 from forge.stages.curate.rows import Unnormalizable, curated_schema, kept_table, row_text
 from forge.stages.dedup.fields import FieldError, field_text
 
-EXACT, NEAR = "dedup_exact", "dedup_near"
+EXACT, NEAR, SEMANTIC = "dedup_exact", "dedup_near", "dedup_semantic"
 REJECT_FIELDS = [
     pa.field("duplicate_of", pa.string()),  # the id of the row kept in its place
     pa.field("jaccard", pa.float64()),  # estimated Jaccard similarity with that row (1.0: exact)
+]
+SEMANTIC_REJECT_FIELDS = [
+    pa.field("duplicate_of", pa.string()),
+    pa.field("similarity", pa.float64()),  # cosine similarity of the two rows' embeddings
 ]
 
 
@@ -72,10 +76,24 @@ class DedupStage:
         order = list(self.cfg.source_priority) + [x for x in labels if x not in self.cfg.source_priority]
         self.rank = [order.index(x) for x in labels]
         self._removed: tuple[int, dict[str, np.ndarray]] | None = None
+        self.model = cfg.model.name_or_path
+        self.embedder = ""
+        if self.cfg.method == "semantic":
+            from forge.stages.dedup.embedders import choose_embedder
+
+            self.embedder = choose_embedder(cfg)
+        self.measure = "similarity" if self.cfg.method == "semantic" else "jaccard"
+        self.reject_fields = SEMANTIC_REJECT_FIELDS if self.cfg.method == "semantic" else REJECT_FIELDS
 
     def fingerprint(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self.cfg)
         settings.pop("band_tasks")  # parallelism only: the same rows come out
+        if self.cfg.method == "semantic":
+            settings.pop("minhash")
+            model = self.model if self.embedder == "model" else None
+            return {"stage": self.name, "dedup": settings, "embedder": self.embedder, "model": model}
+        settings.pop("semantic")
+        settings.pop("method")  # a minhash run made before dedup.method existed keeps its fingerprint
         layout = self.cfg.minhash.layout() if self.cfg.minhash.enabled else None
         return {"stage": self.name, "dedup": settings, "lsh_layout": layout}
 
@@ -117,7 +135,7 @@ class DedupStage:
         if self._removed is None or self._removed[0] != task:
             path = removals_path(self.out_dir, task)
             table = pq.read_table(path) if path.exists() else None
-            cols = ("gid", "duplicate_of", "jaccard", "kind", "cluster_size")
+            cols = ("gid", "duplicate_of", self.measure, "kind", "cluster_size")
             arrays = {c: np.asarray(table.column(c).to_numpy(zero_copy_only=False)) for c in cols} if table else {}
             if not arrays:
                 arrays = {"gid": np.empty(0, np.int64)}
@@ -145,13 +163,18 @@ class DedupStage:
             elif hit[i]:
                 j = int(at[i])
                 step = str(removed["kind"][j])
-                of, jac = str(removed["duplicate_of"][j]), float(removed["jaccard"][j])
+                of, sim = str(removed["duplicate_of"][j]), float(removed[self.measure][j])
                 size = int(removed["cluster_size"][j])
-                what = "exact copy" if step == EXACT else f"near copy (estimated Jaccard {jac:.2f})"
+                if step == EXACT:
+                    what = "exact copy"
+                elif step == SEMANTIC:
+                    what = f"semantic copy (cosine similarity {sim:.3f})"
+                else:
+                    what = f"near copy (estimated Jaccard {sim:.2f})"
                 reason = f"{what} of {of}, kept in its place (cluster of {size} rows, dedup.keep={self.cfg.keep})"
-                value = {"duplicate_of": of, "jaccard": round(jac, 4), "cluster_size": size}
+                value = {"duplicate_of": of, self.measure: round(sim, 4), "cluster_size": size}
                 row = reject_row(mr, label, step, reason, value, p.row["id"])
-                rejected.append({**row, "duplicate_of": of, "jaccard": jac})
+                rejected.append({**row, "duplicate_of": of, self.measure: sim})
             else:
                 kept.append((p.row, mr))
                 counts["rows_kept"] += 1

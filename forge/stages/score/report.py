@@ -167,6 +167,16 @@ def plot(values: np.ndarray, label: str, bins: int, path: Path) -> None:
     save_png(fig, path)
 
 
+def _labels(out_dir: Path) -> dict[str, int]:
+    """classify: rows per top label (none for a regression model)."""
+    counts: dict[str, int] = {}
+    for path in sorted((out_dir / "data").glob("*.parquet")):
+        for value in pq.read_table(path, columns=["label"]).column("label").to_pylist():
+            if value is not None:
+                counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
     s = _settings(out_dir)
     kind = s.get("kind", "nll")
@@ -185,6 +195,15 @@ def add_report(out_dir: Path, stats: dict[str, Any]) -> None:
             report["nll_mean_quantiles"] = {
                 str(q): round(float(np.quantile(values, q)), 6) for q in (0.1, 0.25, 0.5, 0.75, 0.9)
             }
+    elif kind == "classify":
+        values, label = _column(out_dir, "score"), "classifier score"
+        if len(values):
+            report["score_quantiles"] = {
+                str(q): round(float(np.quantile(values, q)), 6) for q in (0.1, 0.25, 0.5, 0.75, 0.9)
+            }
+        labels = _labels(out_dir)
+        if labels:
+            report["labels"] = labels
     else:
         values, dims = centroid_similarity(out_dir)
         label = "cosine similarity to the mean embedding"
@@ -217,6 +236,14 @@ def card_lines(stats: dict[str, Any]) -> list[str]:
     if r.get("nll_mean_quantiles"):
         lines += ["| quantile | nll_mean |", "|---:|---:|"]
         lines += [f"| {q} | {v} |" for q, v in r["nll_mean_quantiles"].items()]
+        lines.append("")
+    if r.get("score_quantiles"):
+        lines += ["| quantile | score |", "|---:|---:|"]
+        lines += [f"| {q} | {v} |" for q, v in r["score_quantiles"].items()]
+        lines.append("")
+    if r.get("labels"):
+        lines += ["| label | rows |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in r["labels"].items()]
         lines.append("")
     if r.get("pools_resolved"):
         lines += ["Pools, with each quantile computed over the whole run:", ""]

@@ -92,6 +92,33 @@ class ScoreStage:
         self.sources = mix.sources
         for s in self.sources:
             check_spec(s.spec, s.key)
+        self.head: Any = None
+        if self.cfg.kind == "classify":  # the classifier group, not `model=`
+            from forge.stages.score.classify import choose_engine, classify_fields, read_head, resolve_classifier
+
+            classifier = cfg.classifier
+            self.model_path = resolve_classifier(classifier)
+            self.head = read_head(self.model_path, classifier.trust_remote_code)
+            if classifier.score_label is not None and classifier.score_label not in self.head.labels:
+                raise ConfigError(
+                    f"classifier.score_label={classifier.score_label!r}: not a label of {classifier.name_or_path}; "
+                    f"its labels: {self.head.labels or '(none: a regression model)'}"
+                )
+            choose_engine(classifier, self.model_path)  # refuses vllm for a checkpoint it cannot run
+            self.encoder = None
+            extra = classify_fields(self.head)
+        else:
+            extra = self._model_setup(cfg)
+        self.schema = curated_schema(meta_columns([s.spec for s in self.sources]))
+        for f in extra:
+            self.schema = self.schema.append(f)
+        from forge.stages.score.report import check_pools
+
+        check_pools(dict(self.cfg.pools), self.schema)
+        self.scorer: Any = None
+
+    def _model_setup(self, cfg: ForgeConfig) -> list[pa.Field]:
+        """nll and embed: the `model=` checkpoint, its tokenizer and the columns it adds."""
         from forge.engine.tiny_model import resolve_model
         from forge.stages.score.backends import check_engine
 
@@ -107,15 +134,15 @@ class ScoreStage:
         extra = NLL_FIELDS if self.cfg.kind == "nll" else [pa.field("embedding", pa.list_(pa.float32()))]
         if self.cfg.kind == "nll" and self.cfg.per_token:
             extra = [*extra, *PER_TOKEN_FIELDS]
-        self.schema = curated_schema(meta_columns([s.spec for s in self.sources]))
-        for f in extra:
-            self.schema = self.schema.append(f)
-        from forge.stages.score.report import check_pools
-
-        check_pools(dict(self.cfg.pools), self.schema)
-        self.scorer: Any = None
+        return extra
 
     def fingerprint(self) -> dict[str, Any]:
+        if self.cfg.kind == "classify":
+            settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in ("kind", "view")}
+            classifier = dataclasses.asdict(self.forge_cfg.classifier)
+            for key in ("engine", "batch_tokens", "gpu_memory_utilization"):  # speed only
+                classifier.pop(key)
+            return {"stage": self.name, "score": settings, "classifier": classifier}
         settings = dataclasses.asdict(self.cfg)
         for key in ("batch_tokens", "pools", "bins", "npy"):  # speed, or the finish pass only
             settings.pop(key)
@@ -128,10 +155,17 @@ class ScoreStage:
         """Start the engine (vLLM starts on a thread of its own while the first batch is read and
         tokenized)."""
         if self.scorer is None:
-            from forge.stages.score.backends import make_scorer
-
             self.t_load = time.monotonic()
-            self.scorer = make_scorer(self.forge_cfg, self.model_path)
+            if self.cfg.kind == "classify":
+                from forge.stages.score.classify import make_classifier
+
+                self.scorer = make_classifier(
+                    self.forge_cfg.classifier, self.model_path, self.forge_cfg.generation.seed
+                )
+            else:
+                from forge.stages.score.backends import make_scorer
+
+                self.scorer = make_scorer(self.forge_cfg, self.model_path)
             self.ready = False
 
     def _wait_ready(self) -> None:
@@ -167,7 +201,8 @@ class ScoreStage:
                 ok.append((mr, normalize(mr.row.record, self.sources[mr.source].spec, mr.row.where)))
             except Unnormalizable as exc:
                 rejected.append(reject_row(mr, label, "normalize", str(exc)))
-        finish = self._nll(ok, rejected) if self.cfg.kind == "nll" else self._embed(ok, rejected)
+        kinds = {"nll": self._nll, "embed": self._embed, "classify": self._classify}
+        finish = kinds[self.cfg.kind](ok, rejected)
 
         def result() -> BatchResult:
             kept, tokens = finish()
@@ -284,6 +319,32 @@ class ScoreStage:
             vectors = pending.result() if pending is not None else []
             out = [{**row, "embedding": v.tolist()} for (row, _), v in zip(keep, vectors, strict=True)]
             tokens = sum(n for _, n in keep)
+            return out, {"scored": tokens, "model": tokens}
+
+        return finish
+
+    def _classify(self, ok: list, rejected: list) -> Callable[[], tuple[list[dict[str, Any]], dict[str, int]]]:
+        from forge.stages.score.classify import outputs_to_columns
+
+        texts = [view_text(row, self.cfg.view) for _, row in ok]
+        self._wait_ready()
+        keep, keep_texts = [], []
+        for (mr, row), text in zip(ok, texts, strict=True):
+            if not text.strip():
+                why = f"nothing to classify in score.view={self.cfg.view}"
+                rejected.append(reject_row(mr, self.sources[mr.source].label, "view", why, None, row["id"]))
+            else:
+                keep.append(row)
+                keep_texts.append(text)
+        seqs = self.scorer.tokenize(keep_texts) if keep_texts else []
+        pending = self.scorer.submit(seqs) if seqs else None
+        score_label = self.forge_cfg.classifier.score_label
+
+        def finish() -> tuple[list[dict[str, Any]], dict[str, int]]:
+            raw = pending.result() if pending is not None else np.empty((0, 1))
+            columns = outputs_to_columns(raw, self.head, score_label)
+            out = [{**row, **c} for row, c in zip(keep, columns, strict=True)]
+            tokens = sum(len(s) for s in seqs)
             return out, {"scored": tokens, "model": tokens}
 
         return finish

@@ -280,6 +280,7 @@ def test_labels_let_a_filter_appear_twice_and_omegaconf_entries_work() -> None:
 def test_every_registered_filter_builds_with_its_defaults(tiny_tokenizer: str) -> None:
     required = {"regex": {"regex_exp": "x"}, "keywords": {"words": ["x"]}, "max_turns": {"max": 9}}
     required["role_tokens"] = {"assistant": {"max": 9}}
+    required["decontaminate"] = {"benchmarks": ["tiny"]}
     for name in FILTERS:
         f = one({"name": name, **required.get(name, {})}, tiny_tokenizer)
         assert f.name == name and f.applies_to in ("documents", "chats", "all")
