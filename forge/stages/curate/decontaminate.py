@@ -47,24 +47,10 @@ WORD = re.compile(r"[^\W_]+")  # letters and digits: snake_case is two words
 MARKS = re.compile(r"[\u0300-\u036f]")  # combining diacritics, after NFKD
 INDEX_VERSION = 1
 ROLL = np.uint64(0x9E3779B97F4A7C15)
-TEXT_COLUMNS = (
-    "question",
-    "problem",
-    "prompt",
-    "query",
-    "input",
-    "text",
-    "context",
-    "ctx",
-    "passage",
-    "answer",
-    "solution",
-    "choices",
-    "endings",
-    "options",
-    "canonical_solution",
-    "target",
-    "output",
+TEXT_COLUMNS = (  # a benchmark's compared columns when `columns` is not given (the ones it has)
+    *("question", "problem", "prompt", "query", "instruction", "input", "text", "context", "ctx", "passage"),
+    *("messages", "answer", "solution", "response", "completion", "choices", "endings", "options"),
+    *("canonical_solution", "target", "output", "rationale", "explanation"),
 )
 ID_COLUMNS = ("id", "task_id", "question_id", "unique_id", "problem_id", "ind", "idx")
 
@@ -396,7 +382,7 @@ class DecontaminateFilter(RowFilter):
     """`{name: decontaminate, benchmarks: [...], n: 13, min_overlap: 1, min_words: 8, roles: null,
     zero_numbers: true}`.
 
-    roles: which chat turns are compared (null: every turn); documents are compared whole.
+    roles: which chat turns are compared, content and reasoning (null: every turn); documents whole.
     zero_numbers: every number compares as 0, so a benchmark question with other numbers is found.
     A removed row's value: {benchmark, item, ngram, matches}."""
 
@@ -432,8 +418,8 @@ class DecontaminateFilter(RowFilter):
     def _text(self, row: dict[str, Any]) -> str:
         if row.get("text") is not None:
             return row["text"]
-        turns = row.get("messages") or []
-        return "\n".join(m.get("content") or "" for m in turns if self.roles is None or m.get("role") in self.roles)
+        turns = [m for m in row.get("messages") or [] if self.roles is None or m.get("role") in self.roles]
+        return "\n".join(f"{m.get('reasoning') or ''}\n{m.get('content') or ''}" for m in turns)
 
     def check(self, row: dict[str, Any]) -> Removal | None:
         index = self.index

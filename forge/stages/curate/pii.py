@@ -284,8 +284,8 @@ class PiiFilter(RowFilter):
     """`{name: pii, action: redact | quarantine, types: [...], placeholder: "[{type}]"}`.
 
     redact: each find is replaced by the placeholder (`[EMAIL]`, `[PHONE]`, `[IP]`,
-    `[CREDIT_CARD]`, `[IBAN]`, `[SECRET]`) in the text, or in every chat turn's content and
-    reasoning; the row is kept. quarantine: a row with any find goes to rejected/ with the types
+    `[CREDIT_CARD]`, `[IBAN]`, `[SECRET]`) in the text, or in every chat turn's content,
+    reasoning and tool calls; the row is kept. quarantine: a row with any find goes to rejected/ with the types
     and counts (never the values). Either way the stats count the finds per type.
     public_ips_only: loopback and private addresses (127.0.0.1, 192.168.x.x: code samples) stay,
     as in datatrove. phone_regions: the countries whose national formats are read without a +."""
@@ -336,8 +336,8 @@ class PiiFilter(RowFilter):
             redacted = []
             for m in messages:
                 m = dict(m)
-                for key in ("content", "reasoning"):
-                    if m.get(key):
+                for key in ("content", "reasoning", "tool_calls"):  # tool calls: JSON text, values redacted inside it
+                    if isinstance(m.get(key), str) and m[key]:
                         m[key] = self._redact(m[key], found)
                 redacted.append(m)
             if found and self.action == "redact":

@@ -3,6 +3,7 @@ decoys left alone, counts in stats and card, measured on the planted set."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -144,3 +145,37 @@ def test_redact_and_quarantine_through_the_cli(tmp_path: Path) -> None:
     assert len(kept) == 1 and len(rejected) == 2
     assert {r["reason"] for r in rejected} == {"contains_pii"}
     assert sorted(r["value"] for r in rejected) == ['{"credit_card":1,"secret":1}', '{"email":1,"phone":1}']
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_counts_every_find_once(tmp_path: Path) -> None:
+    """pii and decontaminate over 3,000 rows in chunks of 40, killed twice mid-run: the re-run gives
+    the uninterrupted run's rows, rejected rows and per-type counts (no batch counted twice)."""
+    from conftest import kill_forge_at_random
+
+    from forge.stages.curate.decontaminate import known_sets
+
+    tiny = [json.loads(line)["question"] for line in Path(known_sets()["tiny"]["path"]).read_text().splitlines()]
+    rows = [
+        {"text": f"{i}: {text} " + (tiny[i % len(tiny)] if i % 9 == 0 else "")}
+        for i, (text, _) in enumerate(planted_texts(3000, seed=11))
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    extra = [
+        "curate.filters=[{name: decontaminate, benchmarks: [tiny]}, {name: pii, action: redact}]",
+        "output.examples_per_chunk=40",
+        "run.progress=false",
+        "curate.dedup_exact=false",
+    ]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    args = ["pipeline=curate", f"dataset.name={data}", *extra]
+    assert forge_cli([*args, f"output.dir={ref}"], tmp_path).returncode == 0
+    watch = out / "data"
+    kill_forge_at_random([*args, f"output.dir={out}"], tmp_path, lambda: watch.exists() and any(watch.iterdir()), 0.5)
+    proc = forge_cli([*args, f"output.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for sub in ("data", "rejected"):
+        assert sorted(r["id"] for r in read_rows(out, sub)) == sorted(r["id"] for r in read_rows(ref, sub))
+    assert len(read_rows(out)) + len(read_rows(out, "rejected")) == 3000
+    assert read_stats(out)["filters"] == read_stats(ref)["filters"]
+    assert read_stats(ref)["filters"]["decontaminate"]["contaminated_rows"]["tiny"] == 334
