@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -76,17 +77,13 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 1024) -> None:
     fast.save_pretrained(out_dir)
 
 
-def build_model(out_dir: Path, seed: int = 0) -> None:
-    """Write a seeded random-weight Qwen3 (hidden 64, 2 layers) next to its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+def qwen3_config(vocab: int, eos: int, pad: int, **extra: Any) -> Any:
+    """The tiny Qwen3's shapes (hidden 64, 2 layers, 4 heads), float32; `extra` adds config keys
+    (a classification head's labels)."""
+    from transformers import Qwen3Config
 
-    build_tokenizer(out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen3Config(
-        vocab_size=len(tok),
+    return Qwen3Config(
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -94,12 +91,23 @@ def build_model(out_dir: Path, seed: int = 0) -> None:
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
         eos_token_id=eos,
         pad_token_id=pad,
-        bos_token_id=None,
         torch_dtype="float32",
+        **extra,
     )
+
+
+def build_model(out_dir: Path, seed: int = 0) -> None:
+    """Write a seeded random-weight Qwen3 (hidden 64, 2 layers) next to its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3ForCausalLM
+
+    build_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = qwen3_config(len(tok), eos=eos, pad=pad, tie_word_embeddings=False, bos_token_id=None)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(

@@ -30,16 +30,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import xxhash
 
 from forge.config import ForgeConfig
 from forge.io.mix import Mix
-from forge.run.batch import batched
 from forge.run.output import clean_temp_files, write_atomic, write_json_atomic
-from forge.run.progress import LiveProgress
 from forge.stages.dedup.embedders import choose_embedder, idf, make_embedder, weigh
 from forge.stages.dedup.stage import EXACT, SEMANTIC, DedupStage, removals_path
-from forge.stages.dedup.steps import ROWS_SCHEMA, StepNotDone, Workflow, _save_npy
+from forge.stages.dedup.steps import StepNotDone, Workflow, _save_npy
 from forge.stages.dedup.steps import planned_steps as minhash_steps
 
 log = logging.getLogger("forge.stages.dedup")
@@ -164,24 +161,7 @@ class SemanticWorkflow(Workflow):
 
     # 1. embeddings
     def _embeddings(self, task: int) -> dict[str, Any]:
-        label = f"dedup embeddings {task}" if self.tasks > 1 else "dedup embeddings"
-        bar = LiveProgress(label, self.stage_rows(task) or 0, 0, self.cfg.run.progress, self.cfg.run.log_every_s)
-        bar.rows_per_s = True
-        bar.start()
-        rows = files = compared = 0
-        for k, batch in enumerate(batched(self.mix.rows(task, self.tasks), self.d.signature_rows)):
-            files, rows = k + 1, rows + len(batch)
-            path = self.sig_files(task, k, "rows.parquet")
-            if path.exists():
-                compared += pq.read_table(path, columns=["compared"]).column("compared").to_numpy().sum()
-            else:
-                compared += self._embedding_file(task, k, batch)
-            bar.advance(docs=len(batch))
-            bar.total = max(bar.total, bar.done)
-            bar.poll()
-        bar.total = bar.done
-        log.info("%s", bar.line())
-        return {"rows": rows, "files": files, "compared": int(compared), "embedder": self.embedder_kind}
+        return {**self.file_step(task, "embeddings", self._embedding_file), "embedder": self.embedder_kind}
 
     def _embedding_file(self, task: int, k: int, batch: list) -> int:
         prepared = [self.stage.prepare(mr) for mr in batch]
@@ -198,18 +178,7 @@ class SemanticWorkflow(Workflow):
         _save_npy(self.sig_files(task, k, "emb.npy"), full)
         if self.embedder_kind == "lexical":
             _save_npy(self.sig_files(task, k, "df.npy"), (full[compared] != 0).sum(axis=0).astype(np.int64))
-        exact = [xxhash.xxh3_128_intdigest(t.encode("utf-8", "surrogatepass")) for t in texts]
-        table = pa.table(
-            {
-                "gid": pa.array([mr.index for mr in batch], pa.int64()),
-                "id": [p.row["id"] if p.row else None for p in prepared],
-                "score": pa.array([p.score for p in prepared], pa.float64()),
-                "exact_hi": pa.array([h >> 64 for h in exact], pa.uint64()),
-                "exact_lo": pa.array([h & 0xFFFFFFFFFFFFFFFF for h in exact], pa.uint64()),
-                "compared": pa.array(compared),
-            },
-            schema=ROWS_SCHEMA,
-        )
+        table = self.rows_table(batch, prepared, texts, compared)
         write_atomic(self.sig_files(task, k, "rows.parquet"), table)  # last: the file set is whole
         return int(compared.sum())
 

@@ -213,7 +213,13 @@ class Workflow:
         return self.root / "signatures" / f"{task:05d}_{k:05d}.{kind}"
 
     def _signatures(self, task: int) -> dict[str, Any]:
-        label = f"dedup signatures {task}" if self.tasks > 1 else "dedup signatures"
+        return self.file_step(task, "signatures", self._signature_file)
+
+    def file_step(self, task: int, step: str, write_file: Any) -> dict[str, Any]:
+        """A per-shard step: this task's rows in files of dedup.signature_rows rows, each made by
+        `write_file(task, k, batch)` (which returns its compared rows and writes rows.parquet last),
+        skipping the files an earlier session finished."""
+        label = f"dedup {step} {task}" if self.tasks > 1 else f"dedup {step}"
         total = self.stage_rows(task)
         bar = LiveProgress(label, total or 0, 0, self.cfg.run.progress, self.cfg.run.log_every_s)
         bar.rows_per_s = True
@@ -225,7 +231,7 @@ class Workflow:
             if path.exists():  # written by an earlier session: the marker of the whole file set
                 compared += pq.read_table(path, columns=["compared"]).column("compared").to_numpy().sum()
             else:
-                compared += self._signature_file(task, k, batch)
+                compared += write_file(task, k, batch)
             bar.advance(docs=len(batch))
             bar.total = max(bar.total, bar.done)
             bar.poll()
@@ -233,20 +239,11 @@ class Workflow:
         log.info("%s", bar.line())
         return {"rows": rows, "files": batches, "compared": int(compared)}
 
-    def stage_rows(self, task: int) -> int | None:
-        return None if self.total is None else len(range(task, self.total, self.tasks))
-
-    def _signature_file(self, task: int, k: int, batch: list) -> int:
-        prepared = [self.stage.prepare(mr) for mr in batch]
-        texts = [p.text for p in prepared]
-        compared = np.array([bool(p.text) for p in prepared], dtype=bool)
+    def rows_table(self, batch: list, prepared: list, texts: list[str], compared: np.ndarray) -> pa.Table:
+        """rows.parquet of one file: each row's place, id, keep-policy score, exact hash of the
+        compared text, and whether it is compared at all."""
         exact = [xxhash.xxh3_128_intdigest(t.encode("utf-8", "surrogatepass")) for t in texts]
-        if self.hasher is not None:
-            sig = self.hasher.signatures(texts)
-            _save_npy(self.sig_files(task, k, "sig.npy"), sig)
-            keys = band_keys(sig, self.bands, self.rows_per_band)
-            _save_npy(self.sig_files(task, k, "bands.npy"), np.ascontiguousarray(keys.T))  # band-major
-        table = pa.table(
+        return pa.table(
             {
                 "gid": pa.array([mr.index for mr in batch], pa.int64()),
                 "id": [p.row["id"] if p.row else None for p in prepared],
@@ -257,6 +254,20 @@ class Workflow:
             },
             schema=ROWS_SCHEMA,
         )
+
+    def stage_rows(self, task: int) -> int | None:
+        return None if self.total is None else len(range(task, self.total, self.tasks))
+
+    def _signature_file(self, task: int, k: int, batch: list) -> int:
+        prepared = [self.stage.prepare(mr) for mr in batch]
+        texts = [p.text for p in prepared]
+        compared = np.array([bool(p.text) for p in prepared], dtype=bool)
+        if self.hasher is not None:
+            sig = self.hasher.signatures(texts)
+            _save_npy(self.sig_files(task, k, "sig.npy"), sig)
+            keys = band_keys(sig, self.bands, self.rows_per_band)
+            _save_npy(self.sig_files(task, k, "bands.npy"), np.ascontiguousarray(keys.T))  # band-major
+        table = self.rows_table(batch, prepared, texts, compared)
         write_atomic(self.sig_files(task, k, "rows.parquet"), table)  # last: the file set is whole
         return int(compared.sum())
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from forge.engine.tiny_model import build_tokenizer, default_cache_dir
+from forge.engine.tiny_model import build_tokenizer, default_cache_dir, qwen3_config
 
 VERSION = "1"
 TINY_CLASSIFIERS = {
@@ -28,7 +28,6 @@ def build_classifier(out_dir: Path, arch: str, labels: list[str] | None, seed: i
         AutoTokenizer,
         BertConfig,
         BertForSequenceClassification,
-        Qwen3Config,
         Qwen3ForSequenceClassification,
     )
 
@@ -57,19 +56,7 @@ def build_classifier(out_dir: Path, arch: str, labels: list[str] | None, seed: i
         )
         model = BertForSequenceClassification(config)
     else:
-        config = Qwen3Config(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=2048,
-            pad_token_id=pad,
-            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-            **head,
-        )
+        config = qwen3_config(len(tok), eos=tok.convert_tokens_to_ids("<|im_end|>"), pad=pad, **head)
         model = Qwen3ForSequenceClassification(config)
     with torch.no_grad():  # a spread of outputs (random heads give near-constant scores)
         for name, p in model.named_parameters():
