@@ -40,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from curate import _COMMON  # noqa: E402
 
 N = 13
 PLANT_SHARE = 0.02
@@ -49,26 +52,7 @@ KINDS = ("paragraph", "upper", "inline")
 # input: word salad, deterministic for a seed
 # --------------------------------------------------------------------------------------------------
 
-# common English words, most frequent first (Zipf weights by rank), then a fixed open-class tail
-_COMMON = """
-the of and to a in is it you that he was for on are with as I his they be at one have this from or had by
-not but what some we can out other were all there when up use your how said an each she which do their time
-if will way about many then them write would like so these her long make thing see him two has look more day
-could go come did number sound no most people my over know water than call first who may down side been now
-find any new work part take get place made live where after back little only round man year came show every
-good me give our under name very through just form sentence great think say help low line differ turn cause
-much mean before move right boy old too same tell does set three want air well also play small end put home
-read hand port large spell add even land here must big high such follow act why ask men change went light kind
-off need house picture try us again animal point mother world near build self earth father head stand own page
-should country found answer school grow study still learn plant cover food sun four between state keep eye never
-last let thought city tree cross farm hard start might story saw far sea draw left late run while press close
-night real life few north open seem together next white children begin got walk example ease paper group always
-music those both mark often letter until mile river car feet care second book carry took science eat room friend
-began idea fish mountain stop once base hear horse cut sure watch color face wood main enough plain girl usual
-young ready above ever red list though feel talk bird soon body dog family direct pose leave song measure door
-product black short numeral class wind question happen complete ship area half rock order fire south problem piece
-among website online service customer price company business market data report support quality available
-""".split()
+# common English words (benchmarks/curate.py's list, most frequent first: Zipf weights by rank), then a tail
 _EXTRA = "London Google Monday 2019 2024 $20 10% café naïve don't well-known e.g. U.S.".split()
 _SYLL = [c + v for c in "b c d f g h k l m n p r s t v w z br ch cl dr fl gr pl pr sh st th tr".split()
          for v in "a e i o u ea io ou ar er or in on en".split()]  # fmt: skip
