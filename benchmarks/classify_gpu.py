@@ -248,7 +248,8 @@ def phase_classify(args: argparse.Namespace, work: Path, phase: str) -> dict:
     else:
         cmd += ["classifier=fineweb_edu", f"classifier.name_or_path={model}", "classifier.engine=vllm",
                 "classifier.load_format=dummy", f"classifier.max_len={args.max_len}"]  # fmt: skip
-    cmd += shlex.split(args.forge_overrides)
+    # generation.seed: forge's VllmClassifier hands vLLM `seed=None` when it is unset, which vLLM refuses
+    cmd += ["generation.seed=0", *shlex.split(args.forge_overrides)]
     wall, _ = run_forge(cmd, work / f"{phase}.log")
     stats = json.loads((out / "stats.json").read_text())
     s = stats["score"]

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from forge.config import ForgeConfig
 from forge.io.mix import Mix
 from forge.run.output import clean_temp_files, write_atomic, write_json_atomic
+from forge.run.progress import LiveProgress
 from forge.stages.dedup.embedders import choose_embedder, idf, make_embedder, weigh
 from forge.stages.dedup.stage import EXACT, SEMANTIC, DedupStage, removals_path
 from forge.stages.dedup.steps import StepNotDone, Workflow, _save_npy
@@ -267,9 +268,8 @@ class SemanticWorkflow(Workflow):
             sizes += np.bincount(label[label >= 0], minlength=k)
         return sizes
 
-    def groups(self, task: int) -> list[list[int]]:
-        """This task's k-means clusters (every pair_tasks-th), in groups of at most pair_rows rows."""
-        sizes = self._cluster_sizes()
+    def groups(self, task: int, sizes: np.ndarray) -> list[list[int]]:
+        """This task's k-means clusters (every tasks-th), in groups of at most pair_rows rows."""
         mine = [c for c in range(task, len(sizes), self.tasks) if sizes[c] > 1]
         out: list[list[int]] = []
         held = 0
@@ -284,22 +284,27 @@ class SemanticWorkflow(Workflow):
 
     def _pairs(self, task: int) -> dict[str, Any]:
         edges = compared = 0
-        groups = self.groups(task)
+        sizes = self._cluster_sizes()
+        groups = self.groups(task, sizes)
+        label = f"dedup pairs {task}" if self.tasks > 1 else "dedup pairs"
+        # progress in rows compared (a group's cost grows with its clusters' sizes)
+        total = int(sum(sizes[c] for g in groups for c in g))
+        bar = LiveProgress(label, total, 0, self.cfg.run.progress, self.cfg.run.log_every_s)
+        bar.rows_per_s = True
+        bar.start()
         for g, clusters in enumerate(groups):
             path = self.root / "pairs" / f"{task:05d}_{g:05d}.npy"
             if path.exists():
                 edges += len(np.load(path, mmap_mode="r"))
-                continue
-            found, n = self._group_pairs(clusters)
-            compared += n
-            edges += len(found)
-            _save_npy(path, found)
+            else:
+                found, n = self._group_pairs(clusters)
+                compared += n
+                edges += len(found)
+                _save_npy(path, found)
+            bar.advance(docs=int(sum(sizes[c] for c in clusters)))
+            bar.poll()
         log.info(
-            "dedup pairs %d: %d k-means cluster group(s), %d pairs at cosine >= %s",
-            task,
-            len(groups),
-            edges,
-            self.threshold,
+            "%s; %d k-means cluster group(s), %d pairs at cosine >= %s", bar.line(), len(groups), edges, self.threshold
         )
         return {"groups": len(groups), "pairs": int(edges), "rows_compared": int(compared)}
 
