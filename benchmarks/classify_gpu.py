@@ -1,7 +1,12 @@
 """forge's classifier scoring and semantic dedup on one GPU, against vLLM's own bound and a
 transformers loop.
 
-Runs on the device (see benchmarks/RESULTS.md for the exact calls). Workload: N web-like documents
+Runs on the device: after the GPU kit's set-up call (carry .gpu/pB .gpu/bench: `source
+.gpu/bench/setup.sh`), carry .gpu/pA .gpu/bench .fwhl (benchmarks/prepare_device_wheels.sh) and run
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .fwhl/*.whl
+    source .gpu/bench/setup.sh; export PYTHONPATH=/tmp/site:$PYTHONPATH:$PWD FORGE_CACHE=/tmp/fcache
+    python3 benchmarks/classify_gpu.py --out $OUT/classify.json --work /tmp/cw --deadline 550
+(the kit built with ARCHS=qwen3-0.6b, for /tmp/vroot/model/qwen3-0.6b-dummy). Workload: N web-like documents
 of 100-600 words (deterministic: paragraphs of sentences, a closing `Tags:` line), written as
 JSONL; random weights of real shapes everywhere (`load_format=dummy` for vLLM, `from_config` for
 transformers). Phases, each in its own process, one after the other (the next starts once
@@ -21,7 +26,9 @@ default, $FORGE_CACHE/vllm, exported as VLLM_CACHE_ROOT to the offline phases):
   the first --hf-sweep-rows rows), logits copied to the host; then the first --hf-rows rows at B;
 - `classify_qwen`, `bound_qwen`: the same two on a decoder classifier: Qwen3-0.6B shapes as
   Qwen3ForSequenceClassification (num_labels 1, regression), a copy of the GPU kit's
-  qwen3-0.6b dummy dir with its config edited, on the first --decoder-rows rows;
+  qwen3-0.6b dummy dir with its config edited, on the first --decoder-rows rows. On H200
+  (2026-12) neither finished: the engine started, then no request completed in 300 s (forge) or
+  155 s (vLLM's own LLM.classify), so the stall is vLLM's, not forge's;
 - `semantic`: `forge pipeline=dedup dedup.method=semantic model=qwen3_embedding_0.6b_dummy
   dedup.semantic.embedder=model` on --semantic-rows documents, 5% of them planted exact copies.
   Seconds of each step from its marker (state/dedup/STEP/00000.done); the embeddings step's rows/s
@@ -31,10 +38,13 @@ default, $FORGE_CACHE/vllm, exported as VLLM_CACHE_ROOT to the offline phases):
 - `embed_bound`: vLLM's bound for that step: offline `LLM(runner="pooling")` `.embed()` of the
   same texts.
 
-With dummy weights (uniform +-1e-3) a decoder's hidden state is almost only the embedding of the
-token it is read at: a last-token-pooled embedding is a function of the document's last token. So
-each distinct document ends in a distinct single-token word of the Qwen vocabulary (the `Tags:`
-line), and only the planted copies are duplicates (the semantic phase checks that it removed them).
+With dummy weights the embeddings say nothing about the texts: on H200 (2026-12) the 38,000
+distinct documents (drawn from one word pool) gave 12,793 rows at cosine >= 0.9 besides the planted
+copies, so the semantic phase's removal counts are not a quality figure; each distinct document
+still ends in its own single-token word of the Qwen vocabulary (the `Tags:` line), so no two
+distinct rows share their last (pooled) token. The classify phases pass `generation.seed=0` (the
+runs of 2026-12-04 found forge handing vLLM `seed=None` when generation.seed was unset, which vLLM
+refuses; fixed since: forge/stages/score/classify.py `vllm_args` leaves the seed out).
 
     python benchmarks/classify_gpu.py --out OUT_JSON --phases classify,bound,hf,semantic,embed_bound
     python benchmarks/classify_gpu.py --out /tmp/c.json --cpu-smoke   # here, no GPU: tiny sizes

@@ -232,30 +232,38 @@ def _nemo_tokenizer(path: str, base: str, remote: bool) -> Any:
     raise ConfigError(f"classifier {path}: no tokenizer in it or in the local cache of its backbone {base}")
 
 
+def vllm_args(path: str, cfg: ClassifierConfig, seed: int | None) -> dict[str, Any]:
+    """AsyncEngineArgs of the classifier: the pooling runner with vLLM's classify head, the
+    classifier's length and batch, no prefix caching (each row is read once)."""
+    kw: dict[str, Any] = {
+        "model": path,
+        "runner": "pooling",
+        "convert": "classify",  # *ForSequenceClassification; a decoder gets vLLM's classify head
+        "max_model_len": cfg.max_len,
+        "max_num_batched_tokens": cfg.batch_tokens,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "trust_remote_code": cfg.trust_remote_code,
+        "enable_prefix_caching": False,
+        "load_format": cfg.load_format,
+    }
+    if seed is not None:  # generation.seed is null by default; vLLM takes an integer or nothing
+        kw["seed"] = seed
+    kw.update({k.replace("-", "_"): v for k, v in cfg.engine_args.items()})
+    return kw
+
+
 class VllmClassifier:
     """The classifier on vLLM's pooling runner (AsyncLLM on its own thread, like the score
     stage's VllmScorer): raw logits per row, the activation applied by forge (outputs_to_columns),
     so regression outputs are not squashed."""
 
-    def __init__(self, path: str, cfg: ClassifierConfig, seed: int) -> None:
+    def __init__(self, path: str, cfg: ClassifierConfig, seed: int | None) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise ConfigError("classifier.engine=vllm: vllm is not installed (pip install 'forge[vllm]')") from None
         self.max_len = cfg.max_len
-        kw: dict[str, Any] = {
-            "model": path,
-            "runner": "pooling",
-            "convert": "classify",  # *ForSequenceClassification; a decoder gets vLLM's classify head
-            "seed": seed,
-            "max_model_len": cfg.max_len,
-            "max_num_batched_tokens": cfg.batch_tokens,
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "trust_remote_code": cfg.trust_remote_code,
-            "enable_prefix_caching": False,
-            "load_format": cfg.load_format,
-        }
-        kw.update({k.replace("-", "_"): v for k, v in cfg.engine_args.items()})
+        kw = vllm_args(path, cfg, seed)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="forge-classify-engine", daemon=True)
         self.thread.start()
@@ -373,7 +381,7 @@ def resolve_classifier(cfg: ClassifierConfig) -> str:
         ) from None
 
 
-def make_classifier(cfg: ClassifierConfig, path: str, seed: int) -> TransformersClassifier | VllmClassifier:
+def make_classifier(cfg: ClassifierConfig, path: str, seed: int | None) -> TransformersClassifier | VllmClassifier:
     if choose_engine(cfg, path) == "vllm":
         return VllmClassifier(path, cfg, seed)
     return TransformersClassifier(path, cfg)

@@ -160,3 +160,17 @@ def test_nemo_format_classifier_on_transformers(tmp_path: Path) -> None:
         assert row["score"] == pytest.approx(row["prob_high"]) and row["label"] == "High Medium Low".split()[p.argmax()]
     refused = forge_cli(_args(data, tmp_path / "o2", *extra, "classifier.engine=vllm"), tmp_path)
     assert refused.returncode == 2 and "vLLM does not run" in refused.stderr, refused.stderr[-1500:]
+
+
+def test_vllm_engine_arguments() -> None:
+    """What the classifier asks of vLLM (checked here; the GPU run is benchmarks/classify_gpu.py):
+    the pooling runner with the classify head, no seed when generation.seed is null (vLLM refuses
+    None), engine_args last."""
+    from forge.stages.score.classify import vllm_args
+    from forge.stages.score.config import ClassifierConfig
+
+    cfg = ClassifierConfig(name_or_path="x", max_len=256, load_format="dummy", engine_args={"enforce-eager": True})
+    kw = vllm_args("/m", cfg, None)
+    assert kw["runner"] == "pooling" and kw["convert"] == "classify" and kw["max_model_len"] == 256
+    assert "seed" not in kw and kw["enforce_eager"] is True and kw["load_format"] == "dummy"
+    assert vllm_args("/m", cfg, 7)["seed"] == 7
