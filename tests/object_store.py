@@ -121,7 +121,16 @@ class FaultyStore:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            body = _read_chunked(h.rfile)
+            try:
+                body = _read_chunked(h.rfile)
+            except ValueError:  # the client went away mid-body
+                h.close_connection = True
+                return
+        if len(body) < length:
+            # the client went away mid-upload (kill -9): S3 stores nothing (IncompleteBody); moto
+            # would store the bytes it got, so the cut request is not forwarded
+            h.close_connection = True
+            return
         fault = self._take(h.command, h.path)
         if fault is not None:
             fault.hit.set()
