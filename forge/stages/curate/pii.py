@@ -285,7 +285,8 @@ class PiiFilter(RowFilter):
 
     redact: each find is replaced by the placeholder (`[EMAIL]`, `[PHONE]`, `[IP]`,
     `[CREDIT_CARD]`, `[IBAN]`, `[SECRET]`) in the text, or in every chat turn's content,
-    reasoning and tool calls; the row is kept. quarantine: a row with any find goes to rejected/ with the types
+    reasoning and tool calls; the row is kept, and the raw rows other filters send to rejected/
+    are redacted there too. quarantine: a row with any find goes to rejected/ with the types
     and counts (never the values). Either way the stats count the finds per type.
     public_ips_only: loopback and private addresses (127.0.0.1, 192.168.x.x: code samples) stay,
     as in datatrove. phone_regions: the countries whose national formats are read without a +."""
@@ -324,6 +325,10 @@ class PiiFilter(RowFilter):
             at = end
         parts.append(text[at:])
         return "".join(parts)
+
+    def redact_text(self, text: str | None) -> str | None:
+        """`text` redacted without counting (rejected/'s copy of a raw row, under action=redact)."""
+        return None if text is None else self._redact(text, Counter())
 
     def check(self, row: dict[str, Any]) -> Removal | None:
         found: Counter[str] = Counter()

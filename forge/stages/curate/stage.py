@@ -47,6 +47,7 @@ class CurateStage:
         set_vocab_warmup(self.cfg.vocab_warmup_rows)
         self.filters = build_filters(list(self.cfg.filters), tokenizer_name(cfg))
         self.pools = compile_pools(dict(self.cfg.pools), self.schema)
+        self.masking = [f for f in self.filters if getattr(f, "action", None) == "redact"]
         self.seen: set[str] = set()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -78,6 +79,9 @@ class CurateStage:
             removed[step] = removed.get(step, 0) + 1
         table = self._table(kept, rows, rejected, by_source, removed)
         pools = pool_tables(table, self.pools)
+        for f in self.masking:  # a redacted run keeps no PII in rejected/'s raw rows either
+            for r in rejected:
+                r["row"], r["value"] = f.redact_text(r["row"]), f.redact_text(r["value"])
         own = {f.name: c for f in self.filters if (c := f.batch_counts())}
         counts: dict[str, Any] = {
             "rows_kept": table.num_rows,

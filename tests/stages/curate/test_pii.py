@@ -100,6 +100,7 @@ def test_redact_and_quarantine_through_the_cli(tmp_path: Path) -> None:
     with the types (never the values); kept + rejected = input either way."""
     rows = [
         {"text": "Reach the desk at help@corp.io or 212-555-0143 during office hours, Monday to Friday."},
+        {"text": "tiny: write to secret.person@corp.io"},  # removed by the length filter: redacted in rejected/ too
         {"text": "Nothing personal in this one: the meeting moved to 2025-03-04 in room 301 as agreed."},
         {
             "messages": [
@@ -117,19 +118,20 @@ def test_redact_and_quarantine_through_the_cli(tmp_path: Path) -> None:
         "pipeline=curate",
         f"dataset.name={data}",
         f"output.dir={out}",
-        "curate.filters=[{name: pii, action: redact}]",
+        "curate.filters=[{name: pii, action: redact}, {name: length, min_chars: 40}]",
     ]
     proc = forge_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    kept = read_rows(out)
-    assert len(kept) == 3 and not read_rows(out, "rejected")
+    kept, rejected = read_rows(out), read_rows(out, "rejected")
+    assert len(kept) == 3 and len(rejected) == 1 and rejected[0]["filter"] == "length"
+    assert "secret.person@corp.io" not in rejected[0]["row"] and "[EMAIL]" in rejected[0]["row"]
     texts = " ".join(r["text"] or " ".join(m["content"] for m in r["messages"]) for r in kept)
     assert "[EMAIL]" in texts and "[PHONE]" in texts and "[CREDIT_CARD]" in texts and "[SECRET]" in texts
     for value in ("help@corp.io", "212-555-0143", "4111-1111-1111-1111", "hf_abcdefghij"):
         assert value not in texts
     assert "2025-03-04" in texts and "room 301" in texts
     found = read_stats(out)["filters"]["pii"]
-    assert found == {"rows_with_pii": 2, "found": {"email": 1, "phone": 1, "credit_card": 1, "secret": 1}}
+    assert found == {"rows_with_pii": 3, "found": {"email": 2, "phone": 1, "credit_card": 1, "secret": 1}}
     assert "`pii` | found.credit_card | 1" in (out / "README.md").read_text()
 
     out2 = tmp_path / "quarantined"
@@ -142,9 +144,13 @@ def test_redact_and_quarantine_through_the_cli(tmp_path: Path) -> None:
     proc = forge_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     kept, rejected = read_rows(out2), read_rows(out2, "rejected")
-    assert len(kept) == 1 and len(rejected) == 2
+    assert len(kept) == 1 and len(rejected) == 3
     assert {r["reason"] for r in rejected} == {"contains_pii"}
-    assert sorted(r["value"] for r in rejected) == ['{"credit_card":1,"secret":1}', '{"email":1,"phone":1}']
+    assert sorted(r["value"] for r in rejected) == [
+        '{"credit_card":1,"secret":1}',
+        '{"email":1,"phone":1}',
+        '{"email":1}',
+    ]
 
 
 @pytest.mark.slow
