@@ -231,19 +231,33 @@ def benchmark_items(b: Benchmark) -> Iterator[tuple[str, list[tuple[str, bool]]]
     """(item id, [(text, whole)]) of every row of the benchmark; `whole`: a column's own string,
     which is indexed whole when shorter than n (a list's items, such as answer choices, are not:
     a short generic option would match unrelated rows)."""
+    seen_columns: set[str] = set()
     for path in benchmark_files(b):
         for n, record in enumerate(_records(path)):
             if not isinstance(record, dict):
                 raise BenchmarkError(f"{path}: row {n} is not an object")
-            columns = b.columns or [c for c in TEXT_COLUMNS if c in record]
-            if not columns:
-                columns = [c for c, v in record.items() if isinstance(v, str) and c not in ID_COLUMNS]
-            missing = [c for c in columns if c not in record]
-            if missing:
-                raise BenchmarkError(f"benchmark {b.name!r}: {path} row {n} has no column(s) {missing}")
-            id_col = b.id or next((c for c in ID_COLUMNS if c in record), None)
+            seen_columns.update(record)
+            columns = b.columns or default_columns(record)
+            id_col = b.id or next((c for c in record if c.lower() in ID_COLUMNS), None)
             item = str(record[id_col]) if id_col and record.get(id_col) is not None else f"{path.stem}:{n}"
-            yield item, [(t, isinstance(record[c], str)) for c in columns for t in _texts(record[c])]
+            # a column a row lacks (a sparse JSONL file) is empty for that row
+            yield item, [(t, isinstance(record.get(c), str)) for c in columns for t in _texts(record.get(c))]
+    missing = [c for c in b.columns or [] if c not in seen_columns]
+    if missing:
+        raise BenchmarkError(
+            f"benchmark {b.name!r}: no row has the column(s) {missing}; its columns: {sorted(seen_columns)}"
+        )
+
+
+def default_columns(record: dict[str, Any]) -> list[str]:
+    """The compared columns when `columns` is not given: the usual question/answer ones (any
+    case) that hold text, else every column holding text but the id."""
+
+    def has_text(value: Any) -> bool:
+        return any(t.strip() for t in _texts(value))
+
+    known = [c for c in record if c.lower() in TEXT_COLUMNS and has_text(record[c])]
+    return known or [c for c, v in record.items() if c.lower() not in ID_COLUMNS and has_text(v)]
 
 
 # --- the index -------------------------------------------------------------------------------------

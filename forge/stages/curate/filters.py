@@ -38,11 +38,6 @@ class RowFilter:
     def check(self, row: dict[str, Any]) -> Removal | None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def redact_text(self, text: str | None) -> str | None:
-        """What of a rejected row's raw text may be written (the pii filter under action=redact
-        masks it); the text itself for every other filter."""
-        return text
-
     def batch_counts(self) -> dict[str, Any] | None:
         """Counters of this filter's own since the last call (finds per type, matches per
         benchmark), added to the batch's stats under `filters.<name>`; None: nothing to add."""

@@ -18,6 +18,7 @@ close together.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from collections import Counter
@@ -115,11 +116,15 @@ def iban_ok(candidate: str) -> bool:
 
 
 def ip_ok(candidate: str, public_only: bool) -> bool:
+    """A valid address; never loopback or unspecified (127.0.0.1, 0.0.0.0, ::1: code samples);
+    with public_only, only globally routable ones (datatrove's choice)."""
     try:
         ip = ipaddress.ip_address(candidate)
     except ValueError:
         return False
-    return ip.is_global if public_only else not ip.is_unspecified
+    if ip.is_loopback or ip.is_unspecified:
+        return False
+    return ip.is_global if public_only else True
 
 
 def entropy(value: str) -> float:
@@ -149,7 +154,7 @@ class PiiFinder:
         self,
         types: list[str] | tuple[str, ...] = TYPES,
         regions: tuple[str, ...] = ("US", "GB", "DE", "FR"),
-        public_ips_only: bool = True,
+        public_ips_only: bool = False,
     ) -> None:
         self.types = tuple(types)
         self.regions = regions
@@ -190,8 +195,7 @@ class PiiFinder:
         out: list[Span] = []
         if "." in text:
             for m in IPV4.finditer(text):
-                before = text[max(0, m.start() - 12) : m.start()].lower().rstrip()
-                if before.endswith(("version", "v", "release", "section", "§")):  # 1.2.3.4 is a version
+                if VERSION_BEFORE.search(text, max(0, m.start() - 12), m.start()):  # 1.2.3.4 is a version
                     continue
                 if ip_ok(m.group(), self.public_ips_only):
                     out.append((m.start(), m.end(), "ip"))
@@ -211,7 +215,23 @@ class PiiFinder:
         return out
 
     def _iban(self, text: str) -> list[Span]:
-        return [(m.start(), m.end(), "iban") for m in IBAN.finditer(text) if iban_ok(m.group())]
+        """The country's IBAN length decides where it ends (the regex may run on into a word in
+        capitals after it: `DE89 3704 0044 0532 0130 00 OK`)."""
+        out: list[Span] = []
+        for m in IBAN.finditer(text):
+            want = IBAN_LENGTHS.get(m.group()[:2])
+            if want is None:
+                continue
+            taken, end = 0, m.start()
+            for i, ch in enumerate(m.group()):
+                if ch != " ":
+                    taken += 1
+                if taken == want:
+                    end = m.start() + i + 1
+                    break
+            if taken == want and iban_ok(text[m.start() : end]):
+                out.append((m.start(), end, "iban"))
+        return out
 
     def _phone(self, text: str) -> list[Span]:
         out: list[Span] = []
@@ -249,8 +269,9 @@ def valid_phone(raw: str, regions: tuple[str, ...]) -> bool:
     return False
 
 
+VERSION_BEFORE = re.compile(r"(?i)(?:version|release|section|§|\bv)\s*$")
 DATE_LIKE = re.compile(r"^\d{1,4}[./-]\d{1,2}[./-]\d{1,4}$")
-COORDINATES = re.compile(r"\d\.\d+\s*,?\s*-?\d+\.\d")
+COORDINATES = re.compile(r"\d\.\d+(?:\s*,\s*|\s+)-?\d+\.\d")
 YEAR = re.compile(r"(?:19|20)\d\d")
 SEVEN_DIGITS = re.compile(r"\d(?:[ ().\-/]{0,2}\d){6}")  # cards, IBANs and phone numbers all have 7+ digits
 SECRET_TELLS = ("AKIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "sk-", "sk_")
@@ -275,8 +296,11 @@ def _phone_shaped(raw: str) -> bool:
             return False  # thousands grouped with spaces: 1 234 567 890
         if YEAR.fullmatch(groups[0]) or any(len(g) >= 8 for g in groups):  # 2024 0115 1230, 20240115 1200
             return False
-    if len(groups) == 1:  # one run of digits: a 10-digit national number, or 11 with a leading 1
-        return len(raw) == 10 or (len(raw) == 11 and raw[0] == "1")
+    if raw.count(".") >= 3:  # 192.0.2.1 2001: an address, not a number
+        return False
+    if len(groups) == 1:  # one run of digits: a North American number (area code 2-9), maybe after a 1;
+        # not a Unix time (1712345678)
+        return (len(raw) == 10 and raw[0] in "23456789") or (len(raw) == 11 and raw[0] == "1" and raw[1] in "23456789")
     return "." not in raw or raw.count(".") >= 2
 
 
@@ -288,15 +312,16 @@ class PiiFilter(RowFilter):
     reasoning and tool calls; the row is kept, and the raw rows other filters send to rejected/
     are redacted there too. quarantine: a row with any find goes to rejected/ with the types
     and counts (never the values). Either way the stats count the finds per type.
-    public_ips_only: loopback and private addresses (127.0.0.1, 192.168.x.x: code samples) stay,
-    as in datatrove. phone_regions: the countries whose national formats are read without a +."""
+    public_ips_only: private, documentation and link-local addresses stay too (datatrove's
+    default); loopback and unspecified ones (127.0.0.1, 0.0.0.0) always stay.
+    phone_regions: the countries whose national formats are read without a +."""
 
     def __init__(
         self,
         action: str = "redact",
         types: list[str] | None = None,
         placeholder: str = "[{type}]",
-        public_ips_only: bool = True,
+        public_ips_only: bool = False,
         phone_regions: list[str] | None = None,
     ) -> None:
         if action not in ACTIONS:
@@ -327,8 +352,28 @@ class PiiFilter(RowFilter):
         return "".join(parts)
 
     def redact_text(self, text: str | None) -> str | None:
-        """`text` redacted without counting (rejected/'s copy of a raw row, under action=redact)."""
+        """`text` redacted without counting (a rejected row's value, under action=redact)."""
         return None if text is None else self._redact(text, Counter())
+
+    def redact_value(self, value: Any, found: Counter[str] | None = None) -> Any:
+        """Every string inside a decoded value (a raw record, parsed tool calls) redacted."""
+        found = Counter() if found is None else found
+        if isinstance(value, str):
+            return self._redact(value, found)
+        if isinstance(value, list):
+            return [self.redact_value(v, found) for v in value]
+        if isinstance(value, dict):
+            return {k: self.redact_value(v, found) for k, v in value.items()}
+        return value
+
+    def _redact_json(self, text: str, found: Counter[str]) -> str:
+        """Tool calls are JSON text: its decoded strings are redacted (in JSON, a newline is the
+        two characters `\\n`, which would hide what follows from the detectors), then re-encoded."""
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            return self._redact(text, found)
+        return json.dumps(self.redact_value(decoded, found), ensure_ascii=False)
 
     def check(self, row: dict[str, Any]) -> Removal | None:
         found: Counter[str] = Counter()
@@ -341,9 +386,11 @@ class PiiFilter(RowFilter):
             redacted = []
             for m in messages:
                 m = dict(m)
-                for key in ("content", "reasoning", "tool_calls"):  # tool calls: JSON text, values redacted inside it
+                for key in ("content", "reasoning"):
                     if isinstance(m.get(key), str) and m[key]:
                         m[key] = self._redact(m[key], found)
+                if isinstance(m.get("tool_calls"), str) and m["tool_calls"]:
+                    m["tool_calls"] = self._redact_json(m["tool_calls"], found)
                 redacted.append(m)
             if found and self.action == "redact":
                 row["messages"] = redacted

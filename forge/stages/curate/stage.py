@@ -74,14 +74,17 @@ class CurateStage:
                 counts["rows_kept"] += 1
                 counts["chars_kept"] += len(row_text(row))  # for token targets and shares (chars / 4)
                 continue
+            for f in self.masking:  # a redacted run keeps no PII in rejected/'s raw rows either
+                record = f.redact_value(mr.row.record)
+                mr, value = (
+                    dataclasses.replace(mr, row=dataclasses.replace(mr.row, record=record)),
+                    f.redact_value(value),
+                )
             rejected.append(reject_row(mr, label, step, reason, value, rid))
             counts["removed"][step] = counts["removed"].get(step, 0) + 1
             removed[step] = removed.get(step, 0) + 1
         table = self._table(kept, rows, rejected, by_source, removed)
         pools = pool_tables(table, self.pools)
-        for f in self.masking:  # a redacted run keeps no PII in rejected/'s raw rows either
-            for r in rejected:
-                r["row"], r["value"] = f.redact_text(r["row"]), f.redact_text(r["value"])
         own = {f.name: c for f in self.filters if (c := f.batch_counts())}
         counts: dict[str, Any] = {
             "rows_kept": table.num_rows,

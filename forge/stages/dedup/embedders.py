@@ -98,11 +98,12 @@ class ModelEmbedder:
         tokenizer = getattr(self.scorer, "tokenizer", None) or self.scorer.llm.get_tokenizer()
         cut = []
         for text in texts:
-            if 3 * len(text) < self.context - 2:  # no character is more than 3 tokens
+            if 3 * len(text) < self.context - 16:  # no character is more than 3 tokens
                 cut.append(text)
                 continue
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            cut.append(text if len(ids) < self.context - 2 else tokenizer.decode(ids[: self.context - 2]))
+            # 16 tokens of room: a decoded cut can re-encode a little longer (a split character)
+            cut.append(text if len(ids) < self.context - 16 else tokenizer.decode(ids[: self.context - 16]))
         vectors = self.scorer.embed(cut)
         return np.stack(vectors).astype(np.float32) if vectors else np.empty((0, 0), np.float32)
 

@@ -309,36 +309,47 @@ class SemanticWorkflow(Workflow):
         return {"groups": len(groups), "pairs": int(edges), "rows_compared": int(compared)}
 
     def _group_pairs(self, clusters: list[int]) -> tuple[np.ndarray, int]:
-        """(left gid, right gid, similarity) of each pair at or above the threshold."""
+        """(left gid, right gid, similarity) of each pair at or above the threshold. Exact copies
+        (the same hash) are compared once: the first row of each hash stands for the others,
+        which get an edge to it at 1.0 (n copies give n - 1 edges, not n^2 / 2)."""
         wanted = np.asarray(clusters, np.int32)
-        gids: list[np.ndarray] = []
-        vecs: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
+        parts: list[tuple[np.ndarray, ...]] = []
         for t, f in self.row_files():
             both = np.load(self.sig_files(t, f, "assign.npy"))
+            table = None
             for col in (0, 1):
                 rows = np.flatnonzero(np.isin(both[:, col], wanted))
                 if not len(rows):
                     continue
-                g = pq.read_table(self.sig_files(t, f, "rows.parquet"), columns=["gid"]).column("gid").to_numpy()
-                gids.append(g[rows])
-                vecs.append(weigh(self._vectors(t, f)[rows], self.weights()))
-                labels.append(both[rows, col])
-        if not gids:
+                if table is None:
+                    table = pq.read_table(self.sig_files(t, f, "rows.parquet"), columns=["gid", "exact_hi", "exact_lo"])
+                cols = [table.column(c).to_numpy()[rows] for c in ("gid", "exact_hi", "exact_lo")]
+                parts.append((*cols, weigh(self._vectors(t, f)[rows], self.weights()), both[rows, col]))
+        if not parts:
             return np.empty((0, 3), np.float64), 0
-        gid, vec, label = np.concatenate(gids), np.concatenate(vecs), np.concatenate(labels)
+        gid, hi, lo, vec, label = (np.concatenate([p[i] for p in parts]) for i in range(5))
         out = []
         for c in clusters:
             members = np.flatnonzero(label == c)
-            m_gid, m_vec = gid[members], vec[members]
-            for lo in range(0, len(members), PAIR_BLOCK):
-                sims = m_vec[lo : lo + PAIR_BLOCK] @ m_vec.T
+            members = members[np.argsort(gid[members], kind="stable")]  # the same order with any cluster.tasks
+            _, first, inverse = np.unique(
+                np.stack([hi[members], lo[members]], axis=1), axis=0, return_index=True, return_inverse=True
+            )
+            inverse = inverse.ravel()
+            copies = np.flatnonzero(first[inverse] != np.arange(len(members)))
+            if len(copies):
+                rep = members[first[inverse[copies]]]
+                out.append(np.stack([gid[rep], gid[members[copies]], np.ones(len(copies))], axis=1))
+            reps = members[np.sort(first)]
+            m_gid, m_vec = gid[reps], vec[reps]
+            for lo_ in range(0, len(reps), PAIR_BLOCK):
+                sims = m_vec[lo_ : lo_ + PAIR_BLOCK] @ m_vec.T
                 i, j = np.nonzero(sims >= self.threshold - 1e-6)
-                i = i + lo
+                i = i + lo_
                 upper = j > i
                 i, j = i[upper], j[upper]
                 if len(i):
-                    out.append(np.stack([m_gid[i], m_gid[j], np.minimum(sims[i - lo, j], 1.0)], axis=1))
+                    out.append(np.stack([m_gid[i], m_gid[j], np.minimum(sims[i - lo_, j], 1.0)], axis=1))
         found = np.concatenate(out) if out else np.empty((0, 3), np.float64)
         return found.astype(np.float64), len(gid)
 

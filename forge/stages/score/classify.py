@@ -44,7 +44,12 @@ class Head:
         return not self.labels
 
     def columns(self) -> list[str]:
-        return [prob_column(x) for x in self.labels]
+        """prob_<label> per label; labels that read the same as a column (`A+`, `A-`) get their
+        index appended, the labels themselves unchanged."""
+        names = [prob_column(x) for x in self.labels]
+        if len(set(names)) != len(names):
+            names = [f"{n}_{i}" for i, n in enumerate(names)]
+        return names
 
 
 def prob_column(label: str) -> str:
@@ -81,12 +86,14 @@ def read_head(path: str, trust_remote_code: bool = False) -> Head:
     n = int(getattr(conf, "num_labels", 1) or 1)
     problem = getattr(conf, "problem_type", None)
     arch = (getattr(conf, "architectures", None) or ["?"])[0]
-    if n == 1 and problem != "single_label_classification":
-        return Head([], False, arch)
     id2label = getattr(conf, "id2label", None) or {}
     labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
-    if len({prob_column(x) for x in labels}) != len(labels):
-        labels = [f"{x}_{i}" for i, x in enumerate(labels)]
+    if n == 1:  # a regression head, unless the config says it is one label's logit (sigmoid)
+        return (
+            Head(labels, True, arch)
+            if problem in ("single_label_classification", "multi_label_classification")
+            else Head([], False, arch)
+        )
     return Head(labels, problem == "multi_label_classification", arch)
 
 
@@ -334,7 +341,7 @@ class VllmClassifier:
 def choose_engine(cfg: ClassifierConfig, path: str) -> str:
     """classifier.engine with auto decided: vLLM when a GPU and vLLM are present and it runs the
     checkpoint (NeMo's own format and DeBERTa do not run on vLLM 0.26), else transformers."""
-    vllm_cannot = nemo_config(path) is not None or "Deberta" in read_head(path).architecture
+    vllm_cannot = nemo_config(path) is not None or "Deberta" in read_head(path, cfg.trust_remote_code).architecture
     if cfg.engine == "vllm" and vllm_cannot:
         raise ConfigError(
             f"classifier.engine=vllm: vLLM does not run {cfg.name_or_path} (DeBERTa backbones and NeMo's "

@@ -176,3 +176,16 @@ def test_curate_run_with_the_bundled_tiny_set(tmp_path: Path) -> None:
     assert [v["item"] for v in values] == ["tiny-001", "tiny-003", "tiny-005"]
     assert all(v["benchmark"] == "tiny" and len(v["ngram"].split()) == 13 for v in values)
     assert read_stats(out)["filters"]["decontaminate"] == {"contaminated_rows": {"tiny": 3}}
+
+
+def test_benchmark_columns_any_case_sparse_rows_and_a_missing_column(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "cache"))
+    rows = [{"ID": "c-1", "Question": QUESTION, "Answer": "51", "target": 1}, {"ID": "c-2", "Question": None}]
+    bench = write_jsonl(tmp_path / "caps.jsonl", rows)
+    f = build_filters([{"name": "decontaminate", "benchmarks": [str(bench)]}], None)[0]
+    removal = f.check({"text": "Copy: " + QUESTION})
+    assert removal is not None and removal.value["item"] == "c-1"
+    sparse = {"name": "sparse", "path": str(bench), "columns": ["Question", "Answer"]}  # row 2 has no Answer
+    assert build_filters([{"name": "decontaminate", "benchmarks": [sparse]}], None)[0].check({"text": QUESTION})
+    with pytest.raises(ConfigError, match=r"no row has the column\(s\) \['Nope'\]"):
+        build_filters([{"name": "decontaminate", "benchmarks": [{**sparse, "columns": ["Nope"]}]}], None)

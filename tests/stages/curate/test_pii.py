@@ -31,6 +31,10 @@ def test_validators() -> None:
         ("call +44 20 7946 0958 now", "phone"),
         ("host 8.8.8.8 is up", "ip"),
         ("host 2001:4860:4860::8888 is up", "ip"),
+        ("the dev 8.8.8.8 box", "ip"),
+        ("docs use 192.0.2.1 2001 times", "ip"),
+        ("office 415.555.0132 ext", "phone"),
+        ("pay DE89 3704 0044 0532 0130 00 OK?", "iban"),
         ("card 4111 1111 1111 1111 expires", "credit_card"),
         ("amex 3782 822463 10005 ok", "credit_card"),
         ("pay to GB82 WEST 1234 5698 7654 32 please", "iban"),
@@ -57,7 +61,8 @@ def test_each_type_is_found(text: str, kind: str) -> None:
         "New York is at 40.7128 -74.0060",
         "population 8 336 817, budget 1 234 567 890",
         "logged at 20240115 1200 and 2024 0115 1230",
-        "serve on 127.0.0.1 or 192.168.1.1 in the tutorial",
+        "serve on 127.0.0.1 or 0.0.0.0 in the tutorial",
+        "the build finished at ts 1712345678 today",
         "upgrade to version 1.2.3.4",
         "call Abc::Def or a::b in Perl",
         "the image logo@2x.png",
@@ -67,6 +72,21 @@ def test_each_type_is_found(text: str, kind: str) -> None:
 )
 def test_decoys_are_left_alone(text: str) -> None:
     assert PiiFinder().spans(text) == []
+
+
+def test_tool_calls_and_rejected_raw_rows_are_redacted_as_decoded_json() -> None:
+    """JSON text hides a value after a newline from the detectors (`\\n` ends in a letter):
+    tool calls and raw records are redacted decoded, and stay valid JSON."""
+    import json
+
+    f = build_filters([{"name": "pii"}], None)[0]
+    call = json.dumps([{"name": "send", "arguments": {"body": "hi\njohn.doe@gmail.com\n4111 1111 1111 1111"}}])
+    row = {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": call}]}
+    f.check(row)
+    body = json.loads(row["messages"][1]["tool_calls"])[0]["arguments"]["body"]
+    assert body == "hi\n[EMAIL]\n[CREDIT_CARD]"
+    record = f.redact_value({"text": "a\n8.8.8.8\tb", "n": 3})
+    assert record == {"text": "a\n[IP]\tb", "n": 3}
 
 
 def test_precision_and_recall_on_the_planted_set() -> None:
