@@ -71,6 +71,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_throughput import wait_gpu_free  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 KIT_MODEL = "/tmp/vroot/model/qwen3-0.6b-dummy"
 VLLM_PHASES = ("bound", "bound_qwen", "embed_bound")  # run by this script's code, so started early
@@ -475,26 +478,6 @@ def run_one_phase(args: argparse.Namespace, work: Path) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # vLLM's background threads must not hold the process
-
-
-def gpu_memory_used_mib() -> list[int]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
-        return [int(x) for x in out.split()]
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return []
-
-
-def wait_gpu_free(limit_s: float = 60.0, free_below_mib: int = 2048) -> float:
-    """Wait until the previous phase's engine has let go of the GPU memory; returns the seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < limit_s:
-        used = gpu_memory_used_mib()
-        if not used or max(used) < free_below_mib:
-            break
-        time.sleep(0.5)
-    return time.perf_counter() - t0
 
 
 def device_info() -> str:
