@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_throughput import wait_gpu_free  # noqa: E402
+from gpu_throughput import device_info, record_and_exit, wait_gpu_free  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 KIT_MODEL = "/tmp/vroot/model/qwen3-0.6b-dummy"
@@ -474,20 +474,7 @@ def run_one_phase(args: argparse.Namespace, work: Path) -> None:
 
         traceback.print_exc()
         result = {"error": f"{exc.__class__.__name__}: {str(exc)[-3000:]}"}
-    Path(args.result).write_text(json.dumps(result))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # vLLM's background threads must not hold the process
-
-
-def device_info() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()  # fmt: skip
-        names = out.splitlines()
-        return f"{len(names)} x {names[0]}" if len(names) > 1 else (names[0] if names else "unknown")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    record_and_exit(args.result, result)
 
 
 class Phase:

@@ -495,7 +495,12 @@ def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
 
         traceback.print_exc()
         result = {"error": f"{exc.__class__.__name__}: {str(exc)[-2000:]}"}
-    Path(args.result).write_text(json.dumps(result))
+    record_and_exit(args.result, result)
+
+
+def record_and_exit(path: str, result: dict) -> None:
+    """A phase process's end: its result for the parent, then out at once."""
+    Path(path).write_text(json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # vLLM's background threads must not hold the process
