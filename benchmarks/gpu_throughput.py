@@ -25,6 +25,10 @@ requests per row at the workload's sampling, each with a third of --max-tokens, 
 same output budget as in `forge` and its sequences stay as long: what differs is only that step
 k+1 must wait for step k; compare it with `forge` in the same call), `rollout3full` (the same
 with --max-tokens per step: three times the output, on sequences up to ~3x longer),
+`rollout3chain` (rollout=self_refine: the three steps in one growing conversation, each prompt the
+last one's prompt and answer plus a turn, so the prefix cache can serve it) against
+`offline3chain` (raw vLLM doing the same as three waves of LLM.chat; both report vLLM's
+prefix-cache hit rate, from num_cached_tokens),
 `forge:ENGINE` (model.engine=ENGINE), or a NAME defined by `--variant NAME=OVERRIDES` (a forge run
 with extra space-separated Hydra overrides). `--forge-overrides` applies to every forge phase.
 """
@@ -45,7 +49,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
-OWN_PHASES = ("offline", "offline3", "datatrove")  # run by this script's code, so they can be started early
+OWN_PHASES = (
+    "offline",
+    "offline3",
+    "offline3chain",
+    "datatrove",
+)  # run by this script's code, so they can be started early
 SCORE_PHASES = ("score", "score_hf", "prefill")  # forge pipeline=score vs a transformers loop vs vLLM prefill
 
 
@@ -129,16 +138,20 @@ def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
     }
 
 
-def phase_offline3(args: argparse.Namespace, texts: list[str]) -> dict:
+def phase_offline3(args: argparse.Namespace, texts: list[str], chain: bool = False) -> dict:
     """Raw vLLM doing rollout3's work without forge: draft, critique and revise as three batch waves
     of LLM.chat (each wave waits for the whole previous one), with the prompts of
-    conf/rollout/critique_revise.yaml and a third of --max-tokens per step, as rollout3 sends them."""
+    conf/rollout/critique_revise.yaml and a third of --max-tokens per step, as rollout3 sends them.
+    chain=True (`offline3chain`): conf/rollout/self_refine.yaml's one growing conversation, as
+    rollout3chain sends it; vLLM's prefix cache is on (its default) and may serve each wave's
+    earlier turns, as far as their text re-tokenizes to the same ids."""
     import re
 
     import yaml
     from vllm import SamplingParams
 
-    prompts = yaml.safe_load((REPO / "conf" / "rollout" / "critique_revise.yaml").read_text())["prompts"]
+    conf = "self_refine" if chain else "critique_revise"
+    prompts = yaml.safe_load((REPO / "conf" / "rollout" / f"{conf}.yaml").read_text())["prompts"]
 
     def render(name: str, **fields: str) -> str:
         return re.sub(r"\{([A-Za-z_]\w*)\}", lambda m: fields.get(m.group(1), m.group(0)), prompts[name])
@@ -147,25 +160,44 @@ def phase_offline3(args: argparse.Namespace, texts: list[str]) -> dict:
     llm, startup = offline_llm(args)
     params = SamplingParams(max_tokens=args.max_tokens // 3, ignore_eos=True, **SAMPLING)
     llm.chat([[{"role": "user", "content": texts[0]}]], SamplingParams(max_tokens=16, ignore_eos=True, **SAMPLING))
+    prompt_tokens = cached_tokens = 0
+
+    def wave(conversations: list) -> list:
+        nonlocal prompt_tokens, cached_tokens
+        outs = llm.chat(conversations, params, use_tqdm=False)
+        prompt_tokens += sum(len(o.prompt_token_ids) for o in outs)
+        cached_tokens += sum(o.num_cached_tokens or 0 for o in outs)
+        return outs
+
     t0 = time.perf_counter()
     first = [[{"role": "user", "content": t}] for t in texts]
-    drafts = [o.outputs[0].text for o in llm.chat(first, params, use_tqdm=False)]
-    asks = [
-        [{"role": "user", "content": render("critique", question=t, answer=d)}]
-        for t, d in zip(texts, drafts, strict=True)
-    ]
-    critiques = [o.outputs[0].text for o in llm.chat(asks, params, use_tqdm=False)]
-    turns = [
-        [*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("revise", critique=c)}]
-        for m, d, c in zip(first, drafts, critiques, strict=True)
-    ]
-    outs = llm.chat(turns, params, use_tqdm=False)
+    drafts = [o.outputs[0].text for o in wave(first)]
+    if chain:
+        asks = [[*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("critique")}]
+                for m, d in zip(first, drafts, strict=True)]  # fmt: skip
+    else:
+        asks = [
+            [{"role": "user", "content": render("critique", question=t, answer=d)}]
+            for t, d in zip(texts, drafts, strict=True)
+        ]
+    critiques = [o.outputs[0].text for o in wave(asks)]
+    if chain:
+        turns = [[*a, {"role": "assistant", "content": c}, {"role": "user", "content": render("revise")}]
+                 for a, c in zip(asks, critiques, strict=True)]  # fmt: skip
+    else:
+        turns = [
+            [*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("revise", critique=c)}]
+            for m, d, c in zip(first, drafts, critiques, strict=True)
+        ]
+    outs = wave(turns)
     wall = time.perf_counter() - t0
     out_tok = len(texts) * 2 * (args.max_tokens // 3) + sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
         "output_tok_s": out_tok / wall,
         "wall_s": wall,
         "output_tokens": out_tok,
+        "prompt_tokens": prompt_tokens,
+        "prefix_cache_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else None,
         "engine_startup_s": startup,
         "max_num_seqs": args.offline_max_num_seqs,
         "imports_done_unix": imported,
@@ -248,6 +280,8 @@ def forge_overrides(args: argparse.Namespace, phase: str) -> list[str]:
         return extra
     if phase == "rollout3":
         return ["rollout=critique_revise", "rollout.rounds=1", f"generation.max_tokens={args.max_tokens // 3}", *extra]
+    if phase == "rollout3chain":
+        return ["rollout=self_refine", "rollout.rounds=1", f"generation.max_tokens={args.max_tokens // 3}", *extra]
     if phase == "rollout3full":
         return ["rollout=critique_revise", "rollout.rounds=1", *extra]
     return [*shlex.split(args.variants[phase]), *extra]
@@ -294,6 +328,18 @@ def phase_forge(args: argparse.Namespace, data: Path, work: Path, phase: str) ->
         "compile_cache": session.get("compile_cache"),
         "in_flight": session.get("in_flight"),
         "in_flight_reason": session.get("in_flight_reason"),
+        # where a rollout's time goes (forge/engine/inprocess.py EngineLoad), and the prefix cache
+        **{
+            k: session.get(k)
+            for k in (
+                "max_active",
+                "engine_requests_mean",
+                "engine_below_full_batch_s",
+                "engine_window_s",
+                "prompt_build_s",
+                "prefix_cache_hit_rate",
+            )
+        },  # fmt: skip
         "overrides": overrides,
         "total_incl_startup_s": time.perf_counter() - t0,
     }
@@ -483,9 +529,9 @@ def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
         elif name == "offline":
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
             result = phase_offline(args, texts)
-        elif name == "offline3":
+        elif name in ("offline3", "offline3chain"):
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
-            result = phase_offline3(args, texts)
+            result = phase_offline3(args, texts, chain=name == "offline3chain")
         elif name == "datatrove":
             result = phase_datatrove(args, data, work)
         else:
@@ -545,8 +591,11 @@ def add_ratios(ph: dict) -> None:
             r["vs_datatrove_from_dt_ready"] = r["output_tok_s"] / dt2
         if base and name != "forge":
             r["vs_forge"] = r["output_tok_s"] / base
-        if off3 and name.startswith("rollout3"):
+        if off3 and name.startswith("rollout3") and name != "rollout3chain":
             r["vs_offline3"] = r["output_tok_s"] / off3
+        off3chain = ph.get("offline3chain", {}).get("output_tok_s")
+        if off3chain and name == "rollout3chain":
+            r["vs_offline3"] = r["output_tok_s"] / off3chain  # the same work: the chained waves
 
 
 def parse_args() -> argparse.Namespace:
@@ -593,11 +642,12 @@ def parse_args() -> argparse.Namespace:
         if not sep or not name or name in OWN_PHASES or name.startswith("forge"):
             ap.error(f"--variant {spec!r}: expected NAME=OVERRIDES with a NAME other than offline/datatrove/forge*")
         args.variants[name] = overrides
-    known = (*OWN_PHASES, *SCORE_PHASES, "forge", "rollout3", "rollout3full", *args.variants)
+    known = (*OWN_PHASES, *SCORE_PHASES, "forge", "rollout3", "rollout3chain", "rollout3full", *args.variants)
     for phase in filter(None, args.phases.split(",")):
         if phase not in known and not phase.startswith("forge:"):
             ap.error(
-                f"unknown phase {phase!r}: offline, offline3, datatrove, forge, rollout3, rollout3full, "
+                f"unknown phase {phase!r}: offline, offline3, offline3chain, datatrove, forge, rollout3, "
+                "rollout3chain, rollout3full, "
                 "forge:ENGINE or a --variant NAME"
             )
     return args

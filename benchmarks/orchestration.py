@@ -6,7 +6,12 @@ prints a bare keep-alive aiohttp client as the ceiling on this machine, and the 
 3-step rollout (draft -> critique -> revise: forge's rollout=critique_revise vs a datatrove
 rollout function making the same three dependent calls), in requests/s.
 
-    python benchmarks/orchestration.py [--docs 20000] [--in-flight 256] [--phases single,rollout3]
+Phase `cli` (issue 25) times whole commands, start to exit, against a server whose answers are
+100 words (100 completion tokens by its usage counts): the `forge` command (compose, scan, plan,
+generation, writes, stats, card) and a Python process running datatrove's InferenceRunner on the
+same documents (imports, reading, inference, writes), one after the other.
+
+    python benchmarks/orchestration.py [--docs 20000] [--in-flight 256] [--phases single,rollout3,cli]
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ from pathlib import Path
 import aiohttp
 
 HERE = Path(__file__).resolve().parent
+ANSWER_WORDS = 100  # phase cli: each answer is 100 words, 100 completion tokens
 sys.path.insert(0, str(HERE.parent))
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(words: int = 3) -> tuple[subprocess.Popen, str]:
     from forge.engine.server import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "canned_server.py"), str(port)])
+    proc = subprocess.Popen([sys.executable, str(HERE / "canned_server.py"), str(port), "--words", str(words)])
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -97,14 +103,46 @@ def run_forge(url: str, data: Path, out: Path, in_flight: int, chunk: int, token
     return time.perf_counter() - t0
 
 
-def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int, steps: int = 1) -> float:
+def run_forge_cli(url: str, data: Path, out: Path, in_flight: int, chunk: int, tokenizer: str) -> float:
+    """The `forge` command itself, from its start to its exit."""
+    script = Path(sys.executable).with_name("forge")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
+    cmd += [
+        "model=endpoint",
+        f"model.endpoint_url={url}",
+        "model.name_or_path=canned",
+        f"model.tokenizer={tokenizer}",
+        f"dataset.name={data}",
+        "dataset.id_column=id",
+        f"output.dir={out}",
+        f"output.examples_per_chunk={chunk}",
+        f"run.max_in_flight={in_flight}",
+        f"generation.max_tokens={ANSWER_WORDS}",
+        "run.progress=false",
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def run_datatrove_cli(url: str, data: Path, out: Path, in_flight: int, chunk: int) -> float:
+    """datatrove's InferenceRunner in a fresh Python process (this script, --datatrove-only), start to exit."""
+    cmd = [sys.executable, __file__, "--datatrove-only", url, str(data), str(out), str(in_flight), str(chunk)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def run_datatrove(
+    url: str, data: Path, out: Path, in_flight: int, chunk: int, steps: int = 1, max_tokens: int = 16
+) -> float:
     from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import ParquetWriter
 
     async def rollout(doc, generate):
         messages = [{"role": "user", "content": doc.text}]
-        result = await generate({"messages": messages, "max_tokens": 16})
+        result = await generate({"messages": messages, "max_tokens": max_tokens})
         if steps == 1:
             return result.text
         critique = await generate(
@@ -133,12 +171,26 @@ def run_datatrove(url: str, data: Path, out: Path, in_flight: int, chunk: int, s
     return time.perf_counter() - t0
 
 
+def datatrove_only(argv: list[str]) -> None:
+    """The datatrove side of phase cli, run as its own process."""
+    from loguru import logger
+
+    logger.remove()
+    logger.disable("datatrove")
+    url, data, out, in_flight, chunk = argv
+    run_datatrove(url, Path(data), Path(out), int(in_flight), int(chunk), max_tokens=ANSWER_WORDS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--in-flight", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=1000)
-    ap.add_argument("--phases", default="single,rollout3", help="single (one request per doc), rollout3 (3 steps)")
+    ap.add_argument(
+        "--phases",
+        default="single,rollout3,cli",
+        help="single (one request per doc), rollout3 (3 steps), cli (whole commands, 100-token answers)",
+    )
     args = ap.parse_args()
     phases = args.phases.split(",")
     from forge.engine.tiny_model import ensure_tiny_model
@@ -150,6 +202,7 @@ def main() -> None:
     from loguru import logger
 
     logger.remove()  # datatrove logs every chunk; keep the output readable
+    logger.disable("datatrove")  # its runner adds its own handler again
     work = Path(tempfile.mkdtemp(prefix="forge-bench-"))
     data = work / "docs.jsonl"
     with open(data, "w") as fh:
@@ -159,7 +212,20 @@ def main() -> None:
     results: dict[str, float] = {}
     try:
         results["bare_aiohttp_req_s"] = asyncio.run(bare_client(url, args.docs, args.in_flight))
-        for phase in phases:
+        if "cli" in phases:
+            cli_server, cli_url = start_server(ANSWER_WORDS)
+            try:
+                for side, fn in (("forge", run_forge_cli), ("datatrove", run_datatrove_cli)):
+                    extra = (tokenizer,) if side == "forge" else ()
+                    before = served(cli_url)
+                    secs = fn(cli_url, data, work / f"{side}-cli", args.in_flight, args.chunk, *extra)
+                    results[f"cli_{side}_docs_s"] = args.docs / secs
+                    results[f"cli_{side}_requests_s"] = (served(cli_url) - before) / secs
+                results["cli_forge_vs_datatrove"] = results["cli_forge_docs_s"] / results["cli_datatrove_docs_s"]
+            finally:
+                cli_server.terminate()
+                cli_server.wait()
+        for phase in (p for p in phases if p != "cli"):
             steps = 3 if phase == "rollout3" else 1
             tag = "" if steps == 1 else "rollout3_"
             for side, fn in (("forge", run_forge), ("datatrove", run_datatrove)):
@@ -178,15 +244,19 @@ def main() -> None:
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=2))
     print(f"\n{'client':<22}{'docs/s':>10}{'requests/s':>12}")
     print(f"{'bare aiohttp':<22}{'':>10}{results['bare_aiohttp_req_s']:>12,.0f}")
-    for tag, what in (("", "single step"), ("rollout3_", "3-step rollout")):
+    for tag, what in (("", "single step"), ("rollout3_", "3-step rollout"), ("cli_", "CLI, 100 tok")):
         if f"{tag}forge_docs_s" not in results:
             continue
         for side in ("forge", "datatrove"):
             docs, reqs = results[f"{tag}{side}_docs_s"], results[f"{tag}{side}_requests_s"]
             print(f"{side + ' ' + what:<22}{docs:>10,.0f}{reqs:>12,.0f}")
         print(f"  forge / datatrove = {results[f'{tag}forge_vs_datatrove']:.2f}x")
-    print("targets: single step forge >= 1,500 docs/s and >= 5x datatrove; 3-step rollout forge >= 1,500 requests/s")
+    print("targets: single step forge >= 1,500 docs/s and >= 5x datatrove; 3-step rollout forge >= 1,500 requests/s;")
+    print("         CLI (start to exit, 100-token answers) forge >= 3,000 docs/s and >= 10x datatrove")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--datatrove-only"]:
+        datatrove_only(sys.argv[2:])
+    else:
+        main()

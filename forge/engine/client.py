@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from forge.engine.http1 import Http1Pool, HttpError
 from forge.engine.server import Engine, EngineError
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -44,6 +45,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     content_null: bool = False  # the engine sent `content: null` (or none): text is "" but not an answer
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache (when it says)
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -74,6 +76,7 @@ def parse_completion(data: dict[str, Any]) -> Completion:
     usage = data.get("usage") or {}
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     content = message.get("content")
+    details = usage.get("prompt_tokens_details") or {}  # vllm serve: --enable-prompt-tokens-details
     return Completion(
         text=content or "",
         reasoning=reasoning or None,
@@ -81,11 +84,13 @@ def parse_completion(data: dict[str, Any]) -> Completion:
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         content_null=content is None,
+        cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
     )
 
 
 class ChatClient:
-    """POST /v1/chat/completions through one connection pool sized to the in-flight limit."""
+    """POST /v1/chat/completions through one connection pool sized to the in-flight limit: forge's
+    own HTTP/1.1 pool for http:// engines (forge/engine/http1.py says why), aiohttp for https://."""
 
     def __init__(
         self,
@@ -103,18 +108,47 @@ class ChatClient:
         self.backoff_s = backoff_s
         self.on_retry = on_retry or (lambda reason: None)
         self.session: aiohttp.ClientSession | None = None
+        self.pool: Http1Pool | None = None
+        self.headers: dict[str, str] = {}
 
     async def __aenter__(self) -> ChatClient:
         connector = aiohttp.TCPConnector(limit=self.max_in_flight, keepalive_timeout=120, force_close=False)
-        headers = {"Content-Type": "application/json"}
+        self.headers = {"Content-Type": "application/json"}
         if self.engine.api_key:
-            headers["Authorization"] = f"Bearer {self.engine.api_key}"
-        self.session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=self.timeout)
+            self.headers["Authorization"] = f"Bearer {self.engine.api_key}"
+        self.session = aiohttp.ClientSession(connector=connector, headers=self.headers, timeout=self.timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.pool:
+            self.pool.close()
         if self.session:
             await self.session.close()
+
+    def _http1(self, base_url: str) -> Http1Pool | None:
+        """The pool for a plain-http engine; a restarted engine on a new address gets a new one."""
+        if not base_url.startswith("http://"):
+            return None
+        if self.pool is None or self.pool.base_url != base_url:
+            if self.pool is not None:
+                self.pool.close()
+            auth = {k: v for k, v in self.headers.items() if k != "Content-Type"}
+            self.pool = Http1Pool(base_url, auth, self.max_in_flight)
+        return self.pool
+
+    async def _post(self, path: str, payload: bytes) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body); HttpError for a connection failure, TimeoutError when slow."""
+        base_url = self.engine.base_url
+        pool = self._http1(base_url)
+        if pool is not None:
+            resp = await pool.post(path, payload, self.timeout.total or 3600.0)
+            return resp.status, resp.headers.get("retry-after"), resp.body
+        assert self.session is not None, "use `async with ChatClient(...)`"
+        try:
+            async with self.session.post(f"{base_url}{path}", data=payload) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.read()
+        except aiohttp.ClientError as exc:
+            raise HttpError(f"{exc.__class__.__name__}: {exc}") from exc
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
@@ -127,36 +161,33 @@ class ChatClient:
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         """Send one request; retry what is transient; raise RequestRejected / RequestFailed."""
-        assert self.session is not None, "use `async with ChatClient(...)`"
         payload = orjson.dumps(body)
         attempt = 0
         while True:
             await self.engine.wait_ready()
-            url = f"{self.engine.base_url}/v1/chat/completions"
             retry_after = None
             try:
-                async with self.session.post(url, data=payload) as resp:
-                    raw = await resp.read()
-                    if resp.status == 200:
-                        try:
-                            return parse_completion(orjson.loads(raw))
-                        except (ValueError, KeyError, IndexError, TypeError):
-                            reason = f"malformed 200 response: {raw[:200]!r}"
-                    elif resp.status in (401, 403):  # the key, not the row: every row would fail
-                        why = error_message(raw.decode(errors="replace"))
-                        raise EngineError(
-                            f"{self.engine.base_url} refused the API key (HTTP {resp.status}: {why}); check "
-                            "model.api_key_env and re-run the same command: no row was quarantined for it"
-                        )
-                    elif resp.status in RETRYABLE_STATUS:
-                        reason = f"HTTP {resp.status}: {error_message(raw.decode(errors='replace'))}"
-                        retry_after = resp.headers.get("Retry-After")
-                    else:
-                        raise RequestRejected(resp.status, error_message(raw.decode(errors="replace")))
+                status, retry_header, raw = await self._post("/v1/chat/completions", payload)
+                if status == 200:
+                    try:
+                        return parse_completion(orjson.loads(raw))
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        reason = f"malformed 200 response: {raw[:200]!r}"
+                elif status in (401, 403):  # the key, not the row: every row would fail
+                    why = error_message(raw.decode(errors="replace"))
+                    raise EngineError(
+                        f"{self.engine.base_url} refused the API key (HTTP {status}: {why}); check "
+                        "model.api_key_env and re-run the same command: no row was quarantined for it"
+                    )
+                elif status in RETRYABLE_STATUS:
+                    reason = f"HTTP {status}: {error_message(raw.decode(errors='replace'))}"
+                    retry_after = retry_header
+                else:
+                    raise RequestRejected(status, error_message(raw.decode(errors="replace")))
             except asyncio.TimeoutError:
                 reason = f"timed out after {self.timeout.total:.0f} s"
-            except aiohttp.ClientError as exc:
-                reason = f"connection error: {exc.__class__.__name__}: {exc}"
+            except HttpError as exc:
+                reason = f"connection error: {exc}"
                 if not self.engine.is_ready():
                     continue  # the engine is restarting: wait for it, this attempt does not count
             if attempt >= self.max_retries:

@@ -17,6 +17,7 @@ from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS
 from forge.engine.client import Completion, RequestRejected
 from forge.engine.commands import missing_engine_message
 from forge.engine.config import EngineKind, ModelConfig
+from forge.engine.continuation import Continuations
 from forge.engine.server import Engine, EngineError
 from forge.engine.tokenizer import Tokenizer
 
@@ -125,13 +126,63 @@ class VllmInProcess(Engine):
             self.llm = None
 
 
-class InProcessClient:
-    """Same contract as ChatClient.complete(body), served by the in-process engine."""
+class EngineLoad:
+    """How full forge kept the engine: the time-weighted mean of requests inside it, the time it
+    held fewer than a full batch (max_num_seqs) while forge had any in it, and the Python time
+    forge spent building prompts. Two clock reads per request: cheap enough to keep on."""
 
-    def __init__(self, engine: VllmInProcess, tokenizer: Tokenizer, template_kwargs: dict[str, Any] | None) -> None:
+    def __init__(self, full_batch: int) -> None:
+        self.full_batch = full_batch
+        self.inside = 0
+        self.since = 0.0
+        self.first: float | None = None
+        self.area = 0.0  # requests x seconds
+        self.below_full_s = 0.0
+        self.prompt_s = 0.0
+
+    def change(self, delta: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif self.inside:
+            self.area += self.inside * (now - self.since)
+            if self.inside < self.full_batch:
+                self.below_full_s += now - self.since
+        self.inside += delta
+        self.since = now
+
+    def notes(self) -> dict[str, Any]:
+        window = (self.since - self.first) if self.first is not None else 0.0
+        return {
+            "engine_requests_mean": round(self.area / window, 1) if window else None,
+            "engine_below_full_batch_s": round(self.below_full_s, 2),
+            "engine_window_s": round(window, 2),
+            "prompt_build_s": round(self.prompt_s, 2),
+        }
+
+
+class InProcessClient:
+    """Same contract as ChatClient.complete(body), served by the in-process engine.
+
+    continue_prompts (rollouts): a request that continues an earlier answer of this process is
+    sent as that answer's own token ids plus the template's continuation, so vLLM's prefix cache
+    serves the earlier prompt and answer (forge/engine/continuation.py)."""
+
+    def __init__(
+        self,
+        engine: VllmInProcess,
+        tokenizer: Tokenizer,
+        template_kwargs: dict[str, Any] | None,
+        continue_prompts: bool = False,
+    ) -> None:
         self.engine = engine
         self.tok = tokenizer
         self.template_kwargs = template_kwargs or {}
+        self.continuations = Continuations(self._render, tokenizer.encode) if continue_prompts else None
+        self.load = EngineLoad(engine.model.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS)
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        return self.tok.render(messages, **self.template_kwargs)
 
     async def __aenter__(self) -> InProcessClient:
         return self
@@ -154,12 +205,19 @@ class InProcessClient:
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         await self.engine.wait_ready()
-        ids = self.tok.encode(self.tok.render(body["messages"], **self.template_kwargs))
+        messages = body["messages"]
+        t0 = time.perf_counter()
+        if self.continuations is not None:
+            ids, text = self.continuations.prompt_ids(messages)
+        else:
+            ids, text = self.tok.encode(self._render(messages)), ""
+        self.load.prompt_s += time.perf_counter() - t0
         try:
             params = self.sampling_params(body)
         except (ValueError, TypeError) as exc:
             raise RequestRejected(400, str(exc)) from exc
         final = None
+        self.load.change(+1)
         try:
             async for out in self.engine.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
                 final = out
@@ -173,11 +231,20 @@ class InProcessClient:
                 raise RequestRejected(400, f"{cause.__class__.__name__}: {cause}") from exc
             why = f"{exc.__class__.__name__}: {exc}" + (f" ({cause.__class__.__name__}: {cause})" if cause else "")
             raise EngineError(f"vLLM engine failed: {why}") from exc
+        finally:
+            self.load.change(-1)
         choice = final.outputs[0]
+        stop = choice.stop_reason  # None: EOS or length; int: a stop token id; str: a stop string
+        if self.continuations is not None and not isinstance(stop, str):
+            t0 = time.perf_counter()
+            stopped_on_token = choice.finish_reason == "stop"
+            self.continuations.remember(messages, text, ids, choice.text, list(choice.token_ids), stopped_on_token)
+            self.load.prompt_s += time.perf_counter() - t0
         return Completion(
             text=choice.text,
             reasoning=None,
             finish_reason=choice.finish_reason or "unknown",
             prompt_tokens=len(final.prompt_token_ids or ids),
             completion_tokens=len(choice.token_ids),
+            cached_tokens=int(getattr(final, "num_cached_tokens", None) or 0),
         )

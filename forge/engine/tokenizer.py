@@ -104,13 +104,39 @@ class TransformersTokenizer:
         return self.tok.decode(ids)
 
 
+class TokenizerUnavailable(Exception):
+    """Neither a local dir, the Hub cache, nor a reachable Hub repo has this tokenizer."""
+
+
+def _hub_reachable(name: str, revision: str | None) -> None:
+    """One quick look at the repo before any download: hf_hub_download and transformers each retry
+    an unreachable Hub for about 23 s, so a name that is not a Hub model (an endpoint's
+    `gpt-4.1-mini`) or an offline machine would cost a minute of start-up for nothing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except OfflineModeIsEnabled as exc:
+        raise TokenizerUnavailable(f"{name!r} is not in the local Hub cache and HF_HUB_OFFLINE is set") from exc
+    except Exception as exc:  # unreachable, not found, gated: none of them gets better by retrying
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TokenizerUnavailable(
+            f"{name!r} is neither a local directory nor a reachable Hub model ({reason})"
+        ) from exc
+
+
 def _local_files(name: str, revision: str | None) -> Path | None:
     """A directory holding the tokenizer files: the model dir itself, or a Hub download of them."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path if (path / "tokenizer.json").exists() else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    cached = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
+    if isinstance(cached, str):  # its snapshot dir holds the files fetched with it: no network
+        return Path(cached).parent
+    _hub_reachable(name, revision)
     found: Path | None = None
     for filename in FILES:
         try:
@@ -122,7 +148,7 @@ def _local_files(name: str, revision: str | None) -> Path | None:
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Tokenizer:
-    directory = _local_files(name, revision)
+    directory = _local_files(name, revision)  # TokenizerUnavailable: transformers would only retry the same
     if directory is not None:
         return FastTokenizer(directory)
     return TransformersTokenizer(name, revision, trust_remote_code)

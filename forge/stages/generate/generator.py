@@ -67,6 +67,7 @@ class SessionStats:
     retry_reasons: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # of prompt_tokens, served from the engine's prefix cache
     completion_tokens: int = 0
     truncated: int = 0
     content_null: int = 0
@@ -230,6 +231,7 @@ class Generator:
         s.answers += 1
         if not from_cache:
             s.prompt_tokens += c.prompt_tokens
+            s.prompt_tokens_cached += c.cached_tokens
             s.completion_tokens += c.completion_tokens
             self.on_tokens(c.completion_tokens)
         s.finish_reasons[c.finish_reason] += 1

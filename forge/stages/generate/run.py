@@ -43,6 +43,7 @@ from forge.stages.generate.stats import merge_stats, session_record, write_task_
 from forge.stages.generate.task_parts import (
     GPU_ENGINES,
     DocProgress,
+    engine_load,
     flush_all,
     make_client,
     make_fitter,
@@ -221,7 +222,10 @@ async def _run_task(
                         async with client:
                             gen.client = client
                             gen.on_tokens = lambda n: bar.advance(tokens_out=n)
-                            await gen.run(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
+                            try:
+                                await gen.run(planner.plan(scan.pending, done, fitter, engine.served_model, identity))
+                            finally:
+                                notes.update(engine_load(client))
                 status = "complete"
             except asyncio.CancelledError:
                 status = "interrupted"

@@ -82,6 +82,8 @@ def session_record(
         "retry_reasons": dict(s.retry_reasons),
         "rejected": dict(s.rejected),
         "tokens_in": s.prompt_tokens,
+        "tokens_in_prefix_cached": s.prompt_tokens_cached,
+        "prefix_cache_hit_rate": s.prompt_tokens_cached / s.prompt_tokens if s.prompt_tokens else None,
         "tokens_out": s.completion_tokens,
         "finish_reasons": dict(s.finish_reasons),
         "content_null": s.content_null,

@@ -108,15 +108,24 @@ def make_client(
     in_flight: int,
     on_retry: Any,
     m: ModelConfig | None = None,
+    continue_prompts: bool = False,
 ) -> Any:
-    """HTTP for server engines; direct calls for the in-process one."""
+    """HTTP for server engines; direct calls for the in-process one (continue_prompts: a rollout's
+    later steps reuse its earlier answers' token ids, forge/engine/continuation.py)."""
     m = m or cfg.model
     if m.engine == EngineKind.vllm_async:
         if tokenizer is None:
             raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
-        return InProcessClient(engine, tokenizer, cfg.generation.extra_body.get("chat_template_kwargs"))
+        kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
+        return InProcessClient(engine, tokenizer, kwargs, continue_prompts)
     r = cfg.run
     return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=on_retry)
+
+
+def engine_load(client: Any) -> dict[str, Any]:
+    """How full the in-process engine was kept (forge/engine/inprocess.py EngineLoad), for stats."""
+    load = getattr(client, "load", None)
+    return load.notes() if load is not None else {}
 
 
 def budget_for(cfg: ForgeConfig, context: int | None) -> int | None:

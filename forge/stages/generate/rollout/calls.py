@@ -39,7 +39,8 @@ class Answer:
     completion_tokens: int
     content_null: bool = False
     parsed: Any = None
-    cached: bool = False
+    cached: bool = False  # replayed from forge's request cache
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache
 
     def __str__(self) -> str:
         return self.text
@@ -166,6 +167,7 @@ class Calls:
             lane.answered += 1
             s.answers += 1
             s.prompt_tokens += answer["prompt_tokens"]
+            s.prompt_tokens_cached += answer.get("cached_tokens", 0)
             s.completion_tokens += answer["completion_tokens"]
             if self.on_tokens:
                 self.on_tokens(answer["completion_tokens"])

@@ -142,6 +142,53 @@ async def critique_revise(row: dict[str, Any], generate: Any, ctx: Any) -> dict[
     return {"messages": messages, "draft": draft.text, "critiques": critiques, "revisions": revisions, "text": answer}
 
 
+@_ready(
+    ("rounds",),
+    ("critique", "revise"),
+    {
+        "messages": MESSAGES,
+        "draft": pa.string(),
+        "critiques": pa.list_(pa.string()),
+        "revisions": pa.list_(pa.string()),
+        "text": pa.string(),
+        "conversation": MESSAGES,
+    },
+)
+async def self_refine(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
+    """Draft, then rollout.rounds x (critique, revise), all by the model in one growing
+    conversation: each step's prompt is the previous step's prompt and answer plus one user turn.
+    An engine with a prefix cache (vLLM's default) then prefills only the new turn, where
+    critique_revise's separate critic prompt prefills the draft again; on vllm_async forge sends
+    the earlier answers' own token ids, so the cache hits even when text would not round-trip
+    (forge/engine/continuation.py). `conversation` keeps every turn."""
+    messages = ctx.messages(row)
+    conversation = list(messages)
+    draft = await generate(list(conversation), step="draft")
+    conversation.append({"role": "assistant", "content": draft.text})
+    answer, critiques, revisions = draft.text, [], []
+    for n in range(1, ctx.cfg.rounds + 1):
+        conversation.append({"role": "user", "content": ctx.render("critique")})
+        # generation.json_schema shapes the answer, not the critique
+        critique = await generate(list(conversation), step=f"critique {n}", json_schema=None)
+        conversation += [
+            {"role": "assistant", "content": critique.text},
+            {"role": "user", "content": ctx.render("revise")},
+        ]
+        revised = await generate(list(conversation), step=f"revise {n}")
+        conversation.append({"role": "assistant", "content": revised.text})
+        critiques.append(critique.text)
+        revisions.append(revised.text)
+        answer = revised.text
+    return {
+        "messages": messages,
+        "draft": draft.text,
+        "critiques": critiques,
+        "revisions": revisions,
+        "text": answer,
+        "conversation": conversation,
+    }
+
+
 @_ready(("turns",), ("user_simulator",), {"messages": MESSAGES, "num_turns": pa.int64()})
 async def multi_turn(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
     """The assistant and a user simulator (the same model with rollout.prompts.user_simulator as

@@ -140,7 +140,9 @@ async def run_rollout_task(
                             tok = fitter.tok
                             if name != "model":  # an in-process judge renders with its own template
                                 tok = await asyncio.to_thread(own_tokenizer, m, paths[name])
-                            client = parts.make_client(cfg, engines[name], tok, sized["in_flight"], stats.on_retry, m)
+                            client = parts.make_client(
+                                cfg, engines[name], tok, sized["in_flight"], stats.on_retry, m, continue_prompts=True
+                            )
                             lanes[name] = Lane(
                                 name,
                                 engines[name].served_model,
@@ -178,7 +180,10 @@ async def run_rollout_task(
                             parts.DocProgress(scan.pending, bar),
                         )
                         bar.restart_clock()
-                        await driver.run(planner.rollouts(scan.pending, done), active)
+                        try:
+                            await driver.run(planner.rollouts(scan.pending, done), active)
+                        finally:
+                            notes.update(parts.engine_load(lanes["model"].client))
                 status = "complete"
             except asyncio.CancelledError:
                 status = "interrupted"

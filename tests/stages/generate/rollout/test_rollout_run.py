@@ -186,6 +186,18 @@ def test_ready_rollouts_and_a_second_engine(tmp_path: Path, cpu_server: dict) ->
         len(r["critiques"]) == 2 and r["text"] == r["revisions"][-1] and r["requests"] == 5 for r in rows
     )
 
+    refine = tmp_path / "refine"
+    result = forge_cli([*common, "rollout=self_refine", f"output.dir={refine}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(refine)
+    assert len(rows) == 4
+    for r in rows:  # one conversation: each step's prompt was the last one's prompt and answer + a turn
+        conv = [(m["role"], m["content"]) for m in r["conversation"]]
+        assert [role for role, _ in conv] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+        assert conv[0] == (r["messages"][0]["role"], r["messages"][0]["content"])
+        assert (conv[1][1], conv[3][1], conv[5][1]) == (r["draft"], r["critiques"][0], r["text"])
+        assert conv[2][1].startswith("Review your answer above") and r["requests"] == 3
+
 
 @pytest.mark.parametrize(
     ("override", "message"),
