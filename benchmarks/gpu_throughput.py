@@ -28,7 +28,8 @@ with --max-tokens per step: three times the output, on sequences up to ~3x longe
 `rollout3chain` (rollout=self_refine: the three steps in one growing conversation, each prompt the
 last one's prompt and answer plus a turn, so the prefix cache can serve it) against
 `offline3chain` (raw vLLM doing the same as three waves of LLM.chat; both report vLLM's
-prefix-cache hit rate, from num_cached_tokens),
+prefix-cache hit rate, from num_cached_tokens), any phase again as `NAME#k` (its k-th run in the
+call; its ratios use the references of the same round, e.g. `offline,forge,offline#2,forge#2`),
 `forge:ENGINE` (model.engine=ENGINE), or a NAME defined by `--variant NAME=OVERRIDES` (a forge run
 with extra space-separated Hydra overrides). `--forge-overrides` applies to every forge phase.
 """
@@ -271,9 +272,15 @@ def phase_datatrove(args: argparse.Namespace, data: Path, work: Path) -> dict:
     return result
 
 
+def kind_of(phase: str) -> str:
+    """A phase's kind: `forge#2` (the second run of `forge` in one call) is a `forge` phase."""
+    return phase.partition("#")[0]
+
+
 def forge_overrides(args: argparse.Namespace, phase: str) -> list[str]:
     """The extra Hydra overrides of a forge phase: forge:ENGINE, or a --variant, plus --forge-overrides."""
     extra = shlex.split(args.forge_overrides or "")
+    phase = kind_of(phase)
     if phase.startswith("forge:"):
         return [f"model.engine={phase.split(':', 1)[1]}", *extra]
     if phase == "forge":
@@ -518,7 +525,7 @@ def phase_prefill(args: argparse.Namespace, work: Path) -> dict:
 
 
 def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
-    name = args.phase_only
+    name = kind_of(args.phase_only)
     try:
         if name == "score":
             result = phase_score(args, work)
@@ -535,7 +542,7 @@ def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
         elif name == "datatrove":
             result = phase_datatrove(args, data, work)
         else:
-            result = phase_forge(args, data, work, name)
+            result = phase_forge(args, data, work, args.phase_only)
     except Exception as exc:  # recorded, and the next phase still runs
         import traceback
 
@@ -574,28 +581,32 @@ def add_score_ratios(ph: dict) -> None:
 
 
 def add_ratios(ph: dict) -> None:
+    """Ratios against the reference phases of the same round: `forge#2` against `offline#2` when
+    the call ran it (repeated phases, `--phases offline,forge,offline#2,forge#2`), else `offline`."""
     add_score_ratios(ph)
-    off = ph.get("offline", {}).get("output_tok_s")
-    off3 = ph.get("offline3", {}).get("output_tok_s")
-    dt = ph.get("datatrove", {}).get("output_tok_s")
-    dt2 = ph.get("datatrove", {}).get("output_tok_s_from_dt_ready")
-    base = ph.get("forge", {}).get("output_tok_s")
+
+    def ref(kind: str, name: str, key: str = "output_tok_s") -> float | None:
+        round_ = name.partition("#")[2]
+        r = ph.get(f"{kind}#{round_}" if round_ and f"{kind}#{round_}" in ph else kind, {})
+        return r.get(key)
+
     for name, r in ph.items():
-        if name in OWN_PHASES or not r.get("output_tok_s"):
+        kind = kind_of(name)
+        if kind in OWN_PHASES or not r.get("output_tok_s"):
             continue
+        off, dt, base = ref("offline", name), ref("datatrove", name), ref("forge", name)
+        dt2 = ref("datatrove", name, "output_tok_s_from_dt_ready")
         if off:
             r["vs_offline"] = r["output_tok_s"] / off
         if dt:
             r["vs_datatrove"] = r["output_tok_s"] / dt
         if dt2:
             r["vs_datatrove_from_dt_ready"] = r["output_tok_s"] / dt2
-        if base and name != "forge":
+        if base and kind != "forge":
             r["vs_forge"] = r["output_tok_s"] / base
-        if off3 and name.startswith("rollout3") and name != "rollout3chain":
-            r["vs_offline3"] = r["output_tok_s"] / off3
-        off3chain = ph.get("offline3chain", {}).get("output_tok_s")
-        if off3chain and name == "rollout3chain":
-            r["vs_offline3"] = r["output_tok_s"] / off3chain  # the same work: the chained waves
+        reference = ref("offline3chain", name) if kind == "rollout3chain" else ref("offline3", name)
+        if reference and kind.startswith("rollout3"):
+            r["vs_offline3"] = r["output_tok_s"] / reference  # the same three steps as waves
 
 
 def parse_args() -> argparse.Namespace:
@@ -644,7 +655,7 @@ def parse_args() -> argparse.Namespace:
         args.variants[name] = overrides
     known = (*OWN_PHASES, *SCORE_PHASES, "forge", "rollout3", "rollout3chain", "rollout3full", *args.variants)
     for phase in filter(None, args.phases.split(",")):
-        if phase not in known and not phase.startswith("forge:"):
+        if kind_of(phase) not in known and not phase.startswith("forge:"):
             ap.error(
                 f"unknown phase {phase!r}: offline, offline3, offline3chain, datatrove, forge, rollout3, "
                 "rollout3chain, rollout3full, "
@@ -715,7 +726,8 @@ def main() -> None:
         t0 = time.perf_counter()
         print(f"[{time.perf_counter() - t_all:6.1f} s] phase {name} goes (GPU free after {waited:.1f} s)", flush=True)
         nxt = phases[i + 1] if i + 1 < len(phases) else None
-        pending = Phase(nxt, base, work, early=True) if nxt in OWN_PHASES and not args.no_early_start else None
+        early = nxt is not None and kind_of(nxt) in OWN_PHASES and not args.no_early_start
+        pending = Phase(nxt, base, work, early=True) if early else None
         result = current.wait()
         result["phase_s"] = time.perf_counter() - t0
         result["gpu_free_wait_s"] = waited

@@ -40,6 +40,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.open = False
         self.got_bytes = False  # this request saw any answer: a failure after that is not a stale socket
+        self.until_eof = False  # an answer with neither Content-Length nor chunks ends when the socket does
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -54,6 +55,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
+        if exc is None and self.until_eof and self.waiter is not None:
+            self.until_eof = False
+            self.on_message_complete()
+            return
         why = f": {exc}" if exc else ""
         self._fail(HttpError(f"connection closed before the answer ended{why}"), close=False)
 
@@ -65,10 +70,15 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def on_headers_complete(self) -> None:
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        self.until_eof = "content-length" not in self.headers and not chunked and self.parser.get_status_code() >= 200
+
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        self.until_eof = False
         waiter, self.waiter = self.waiter, None
         if not self.parser.should_keep_alive():
             self.close()
@@ -112,7 +122,8 @@ class Http1Pool:
         self.host = parts.hostname
         self.port = parts.port or 80
         self.prefix = parts.path.rstrip("/")
-        host = self.host if parts.port is None else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal keeps its brackets
+        host = host if parts.port is None else f"{host}:{self.port}"
         lines = [f"Host: {host}", "Accept: application/json", "User-Agent: forge", "Connection: keep-alive"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")

@@ -179,7 +179,8 @@ class InProcessClient:
         self.tok = tokenizer
         self.template_kwargs = template_kwargs or {}
         self.continuations = Continuations(self._render, tokenizer.encode) if continue_prompts else None
-        self.load = EngineLoad(engine.model.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS)
+        m = engine.model
+        self.load = EngineLoad((m.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS) * max(1, m.dp))
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         return self.tok.render(messages, **self.template_kwargs)

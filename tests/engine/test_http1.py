@@ -93,6 +93,17 @@ def test_chunked_answer_headers_and_error_status() -> None:
     assert fake.connections == 1
 
 
+def test_an_answer_that_ends_with_its_socket() -> None:
+    """HTTP/1.0-style: no Content-Length, no chunks; the body is whatever came before the close."""
+
+    async def one(pool):
+        return await pool.post("/x", b"{}", 5)
+
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + BODY
+    response, _ = asyncio.run(_serve([(raw,)], one))
+    assert response.status == 200 and response.body == BODY
+
+
 def test_connection_close_answer_then_a_fresh_socket() -> None:
     async def two(pool):
         first = await pool.post("/x", b"{}", 5)

@@ -15,6 +15,14 @@ from forge.stages.generate.rollout.columns import FORGES
 from forge.stages.generate.rollout.judging import parse_judgment
 
 MESSAGES = pa.list_(MESSAGE)
+# the columns of the draft -> critique -> revise rollouts
+REVISED = {
+    "messages": MESSAGES,
+    "draft": pa.string(),
+    "critiques": pa.list_(pa.string()),
+    "revisions": pa.list_(pa.string()),
+    "text": pa.string(),
+}
 
 
 def _ready(uses: tuple[str, ...], prompts: tuple[str, ...], columns: dict[str, Any]) -> Any:
@@ -112,13 +120,7 @@ async def judge(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
 @_ready(
     ("rounds",),
     ("critique", "revise"),
-    {
-        "messages": MESSAGES,
-        "draft": pa.string(),
-        "critiques": pa.list_(pa.string()),
-        "revisions": pa.list_(pa.string()),
-        "text": pa.string(),
-    },
+    REVISED,
 )
 async def critique_revise(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
     """Draft, then rollout.rounds x (critique by judge_model, or the model; revise by the model)."""
@@ -145,14 +147,7 @@ async def critique_revise(row: dict[str, Any], generate: Any, ctx: Any) -> dict[
 @_ready(
     ("rounds",),
     ("critique", "revise"),
-    {
-        "messages": MESSAGES,
-        "draft": pa.string(),
-        "critiques": pa.list_(pa.string()),
-        "revisions": pa.list_(pa.string()),
-        "text": pa.string(),
-        "conversation": MESSAGES,
-    },
+    {**REVISED, "conversation": MESSAGES},
 )
 async def self_refine(row: dict[str, Any], generate: Any, ctx: Any) -> dict[str, Any]:
     """Draft, then rollout.rounds x (critique, revise), all by the model in one growing
