@@ -158,6 +158,11 @@ class RunConfig:
         retry_failed: on a re-run, retry rows quarantined for transient failures.
         progress: show the live progress bar.
         log_every_s: interval of plain progress lines in the log.
+        adaptive_concurrency: AIMD on the in-flight limit (forge/engine/adaptive.py): start at
+            16, grow while answers are healthy, cut to 70% on 429/503/504/timeouts, pause for
+            Retry-After and rate-limit headers; max_in_flight is the ceiling. null = on for
+            `model.engine=endpoint` (a hosted API's limits are unknown), off for engines forge
+            starts itself (sized from their KV cache).
     """
 
     max_in_flight: int | None = neutral(None)
@@ -167,6 +172,7 @@ class RunConfig:
     retry_failed: bool = neutral(True)
     progress: bool = neutral(True)
     log_every_s: float = neutral(30.0)
+    adaptive_concurrency: bool | None = neutral(None)
 
 
 class Backend(str, Enum):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +19,16 @@ from typing import Any
 import aiohttp
 import orjson
 
+from forge.engine.adaptive import AdaptiveLimit, reset_seconds
 from forge.engine.http1 import Http1Pool, HttpError
 from forge.engine.server import Engine, EngineError
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+CONGESTION_STATUS = {429, 503, 504}  # the server is full: adaptive concurrency cuts
+# a 429 that is a spent quota, not a rate (OpenAI: "You exceeded your current quota ... insufficient_quota")
+QUOTA = re.compile(
+    r"insufficient_quota|exceeded your current quota|quota (?:is )?exceeded|credit balance is too low", re.I
+)
 MAX_BACKOFF_S = 60.0
 
 
@@ -49,6 +57,29 @@ class Completion:
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+def retry_after_s(headers: dict[str, str]) -> float | None:
+    """How long the server asks us to wait: `retry-after-ms` (OpenAI), else `Retry-After`
+    (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = reset_seconds(value)
+    if seconds is None:
+        try:
+            from email.utils import parsedate_to_datetime
+
+            seconds = max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError):
+            return None
+    return seconds
 
 
 def error_message(body: str) -> str:
@@ -100,8 +131,10 @@ class ChatClient:
         max_retries: int,
         backoff_s: float,
         on_retry: Callable[[str], None] | None = None,
+        adaptive: AdaptiveLimit | None = None,
     ) -> None:
         self.engine = engine
+        self.adaptive = adaptive  # None: max_in_flight is fixed (engines forge starts itself)
         self.max_in_flight = max_in_flight
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_retries = max_retries
@@ -136,26 +169,44 @@ class ChatClient:
             self.pool = Http1Pool(base_url, auth, self.max_in_flight)
         return self.pool
 
-    async def _post(self, path: str, payload: bytes) -> tuple[int, str | None, bytes]:
-        """(status, Retry-After, body); HttpError for a connection failure, TimeoutError when slow."""
+    async def _post(self, path: str, payload: bytes) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body); HttpError for a connection failure,
+        TimeoutError when slow."""
         base_url = self.engine.base_url
         pool = self._http1(base_url)
         if pool is not None:
             resp = await pool.post(path, payload, self.timeout.total or 3600.0)
-            return resp.status, resp.headers.get("retry-after"), resp.body
+            return resp.status, resp.headers, resp.body
         assert self.session is not None, "use `async with ChatClient(...)`"
         try:
             async with self.session.post(f"{base_url}{path}", data=payload) as resp:
-                return resp.status, resp.headers.get("Retry-After"), await resp.read()
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return resp.status, headers, await resp.read()
         except aiohttp.ClientError as exc:
             raise HttpError(f"{exc.__class__.__name__}: {exc}") from exc
 
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), MAX_BACKOFF_S)
-            except ValueError:
-                pass
+    async def _send(self, path: str, payload: bytes) -> tuple[int, dict[str, str], bytes]:
+        """_post within the adaptive limit, telling it how the answer went."""
+        if self.adaptive is None:
+            return await self._post(path, payload)
+        seq = await self.adaptive.acquire()
+        try:
+            status, headers, raw = await self._post(path, payload)
+        except asyncio.TimeoutError:
+            self.adaptive.congested(seq)
+            raise
+        finally:
+            self.adaptive.release()
+        self.adaptive.observe(headers)
+        if status in CONGESTION_STATUS:
+            self.adaptive.congested(seq, retry_after_s(headers), rate_limited=status == 429)
+        elif status == 200:
+            self.adaptive.healthy()
+        return status, headers, raw
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, MAX_BACKOFF_S)
         base = min(self.backoff_s * (2**attempt), MAX_BACKOFF_S)
         return base * (0.5 + random.random() / 2)
 
@@ -166,8 +217,9 @@ class ChatClient:
         while True:
             await self.engine.wait_ready()
             retry_after = None
+            throttled = False
             try:
-                status, retry_header, raw = await self._post("/v1/chat/completions", payload)
+                status, headers, raw = await self._send("/v1/chat/completions", payload)
                 if status == 200:
                     try:
                         return parse_completion(orjson.loads(raw))
@@ -180,8 +232,17 @@ class ChatClient:
                         "model.api_key_env and re-run the same command: no row was quarantined for it"
                     )
                 elif status in RETRYABLE_STATUS:
-                    reason = f"HTTP {status}: {error_message(raw.decode(errors='replace'))}"
-                    retry_after = retry_header
+                    why = error_message(raw.decode(errors="replace"))
+                    if status == 429 and QUOTA.search(why):  # not a rate: every row would fail alike
+                        raise EngineError(
+                            f"{self.engine.base_url} says the account's quota is used up (HTTP 429: {why}); "
+                            "no row was quarantined for it: re-run the same command once the quota is raised"
+                        )
+                    reason = f"HTTP {status}: {why}"
+                    retry_after = retry_after_s(headers)
+                    # throttled while others are answered: this request waits its turn, and the
+                    # wait uses no retry (a rate limit is not a failure of the row)
+                    throttled = status == 429 and self.adaptive is not None and self.adaptive.answered_within(60.0)
                 else:
                     raise RequestRejected(status, error_message(raw.decode(errors="replace")))
             except asyncio.TimeoutError:
@@ -190,8 +251,8 @@ class ChatClient:
                 reason = f"connection error: {exc}"
                 if not self.engine.is_ready():
                     continue  # the engine is restarting: wait for it, this attempt does not count
-            if attempt >= self.max_retries:
+            if attempt >= self.max_retries and not throttled:
                 raise RequestFailed(f"{reason} (gave up after {attempt} retries)")
             self.on_retry(reason)
             await asyncio.sleep(self._delay(attempt, retry_after))
-            attempt += 1
+            attempt += not throttled

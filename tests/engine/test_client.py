@@ -43,7 +43,7 @@ class FaultyServer:
         return web.json_response({"data": [{"id": "m", "max_model_len": 4096}]})
 
 
-async def _run(script, body=None, retries=3, timeout=5.0, key_env=None, n=1):
+async def _run(script, body=None, retries=3, timeout=5.0, key_env=None, n=1, adaptive=None, one_by_one=False):
     fake = FaultyServer(script)
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
@@ -64,12 +64,11 @@ async def _run(script, body=None, retries=3, timeout=5.0, key_env=None, n=1):
         )
         await engine.start()
         retried: list[str] = []
-        async with ChatClient(engine, 4, timeout, retries, 0.01, on_retry=retried.append) as client:
+        async with ChatClient(engine, 4, timeout, retries, 0.01, retried.append, adaptive) as client:
             try:
-                results = await asyncio.gather(
-                    *(client.complete(body or {"model": "m", "messages": []}) for _ in range(n))
-                )
-                result = results[0]
+                calls = [client.complete(body or {"model": "m", "messages": []}) for _ in range(n)]
+                results = [await c for c in calls] if one_by_one else await asyncio.gather(*calls)
+                result = results[-1] if one_by_one else results[0]
             except (RequestRejected, RequestFailed, EngineError) as exc:
                 result = exc
         return result, fake, retried, engine
@@ -181,3 +180,28 @@ def test_a_refused_key_stops_the_run_instead_of_quarantining_every_row(status) -
     result, fake, retried, _ = asyncio.run(_run([(status, json.dumps({"error": {"message": "bad key"}}), {})]))
     assert isinstance(result, EngineError) and f"HTTP {status}: bad key" in str(result) and "api_key_env" in str(result)
     assert fake.calls == 1 and retried == []
+
+
+def test_a_spent_quota_stops_the_run_instead_of_retrying_every_row() -> None:
+    quota = json.dumps({"error": {"message": "You exceeded your current quota, please check your plan and billing",
+                                  "code": "insufficient_quota"}})  # fmt: skip
+    result, fake, retried, _ = asyncio.run(_run([(429, quota, {})]))
+    assert isinstance(result, EngineError) and "quota is used up" in str(result) and fake.calls == 1
+    assert retried == []
+
+
+def test_throttling_while_others_are_answered_uses_no_retries() -> None:
+    """With adaptive concurrency, 429s while the server keeps answering others are waits, not
+    failures: more 429s than run.max_retries still end in an answer."""
+    from forge.engine.adaptive import AdaptiveLimit
+
+    limited = (429, '{"error": {"message": "rate limit"}}', {"retry-after-ms": "10"})
+    adaptive = AdaptiveLimit(start=2, ceiling=4)
+    result, fake, retried, _ = asyncio.run(
+        _run([200, *[limited] * 4], retries=1, n=2, adaptive=adaptive, one_by_one=True)
+    )
+    assert result.text == "hi" and fake.calls == 6 and len(retried) == 4
+    assert adaptive.cuts == 4 and not adaptive.slow_start  # each 429 came from a send after the last cut
+    # without answers to show the server is serving, the same 429s use up the retries
+    result, fake, _, _ = asyncio.run(_run([limited] * 4, retries=1, adaptive=AdaptiveLimit(start=2, ceiling=4)))
+    assert isinstance(result, RequestFailed) and fake.calls == 2

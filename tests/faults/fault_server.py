@@ -52,6 +52,37 @@ class Fault:
         )
 
 
+class TokenBucket:
+    """A provider's request-rate limit: `rate` requests/s, bursts of up to `burst`. Over it, a
+    request gets 429 with Retry-After (whole seconds, as HTTP has it) and `retry-after-ms`; with
+    `headers`, every answer also carries OpenAI's x-ratelimit-remaining/reset-requests."""
+
+    def __init__(self, rate: float, burst: int, headers: bool) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.headers = headers
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+
+    def take(self) -> tuple[bool, dict[str, str]]:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        ok = self.tokens >= 1.0
+        if ok:
+            self.tokens -= 1.0
+        wait_s = max(1.0 - self.tokens, 0.0) / self.rate
+        out: dict[str, str] = {}
+        if self.headers:
+            out["x-ratelimit-limit-requests"] = str(int(self.rate * 60))
+            out["x-ratelimit-remaining-requests"] = str(int(self.tokens))
+            out["x-ratelimit-reset-requests"] = f"{max(int(wait_s * 1000), 1)}ms"
+        if not ok:
+            out["Retry-After"] = str(max(1, round(wait_s)))
+            out["retry-after-ms"] = str(max(int(wait_s * 1000), 1))
+        return ok, out
+
+
 @dataclass
 class Seen:
     number: int
@@ -59,6 +90,7 @@ class Seen:
     at: float  # time.monotonic() on arrival
     fault: str | None
     authorization: str | None = field(repr=False, default=None)
+    limited: bool = False  # answered 429 by the token bucket
 
 
 def last_user_message(body: Any) -> str:
@@ -88,6 +120,7 @@ class FaultServer:
         self._session: aiohttp.ClientSession | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._bucket: TokenBucket | None = None
 
     # --- the fault plan, set from the test thread -------------------------------------------
 
@@ -109,6 +142,11 @@ class FaultServer:
         with self._lock:
             self._faults.append(fault)
         return fault
+
+    def rate_limit(self, rate: float | None, burst: int = 1, headers: bool = True) -> None:
+        """Limit requests to `rate`/s (TokenBucket), or lift the limit (None); may change mid-run."""
+        with self._lock:
+            self._bucket = TokenBucket(rate, burst, headers) if rate else None
 
     def clear(self) -> None:
         """The faults are gone (the engine is healthy again); counts are kept."""
@@ -173,6 +211,16 @@ class FaultServer:
         except orjson.JSONDecodeError:
             body = None
         kind = self._take(body, request.headers.get("Authorization"))
+        with self._lock:
+            allowed, limit_headers = self._bucket.take() if self._bucket else (True, {})
+            if not allowed:
+                self._seen[-1].limited = True
+        if not allowed:
+            return web.json_response(
+                {"error": {"message": "rate limit reached (token bucket of the fault server)"}},
+                status=429,
+                headers=limit_headers,
+            )
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if kind == "hang":
@@ -194,6 +242,9 @@ class FaultServer:
                 status=200, body=b'{"id": "chatcmpl-x", "choices": [{"mess', content_type="application/json"
             )
         status, raw, ctype = await self._proxy("POST", "/v1/chat/completions", raw_in)
+        if limit_headers:
+            response = web.Response(status=status, body=raw, content_type=ctype.split(";")[0], headers=limit_headers)
+            return response
         if status == 200 and kind in ("no_choices", "content_null"):
             answer = orjson.loads(raw)
             if kind == "no_choices":

@@ -12,6 +12,7 @@ from typing import Any
 
 from forge.config import ConfigError, EngineKind, ForgeConfig, ModelConfig
 from forge.engine import ChatClient, Engine, EngineError, compile_cache
+from forge.engine.adaptive import AdaptiveLimit
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.commands import engine_version
 from forge.engine.inprocess import InProcessClient
@@ -27,6 +28,7 @@ from forge.stages.generate.prompt import LengthFitter
 log = logging.getLogger("forge")
 VLLM_ENGINES = (EngineKind.vllm, EngineKind.vllm_async)
 GPU_ENGINES = (*VLLM_ENGINES, EngineKind.sglang)
+ADAPTIVE_START = 16  # adaptive concurrency's first limit: moderate; it doubles per round trip from there
 
 
 def open_tokenizer(cfg: ForgeConfig, model_path: str) -> Tokenizer | None:
@@ -119,13 +121,20 @@ def make_client(
         kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
         return InProcessClient(engine, tokenizer, kwargs, continue_prompts)
     r = cfg.run
-    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry=on_retry)
+    adaptive = None
+    if r.adaptive_concurrency or (r.adaptive_concurrency is None and m.engine == EngineKind.endpoint):
+        adaptive = AdaptiveLimit(start=min(in_flight, ADAPTIVE_START), ceiling=in_flight)
+    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry, adaptive)
 
 
 def engine_load(client: Any) -> dict[str, Any]:
-    """How full the in-process engine was kept (forge/engine/inprocess.py EngineLoad), for stats."""
-    load = getattr(client, "load", None)
-    return load.notes() if load is not None else {}
+    """For stats: how full the in-process engine was kept (forge/engine/inprocess.py EngineLoad),
+    or where adaptive concurrency went (forge/engine/adaptive.py)."""
+    notes: dict[str, Any] = {}
+    for part in (getattr(client, "load", None), getattr(client, "adaptive", None)):
+        if part is not None:
+            notes.update(part.notes())
+    return notes
 
 
 def budget_for(cfg: ForgeConfig, context: int | None) -> int | None:

@@ -119,8 +119,10 @@ def test_json_schema_the_model_cannot_satisfy_quarantines_with_raw_text(tmp_path
     assert posts(cpu_server) - before == 5 * 2  # each row asked twice (1 retry), then quarantined
     rejected = read_rows(out, "rejected")
     assert len(rejected) == 5 and not (out / "data").exists() or not read_rows(out)
+    # the raw text of each row's last attempt is kept (greedy decoding may end one row's at once: "")
+    assert all(isinstance(x["answer"], str) for x in rejected) and any(x["answer"] for x in rejected)
     r = rejected[0]
-    assert r["stage"] == "json_schema" and r["step"] == "step 1 (answer)" and r["answer"]
+    assert r["stage"] == "json_schema" and r["step"] == "step 1 (answer)"
     assert r["reason"].startswith(
         "step 1 (answer): the answer does not match generation.json_schema (conf/schema/qa.json) after 2 attempt(s): "
     )
