@@ -163,6 +163,10 @@ class RunConfig:
             Retry-After and rate-limit headers; max_in_flight is the ceiling. null = on for
             `model.engine=endpoint` (a hosted API's limits are unknown), off for engines forge
             starts itself (sized from their KV cache).
+        budget_usd: stop sending before the run dir's spend (over all its sessions) could pass
+            this many US dollars: each request reserves its worst case (prompt + max_tokens at
+            model.price_*) while in flight (forge/engine/pricing.py). With cluster.tasks > 1 each
+            task gets an equal share. null: no cap. Needs model prices.
     """
 
     max_in_flight: int | None = neutral(None)
@@ -173,6 +177,7 @@ class RunConfig:
     progress: bool = neutral(True)
     log_every_s: float = neutral(30.0)
     adaptive_concurrency: bool | None = neutral(None)
+    budget_usd: float | None = neutral(None)
 
 
 class Backend(str, Enum):
@@ -325,6 +330,14 @@ def validate(cfg: ForgeConfig) -> None:
     validate_hub(cfg.output)
     _positive("run.max_in_flight", cfg.run.max_in_flight)
     _positive("run.request_timeout_s", cfg.run.request_timeout_s, allow_none=False)
+    if cfg.run.budget_usd is not None:
+        if cfg.run.budget_usd <= 0:
+            raise ConfigError(f"run.budget_usd: must be > 0 US dollars (got {cfg.run.budget_usd})")
+        if cfg.model.price_in_per_mtok is None and cfg.model.price_out_per_mtok is None:
+            raise ConfigError(
+                "run.budget_usd: needs the model's prices to count spend: set model.price_in_per_mtok and "
+                "model.price_out_per_mtok (US dollars per million tokens)"
+            )
     if cfg.run.max_retries < 0:
         raise ConfigError(f"run.max_retries: must be >= 0 (got {cfg.run.max_retries})")
     if cfg.dataset.max_examples is not None and cfg.dataset.max_examples < 0:
@@ -363,6 +376,10 @@ def validate_model(prefix: str, m: ModelConfig) -> None:
         )
     if m.engine == EngineKind.transformers and m.tp * m.pp * m.dp != 1:
         raise ConfigError(f"{prefix}.tp/pp/dp: the transformers CPU engine runs one process; use 1")
+    for key in ("price_in_per_mtok", "price_out_per_mtok", "price_cached_in_per_mtok"):
+        value = getattr(m, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{prefix}.{key}: a price must be >= 0 US dollars per million tokens (got {value})")
     if m.api_key_env is not None and not m.api_key_env.replace("_", "").isalnum():
         raise ConfigError(
             f"{prefix}.api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key"

@@ -40,6 +40,11 @@ class ModelConfig:
         max_restarts: engine restarts allowed per task after a crash.
         compile_cache_dir: torch.compile / CUDA-graph cache shared by tasks (locked while one
             compiles); null = $FORGE_CACHE/vllm.
+        price_in_per_mtok, price_out_per_mtok: US dollars per million prompt / completion
+            tokens; with either set, every row gets `cost_usd` and stats, progress and card the
+            totals (forge/engine/pricing.py). null: no cost is computed.
+        price_cached_in_per_mtok: dollars per million prompt tokens the provider served from its
+            prompt cache (usage.prompt_tokens_details.cached_tokens); null = price_in_per_mtok.
     """
 
     name_or_path: str = "forge://tiny-qwen3"
@@ -65,3 +70,6 @@ class ModelConfig:
     startup_timeout_s: float = neutral(900.0)
     max_restarts: int = neutral(3)
     compile_cache_dir: str | None = neutral(None)
+    price_in_per_mtok: float | None = neutral(None)
+    price_out_per_mtok: float | None = neutral(None)
+    price_cached_in_per_mtok: float | None = neutral(None)

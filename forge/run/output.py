@@ -39,6 +39,8 @@ DATA_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),  # of prompt_tokens, served from the engine's prefix cache
+        ("cost_usd", pa.float64()),  # at model.price_*; null when the run names no prices
         ("model", pa.string()),
         ("revision", pa.string()),
         ("engine", pa.string()),
@@ -122,7 +124,13 @@ def shard_files(directory: Path, task: int | None = None) -> list[Path]:
 # rejected/ shards written before forge 0.1 named the row `key`; read them as `id`
 OLD_NAMES = {"id": "key"}
 # data/ columns added since the first release; older shards read them as null
-ADDED_COLUMNS = {"content_null": pa.bool_(), "step": pa.string(), "answer": pa.string()}
+ADDED_COLUMNS = {
+    "content_null": pa.bool_(),
+    "step": pa.string(),
+    "answer": pa.string(),
+    "cached_tokens": pa.int64(),
+    "cost_usd": pa.float64(),
+}
 
 
 def read_columns(files: list[Path], columns: list[str]) -> pa.Table | None:

@@ -74,6 +74,7 @@ class LiveProgress:
         self.done = done
         self.start_done = done
         self.tokens_out = 0
+        self.cost_usd: float | None = None  # spent in this session, when the model has prices
         self.t0 = time.monotonic()
         self.log_every_s = log_every_s
         self.bar: Progress | None = None
@@ -129,14 +130,18 @@ class LiveProgress:
         if self.rows_per_s:  # a stage without an engine: its rate is rows, not tokens
             eta = _eta(self.eta_s())
             return f"{self.label}: {self.done}/{self.total} rows ({pct:.1f}%), {rate:,.0f} rows/s, ETA {eta}"
+        spent = f", ${self.cost_usd:,.4f} spent" if self.cost_usd is not None else ""
         return (
             f"{self.label}: {self.done}/{self.total} docs ({pct:.1f}%), "
-            f"{self.tokens_per_s():,.0f} tok/s out, ETA {_eta(self.eta_s())}"
+            f"{self.tokens_per_s():,.0f} tok/s out{spent}, ETA {_eta(self.eta_s())}"
         )
 
     def advance(self, docs: int = 0, tokens_out: int = 0) -> None:
         self.done += docs
         self.tokens_out += tokens_out
+
+    def spend(self, usd: float) -> None:
+        self.cost_usd = (self.cost_usd or 0.0) + usd
 
     def write_file(self) -> None:
         if self.path is None:
@@ -150,6 +155,7 @@ class LiveProgress:
             "docs_per_s": (self.done - self.start_done) / elapsed,
             "output_tokens_per_s": self.tokens_out / elapsed,
             "eta_s": self.eta_s(),
+            "cost_usd": self.cost_usd,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:

@@ -202,6 +202,14 @@ def render_generation_card(out_dir: Path, hub_repo: str | None = None, progress:
         f"| output tok/s | {_num(sum(s['output_tokens_per_s'] for s in measured))} in all, "
         f"{_num(per_gpu[0] if per_gpu else None)} per GPU (from engine-ready; each task's last measured session) |",
         f"| GPU-hours | {gpu_hours(stats):.3f} |",
+        *(
+            [
+                f"| cost (US$) | {stats['spent_usd']:,.4f} spent over all sessions; the rows kept cost "
+                f"{stats.get('rows_cost_usd', 0.0):,.4f} |"
+            ]  # fmt: skip
+            if stats.get("spent_usd")
+            else []
+        ),
         f"| truncated prompts | {_rate(stats.get('truncated_rows', 0), rows)} |",
         f"| stopped at max_tokens | {_rate(finish.get('length', 0), rows)} |",
         f"| failed requests (quarantined) | {_rate(failed, docs_in)} |",

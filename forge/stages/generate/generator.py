@@ -20,6 +20,7 @@ from typing import Any
 
 from forge.engine import ChatClient, EngineError, RequestFailed, RequestRejected
 from forge.engine.client import Completion
+from forge.engine.pricing import Prices
 from forge.run.batch import batched
 from forge.run.output import ChunkWriter
 from forge.stages.generate.cache import RequestCache
@@ -69,6 +70,7 @@ class SessionStats:
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0  # of prompt_tokens, served from the engine's prefix cache
     completion_tokens: int = 0
+    cost_usd: float = 0.0  # what this session's answers cost (replays from the cache not counted)
     truncated: int = 0
     content_null: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
@@ -123,6 +125,8 @@ class Generator:
         self.stats = SessionStats()
         self.on_row_done = on_row_done or (lambda key, whole=False: None)
         self.on_tokens = lambda n: None
+        self.prices: Prices | None = None  # model.price_*: each row's cost_usd
+        self.on_cost = lambda usd: None
         self._failed_in_a_row = 0
         self._answered = 0  # answers (not refusals) received in this session
         self._refusals: list[tuple[int, str]] = []
@@ -227,12 +231,16 @@ class Generator:
             await self._reject(Reject(item.key, item.rollout, "request", reason))
             return
         c = Completion(**answer)
+        cost = self.prices.cost(c.prompt_tokens, c.cached_tokens, c.completion_tokens) if self.prices else None
         s = self.stats
         s.answers += 1
         if not from_cache:
             s.prompt_tokens += c.prompt_tokens
             s.prompt_tokens_cached += c.cached_tokens
             s.completion_tokens += c.completion_tokens
+            if cost is not None:
+                s.cost_usd += cost
+                self.on_cost(cost)
             self.on_tokens(c.completion_tokens)
         s.finish_reasons[c.finish_reason] += 1
         s.truncated += item.truncated
@@ -253,6 +261,8 @@ class Generator:
                 "truncated": item.truncated,
                 "prompt_tokens": c.prompt_tokens,
                 "completion_tokens": c.completion_tokens,
+                "cached_tokens": c.cached_tokens,
+                "cost_usd": cost,
                 "metadata": item.metadata,
                 **self.row_fields,
             }

@@ -12,6 +12,7 @@ from typing import Any
 
 from forge.config import ForgeConfig
 from forge.engine import Engine, open_engine
+from forge.engine.pricing import BudgetReached, Prices
 from forge.engine.tiny_model import TINY, resolve_model
 from forge.engine.tokenizer import Tokenizer
 from forge.io.dataset import Source
@@ -50,6 +51,7 @@ from forge.stages.generate.task_parts import (
     open_tokenizer,
     size_in_flight,
     start_engine,
+    task_budget,
 )
 
 log = logging.getLogger("forge")
@@ -207,6 +209,8 @@ async def _run_task(
                 label, scan.rows, finished_docs, r.progress, r.log_every_s, task_progress_path(out_dir, task)
             )
             gen = Generator(None, cache, data, rejected, row_fields, 1, DocProgress(scan.pending, bar))
+            gen.prices = Prices.of(m)
+            gen.on_cost = bar.spend
             try:
                 with bar:
                     if await cache.any():
@@ -217,7 +221,10 @@ async def _run_task(
                         fitter = make_fitter(cfg, await tokenizer_job, engine.reported_max_model_len, model_path)
                         notes.update(await size_in_flight(cfg, engine, planner, fitter))
                         gen.max_in_flight = notes["in_flight"]
-                        client = make_client(cfg, engine, fitter.tok, gen.max_in_flight, gen.stats.on_retry)
+                        budget = task_budget(cfg, out_dir, task)
+                        client = make_client(
+                            cfg, engine, fitter.tok, gen.max_in_flight, gen.stats.on_retry, budget=budget
+                        )
                         bar.restart_clock()
                         async with client:
                             gen.client = client
@@ -229,6 +236,9 @@ async def _run_task(
                 status = "complete"
             except asyncio.CancelledError:
                 status = "interrupted"
+                raise
+            except BudgetReached:
+                status = "budget reached"
                 raise
             finally:
                 await flush_all(data, rejected)

@@ -23,7 +23,16 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
     """Documents, rows, tokens and finish reasons of what is on disk."""
     data = read_columns(
         shard_files(out_dir / "data", task),
-        ["id", "finish_reason", "length_stopped", "truncated", "content_null", "prompt_tokens", "completion_tokens"],
+        [
+            "id",
+            "finish_reason",
+            "length_stopped",
+            "truncated",
+            "content_null",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+        ],
     )
     rej = read_columns(shard_files(out_dir / "rejected", task), ["id", "rollout", "stage", "retryable"])
     out: dict[str, Any] = {"rows_written": 0, "documents_written": 0, "tokens_in": 0, "tokens_out": 0}
@@ -37,6 +46,9 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
         out["length_stopped"] = int(pc.sum(data.column("length_stopped")).as_py() or 0)
         out["truncated_rows"] = int(pc.sum(data.column("truncated")).as_py() or 0)
         out["content_null_rows"] = int(pc.sum(data.column("content_null")).as_py() or 0)
+        costs = data.column("cost_usd")
+        if costs.null_count < len(costs):  # the rows kept, at the prices of the sessions that made them
+            out["rows_cost_usd"] = round(pc.sum(costs).as_py() or 0.0, 6)
         written_ids = set(data.column("id").to_pylist())
     else:
         out.update(finish_reasons={}, length_stopped=0, truncated_rows=0, content_null_rows=0)
@@ -83,6 +95,7 @@ def session_record(
         "rejected": dict(s.rejected),
         "tokens_in": s.prompt_tokens,
         "tokens_in_prefix_cached": s.prompt_tokens_cached,
+        "cost_usd": round(s.cost_usd, 6),
         "prefix_cache_hit_rate": s.prompt_tokens_cached / s.prompt_tokens if s.prompt_tokens else None,
         "tokens_out": s.completion_tokens,
         "finish_reasons": dict(s.finish_reasons),
@@ -113,6 +126,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def spent_usd(out_dir: Path, task: int) -> float:
+    """What the task's earlier sessions spent (their cost_usd), for run.budget_usd."""
+    sessions = _read_json(out_dir / "stats" / f"task_{task:05d}.json").get("sessions", [])
+    return sum(s.get("cost_usd") or 0.0 for s in sessions)
+
+
 def write_task_stats(out_dir: Path, task: int, documents_in: int, session: dict[str, Any]) -> dict[str, Any]:
     path = out_dir / "stats" / f"task_{task:05d}.json"
     sessions = _read_json(path).get("sessions", [])
@@ -134,6 +153,7 @@ def merge_stats(out_dir: Path) -> dict[str, Any]:
         "requests_sent": sum(s["requests_sent"] for s in sessions),
         "retries": sum(s["retries"] for s in sessions),
         "cache_hits": sum(s["cache_hits"] for s in sessions),
+        "spent_usd": round(sum(s.get("cost_usd") or 0.0 for s in sessions), 6),
         "engine_startup_s": [s["engine_startup_s"] for s in last],
         "tasks": len(tasks),
         "last_sessions": last,

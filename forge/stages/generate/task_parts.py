@@ -16,6 +16,7 @@ from forge.engine.adaptive import AdaptiveLimit
 from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.commands import engine_version
 from forge.engine.inprocess import InProcessClient
+from forge.engine.pricing import Budget, BudgetedClient, Prices, bytes_upper_bound
 from forge.engine.tokenizer import Tokenizer, load_tokenizer
 from forge.run.output import (
     ChunkWriter,
@@ -111,6 +112,7 @@ def make_client(
     on_retry: Any,
     m: ModelConfig | None = None,
     continue_prompts: bool = False,
+    budget: Budget | None = None,
 ) -> Any:
     """HTTP for server engines; direct calls for the in-process one (continue_prompts: a rollout's
     later steps reuse its earlier answers' token ids, forge/engine/continuation.py)."""
@@ -119,12 +121,40 @@ def make_client(
         if tokenizer is None:
             raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
         kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
-        return InProcessClient(engine, tokenizer, kwargs, continue_prompts)
-    r = cfg.run
-    adaptive = None
-    if r.adaptive_concurrency or (r.adaptive_concurrency is None and m.engine == EngineKind.endpoint):
-        adaptive = AdaptiveLimit(start=min(in_flight, ADAPTIVE_START), ceiling=in_flight)
-    return ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry, adaptive)
+        client: Any = InProcessClient(engine, tokenizer, kwargs, continue_prompts)
+    else:
+        r = cfg.run
+        adaptive = None
+        if r.adaptive_concurrency or (r.adaptive_concurrency is None and m.engine == EngineKind.endpoint):
+            adaptive = AdaptiveLimit(start=min(in_flight, ADAPTIVE_START), ceiling=in_flight)
+        client = ChatClient(engine, in_flight, r.request_timeout_s, r.max_retries, r.backoff_s, on_retry, adaptive)
+    prices = Prices.of(m)
+    if budget is None or prices is None:
+        return client
+    return BudgetedClient(client, budget, prices, prompt_counter(tokenizer))
+
+
+def prompt_counter(tok: Tokenizer | None) -> Any:
+    """Prompt tokens of a request's messages, for the budget: the model's tokenizer, else an upper bound."""
+
+    def count(messages: list[dict[str, Any]]) -> int:
+        if tok is not None:
+            try:
+                return len(tok.encode(tok.render(messages)))
+            except Exception:  # a template that refuses these messages: the engine will say so
+                pass
+        return bytes_upper_bound(messages)
+
+    return count
+
+
+def task_budget(cfg: ForgeConfig, out_dir: Path, task: int) -> Budget | None:
+    """run.budget_usd's share for this task, less what its earlier sessions spent."""
+    if cfg.run.budget_usd is None:
+        return None
+    from forge.stages.generate.stats import spent_usd
+
+    return Budget(cfg.run.budget_usd / max(cfg.cluster.tasks, 1), spent_usd(out_dir, task))
 
 
 def engine_load(client: Any) -> dict[str, Any]:

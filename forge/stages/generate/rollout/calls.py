@@ -19,6 +19,7 @@ from typing import Any
 
 from forge.engine import EngineError, RequestFailed, RequestRejected
 from forge.engine.config import EngineKind
+from forge.engine.pricing import Prices
 from forge.stages.generate.cache import CacheWriteError, RequestCache, request_key
 from forge.stages.generate.config import GenerationConfig
 from forge.stages.generate.generator import FAILED_IN_A_ROW, SessionStats, cache_identity, engine_gone, request_body
@@ -76,6 +77,7 @@ class Lane:
     client: Any = None
     limit: asyncio.Semaphore | None = None
     in_flight: int = 1
+    prices: Prices | None = None  # this model's model.price_*: the sample's cost_usd
     # per engine: a dead judge must stop the run even while the model answers, and a judge that
     # refuses everything (a wrong served name) must not have its refusals cached as answers
     failed_in_a_row: int = 0
@@ -92,6 +94,7 @@ class Calls:
     stats: SessionStats
     cache_was_empty: bool
     on_tokens: Any = None
+    on_cost: Any = None
     # the first engine or cache failure: it stops the run even if a user's `except Exception`
     # around generate() swallowed it (the driver re-raises it once the rollout returns)
     fatal: BaseException | None = None
@@ -168,6 +171,13 @@ class Calls:
             s.answers += 1
             s.prompt_tokens += answer["prompt_tokens"]
             s.prompt_tokens_cached += answer.get("cached_tokens", 0)
+            if lane.prices is not None:
+                cost = lane.prices.cost(
+                    answer["prompt_tokens"], answer.get("cached_tokens", 0), answer["completion_tokens"]
+                )
+                s.cost_usd += cost
+                if self.on_cost:
+                    self.on_cost(cost)
             s.completion_tokens += answer["completion_tokens"]
             if self.on_tokens:
                 self.on_tokens(answer["completion_tokens"])
@@ -209,6 +219,8 @@ class Generate:
         self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.cost_usd: float | None = None  # None until an answer from a model with prices
         self.finish_reason: str | None = None
         self.length_stopped = False
         self.content_null = False
@@ -330,6 +342,10 @@ class Generate:
         self.requests += 1
         self.prompt_tokens += answer.prompt_tokens
         self.completion_tokens += answer.completion_tokens
+        self.cached_tokens += answer.cached_tokens
+        if lane.prices is not None:
+            cost = lane.prices.cost(answer.prompt_tokens, answer.cached_tokens, answer.completion_tokens)
+            self.cost_usd = (self.cost_usd or 0.0) + cost
         self.finish_reason = answer.finish_reason
         self.length_stopped |= answer.finish_reason == "length"
         self.content_null |= answer.content_null

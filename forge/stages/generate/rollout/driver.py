@@ -193,13 +193,16 @@ class RolloutDriver:
             "content_null": gen.content_null,
             "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": gen.completion_tokens,
+            "cached_tokens": gen.cached_tokens,
+            "cost_usd": gen.cost_usd,
             "metadata": item.metadata,
             **self.row_fields,
         }
         rows = []
         for i, out in enumerate(outs):
             if i == 1:  # the sample's requests and tokens are counted once, on its first row
-                keep.update(requests=0, prompt_tokens=0, completion_tokens=0)
+                keep.update(requests=0, prompt_tokens=0, completion_tokens=0, cached_tokens=0)
+                keep.update(cost_usd=0.0 if gen.cost_usd is not None else None)
             clash = next((k for k in out if k in RESERVED or not isinstance(k, str)), None)
             if clash is not None:
                 return (

@@ -14,6 +14,7 @@ from typing import Any
 from forge.config import ForgeConfig, gpus_per_task
 from forge.engine import Engine, open_engine
 from forge.engine.config import ModelConfig
+from forge.engine.pricing import BudgetReached, Prices
 from forge.engine.tiny_model import TINY
 from forge.run.output import REJECT_SCHEMA, ChunkWriter, check_task_input, done_keys, prune_rejected, record_manifest
 from forge.run.progress import LiveProgress, task_progress_path
@@ -131,6 +132,7 @@ async def run_rollout_task(
                             notes.update(started)
                     fitter = parts.make_fitter(cfg, await tokenizer_job, main.reported_max_model_len, paths["model"])
                     lanes: dict[str, Lane] = {}
+                    budget = parts.task_budget(cfg, out_dir, task)  # shared by the model and the judge
                     async with AsyncExitStack() as stack:
                         for name, m in models.items():
                             # a full batch's worth queued in the engine: dependent steps' answers come
@@ -141,7 +143,14 @@ async def run_rollout_task(
                             if name != "model":  # an in-process judge renders with its own template
                                 tok = await asyncio.to_thread(own_tokenizer, m, paths[name])
                             client = parts.make_client(
-                                cfg, engines[name], tok, sized["in_flight"], stats.on_retry, m, continue_prompts=True
+                                cfg,
+                                engines[name],
+                                tok,
+                                sized["in_flight"],
+                                stats.on_retry,
+                                m,
+                                continue_prompts=True,
+                                budget=budget,
                             )
                             lanes[name] = Lane(
                                 name,
@@ -153,6 +162,7 @@ async def run_rollout_task(
                                 await stack.enter_async_context(client),
                                 asyncio.Semaphore(sized["in_flight"]),
                                 sized["in_flight"],
+                                prices=Prices.of(m),
                             )
                         ctx = Context(cfg, template, fitter)
                         try:
@@ -161,6 +171,7 @@ async def run_rollout_task(
                             raise ConfigError(f"rollout.setup raised {type(exc).__name__}: {exc}") from exc
                         calls = Calls(cache, lanes, stats, cache_was_empty=not await cache.any())
                         calls.on_tokens = lambda n: bar.advance(tokens_out=n)
+                        calls.on_cost = bar.spend
                         active = cfg.rollout.max_active or 2 * sum(lane.in_flight for lane in lanes.values())
                         notes["max_active"] = active
                         log.info("%s: up to %d rollouts at once", label, active)
@@ -187,6 +198,9 @@ async def run_rollout_task(
                 status = "complete"
             except asyncio.CancelledError:
                 status = "interrupted"
+                raise
+            except BudgetReached:
+                status = "budget reached"
                 raise
             finally:
                 await parts.flush_all(data, rejected)
