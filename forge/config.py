@@ -167,6 +167,10 @@ class RunConfig:
             this many US dollars: each request reserves its worst case (prompt + max_tokens at
             model.price_*) while in flight (forge/engine/pricing.py). With cluster.tasks > 1 each
             task gets an equal share. null: no cap. Needs model prices.
+        plan: estimate rows, requests, tokens, cost and time, print them (and plan.json), and
+            run nothing else: only `plan_pilot` pilot requests are sent, their answers kept in
+            the request cache for the real run (forge/stages/generate/estimate.py).
+        plan_pilot: how many requests the estimate's pilot sends.
     """
 
     max_in_flight: int | None = neutral(None)
@@ -178,6 +182,8 @@ class RunConfig:
     log_every_s: float = neutral(30.0)
     adaptive_concurrency: bool | None = neutral(None)
     budget_usd: float | None = neutral(None)
+    plan: bool = neutral(False)
+    plan_pilot: int = neutral(16)
 
 
 class Backend(str, Enum):
@@ -338,6 +344,10 @@ def validate(cfg: ForgeConfig) -> None:
                 "run.budget_usd: needs the model's prices to count spend: set model.price_in_per_mtok and "
                 "model.price_out_per_mtok (US dollars per million tokens)"
             )
+    if cfg.run.plan_pilot < 1:
+        raise ConfigError(f"run.plan_pilot: must be >= 1 (got {cfg.run.plan_pilot})")
+    if cfg.run.plan and cfg.pipeline.stage != DEFAULT_STAGE:
+        raise ConfigError(f"run.plan: estimates a generation run; not pipeline={cfg.pipeline.stage}")
     if cfg.run.max_retries < 0:
         raise ConfigError(f"run.max_retries: must be >= 0 (got {cfg.run.max_retries})")
     if cfg.dataset.max_examples is not None and cfg.dataset.max_examples < 0:

@@ -84,7 +84,8 @@ class Budget:
         worst = prices.worst(prompt_tokens, max_tokens)
         if self.spent + self.reserved + worst > self.limit:
             raise BudgetReached(
-                f"run.budget_usd={self.limit:g} reached: ${self.spent:.4f} spent, ${max(self.reserved, 0.0):.4f} in flight, and "
+                f"run.budget_usd={self.limit:g} reached: ${self.spent:.4f} spent, "
+                f"${max(self.reserved, 0.0):.4f} in flight, and "
                 f"the next request could cost up to ${worst:.4f}; every finished row is kept: raise "
                 "run.budget_usd and re-run the same command to go on"
             )

@@ -183,6 +183,8 @@ def _run_forge(
             if overrides is not None:
                 record_command(out_dir, overrides)
         run.start()
+        if cfg.run.plan:  # validated: only a generation run estimates
+            return run.plan()
         tasks = [cfg.cluster.task_index] if cfg.cluster.task_index is not None else range(cfg.cluster.tasks)
         publishing = BackgroundPublisher(HubPublisher(out_dir, hub)) if hub else contextlib.nullcontext()
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 from forge.engine.config import EngineKind
 from forge.schema import ConfigError
+from forge.stages.generate.rollout.config import CHAT_FN
 
 
 def _positive(key: str, value: float | None) -> None:
@@ -28,6 +29,8 @@ def validate_generate(cfg: Any) -> None:
             f"generation.max_tokens: {g.max_tokens} leaves no room for a prompt in "
             f"model.max_model_len={m.max_model_len}"
         )
+    if cfg.run.plan and cfg.rollout.fn != CHAT_FN:
+        raise ConfigError(f"run.plan: estimates one request per row; rollout.fn={cfg.rollout.fn} is not estimated")
     models = [m] + ([cfg.judge_model] if cfg.judge_model is not None else [])
     if g.top_k is not None and any(x.engine == EngineKind.transformers for x in models):
         raise ConfigError("generation.top_k: the transformers CPU engine rejects top_k; leave it null")

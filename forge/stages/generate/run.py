@@ -282,6 +282,14 @@ class GenerationRun:
             start_fresh(cfg, self.wanted, "input changed; previous results", exc)
             _run_async(run_task(*args))
 
+    def plan(self) -> int:
+        """run.plan=true: the estimate, printed and in plan.json; nothing else runs."""
+        from forge.stages.generate.estimate import estimate_run, report
+
+        estimate = _run_async(estimate_run(self.cfg, self.source, self.template, self.model_path))
+        print(report(Path(self.cfg.output.dir), estimate))
+        return 0
+
     def partial_stats(self) -> None:
         merge_stats(Path(self.cfg.output.dir))
 

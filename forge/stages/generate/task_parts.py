@@ -17,6 +17,7 @@ from forge.engine.capacity import DEFAULT_VLLM_MAX_NUM_SEQS, choose_in_flight
 from forge.engine.commands import engine_version
 from forge.engine.inprocess import InProcessClient
 from forge.engine.pricing import Budget, BudgetedClient, Prices, bytes_upper_bound
+from forge.engine.tiny_model import resolve_model
 from forge.engine.tokenizer import Tokenizer, load_tokenizer
 from forge.run.output import (
     ChunkWriter,
@@ -33,7 +34,7 @@ ADAPTIVE_START = 16  # adaptive concurrency's first limit: moderate; it doubles 
 
 
 def open_tokenizer(cfg: ForgeConfig, model_path: str) -> Tokenizer | None:
-    name = cfg.model.tokenizer or model_path
+    name = resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else model_path  # forge://tiny-qwen3 too
     try:
         return load_tokenizer(name, cfg.model.revision, cfg.model.trust_remote_code)
     except Exception as exc:  # any loader failure: run on, unmeasured, and say so
