@@ -378,9 +378,12 @@ def validate_model(prefix: str, m: ModelConfig) -> None:
         raise ConfigError(
             f"{prefix}.speculative: must be a mapping ({{method: ngram, ...}}) or null (got {m.speculative!r})"
         )
-    if m.engine == EngineKind.endpoint and not m.endpoint_url:
-        raise ConfigError(f"{prefix}.endpoint_url: required when {prefix}.engine=endpoint")
-    if m.engine != EngineKind.endpoint and m.endpoint_url:
+    remote = (EngineKind.endpoint, EngineKind.openai_batch)
+    if m.engine in remote and not m.endpoint_url:
+        raise ConfigError(f"{prefix}.endpoint_url: required when {prefix}.engine={m.engine.value}")
+    if m.batch_size < 1:
+        raise ConfigError(f"{prefix}.batch_size: must be >= 1 (got {m.batch_size})")
+    if m.engine not in remote and m.endpoint_url:
         raise ConfigError(
             f"{prefix}.endpoint_url: only used with {prefix}.engine=endpoint (engine is {m.engine.value})"
         )
@@ -411,7 +414,7 @@ def gpus_per_task(cfg: ForgeConfig) -> int:
     """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint;
     a judge_model on a GPU engine shares them with the model (validate() makes their memory shares fit)."""
     models = [cfg.model] + ([cfg.judge_model] if cfg.judge_model is not None else [])
-    local = (EngineKind.transformers, EngineKind.endpoint)
+    local = (EngineKind.transformers, EngineKind.endpoint, EngineKind.openai_batch)
     return max((m.tp * m.pp * m.dp for m in models if m.engine not in local), default=0)
 
 

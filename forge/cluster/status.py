@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from forge.cluster.state import SlurmError, job_states, load_history, shard_reports
@@ -35,6 +36,28 @@ def pull_for_status(url: str) -> Path:
 def tasks_of(out: Path) -> int:
     manifest = json.loads((out / "forge_run.json").read_text())
     return int(manifest["sharding"]["tasks"])
+
+
+def print_batches_and_spend(out: Path, progress: dict) -> None:
+    """A batch engine's open batches (model=openai_batch) and what the run has spent so far."""
+    now = time.time()
+    for path in sorted(out.glob("state/batches_*/batches.json")):
+        try:
+            batches = json.loads(path.read_text()).get("batches", {})
+        except (OSError, ValueError):
+            continue  # being replaced right now
+        for batch_id, b in batches.items():
+            age = (now - b.get("submitted", now)) / 60
+            print(f"  batch {batch_id:<30} {b.get('status', '?'):<12} {len(b.get('ids', []))} requests, "
+                  f"submitted {age:,.0f} min ago ({path.parent.name})")  # fmt: skip
+    spent = progress.get("running_cost_usd") or 0.0
+    for path in sorted(out.glob("stats/task_*.json")):
+        try:
+            spent += sum(s.get("cost_usd") or 0.0 for s in json.loads(path.read_text()).get("sessions", []))
+        except (OSError, ValueError):
+            continue
+    if spent:
+        print(f"  spent so far: ${spent:,.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, jid in (("monitor", last.monitor_id), ("finalize", last.finalize_id)):
             if jid:
                 print(f"  {name:<8} job {jid:<12} {side.get(jid, 'UNKNOWN')}")
+    print_batches_and_spend(out, progress)
     complete = sum(r.complete for r in reports)
     stats = f"; stats: {shown.rstrip('/')}/stats.json" if complete == tasks else ""
     print(f"{complete}/{tasks} shard(s) complete{stats}")

@@ -210,8 +210,9 @@ class ChatClient:
         base = min(self.backoff_s * (2**attempt), MAX_BACKOFF_S)
         return base * (0.5 + random.random() / 2)
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
-        """Send one request; retry what is transient; raise RequestRejected / RequestFailed."""
+    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
+        """Send one request; retry what is transient; raise RequestRejected / RequestFailed.
+        key: the request's cache key (a batch engine's custom id; unused here)."""
         payload = orjson.dumps(body)
         attempt = 0
         while True:

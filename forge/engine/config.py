@@ -16,6 +16,7 @@ class EngineKind(str, Enum):
     sglang = "sglang"
     endpoint = "endpoint"
     transformers = "transformers"
+    openai_batch = "openai_batch"  # the OpenAI Batch API (files + batches), `vllm run-batch`'s format
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ModelConfig:
             totals (forge/engine/pricing.py). null: no cost is computed.
         price_cached_in_per_mtok: dollars per million prompt tokens the provider served from its
             prompt cache (usage.prompt_tokens_details.cached_tokens); null = price_in_per_mtok.
+        batch_size, batch_poll_s, batch_window: engine=openai_batch (forge/engine/batch.py): requests
+            per batch (the provider's limit: 50,000 for OpenAI), the first poll interval (it grows
+            1.5x per poll, to 10 minutes), and the batch's completion window.
     """
 
     name_or_path: str = "forge://tiny-qwen3"
@@ -73,3 +77,6 @@ class ModelConfig:
     price_in_per_mtok: float | None = neutral(None)
     price_out_per_mtok: float | None = neutral(None)
     price_cached_in_per_mtok: float | None = neutral(None)
+    batch_size: int = neutral(50_000)
+    batch_poll_s: float = neutral(30.0)
+    batch_window: str = neutral("24h")

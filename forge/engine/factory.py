@@ -13,6 +13,10 @@ def open_engine(model: ModelConfig, model_path: str, log_path: Path, seed: int |
     """The Engine for model.engine (not started yet)."""
     if model.engine == EngineKind.endpoint:
         return Endpoint(model)
+    if model.engine == EngineKind.openai_batch:
+        from forge.engine.batch import BatchEndpoint
+
+        return BatchEndpoint(model)
     if model.engine == EngineKind.vllm_async:
         from forge.engine.inprocess import VllmInProcess  # imports vllm: only when asked for
 

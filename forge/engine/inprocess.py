@@ -204,7 +204,7 @@ class InProcessClient:
             params["structured_outputs"] = StructuredOutputsParams(**body["structured_outputs"])
         return SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
         await self.engine.wait_ready()
         messages = body["messages"]
         t0 = time.perf_counter()

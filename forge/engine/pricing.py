@@ -127,6 +127,7 @@ class BudgetedClient:
         self.count = count
         self.load = getattr(inner, "load", None)
         self.adaptive = getattr(inner, "adaptive", None)
+        self.batch_notes = getattr(inner, "notes", None)
 
     async def __aenter__(self) -> BudgetedClient:
         await self.inner.__aenter__()
@@ -135,11 +136,11 @@ class BudgetedClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.inner.__aexit__(*exc)
 
-    async def complete(self, body: dict[str, Any]) -> Any:
+    async def complete(self, body: dict[str, Any], key: str | None = None) -> Any:
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
         reserved = await self.budget.wait_reserve(self.prices, self.count(body["messages"]), max_tokens)
         try:
-            answer = await self.inner.complete(body)
+            answer = await self.inner.complete(body, key)
         except BaseException:
             self.budget.release(reserved)
             raise

@@ -47,6 +47,17 @@ DATA_SCHEMA = pa.schema(
         ("metadata", pa.string()),
     ]
 )
+# a generated row's answer counts: what stats.json totals and a rollout keeps per sample
+ROW_COUNTS = (
+    "finish_reason",
+    "length_stopped",
+    "truncated",
+    "content_null",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_usd",
+)
 REJECT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # the row's id, or @file:line when it has no usable id

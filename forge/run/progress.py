@@ -46,6 +46,8 @@ def aggregate_progress(out_dir: Path, states: dict[int, str] | None = None) -> d
         "output_tokens_per_s": sum(t["output_tokens_per_s"] for t in running),
         "eta_s": (total - done) / rate if rate > 0 else None,
         "tasks_reporting": len(tasks),
+        # spent by the sessions running now (finished sessions' spend is in stats/)
+        "running_cost_usd": sum(t.get("cost_usd") or 0.0 for t in running),
         "tasks": {str(t["task"]): {k: t.get(k) for k in ("done", "total", "status")} for t in tasks},
     }
     if states:

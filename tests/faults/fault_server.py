@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
+from threaded_app import ThreadedApp
 
 KINDS = ("malformed", "no_choices", "429", "500", "hang", "content_null")
 
@@ -102,24 +102,20 @@ def last_user_message(body: Any) -> str:
     return content if isinstance(content, str) else orjson.dumps(content).decode()
 
 
-class FaultServer:
+class FaultServer(ThreadedApp):
     """`with FaultServer(upstream_url) as fs:` ... `fs.url` is the base URL to give forge."""
 
+    name = "fault server"
+
     def __init__(self, upstream: str, delay_s: float = 0.0, hang_s: float = 30.0, retry_after: str = "1") -> None:
+        super().__init__()
         self.upstream = upstream.rstrip("/")
         self.delay_s = delay_s  # added to every request: slows a run down so it can be killed mid-way
         self.hang_s = hang_s  # how long a "hang" holds the request (cut short when the server stops)
         self.retry_after = retry_after
-        self.url = ""
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._seen: list[Seen] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
         self._bucket: TokenBucket | None = None
 
     # --- the fault plan, set from the test thread -------------------------------------------
@@ -254,52 +250,11 @@ class FaultServer:
             raw = orjson.dumps(answer)
         return web.Response(status=status, body=raw, content_type=ctype.split(";")[0])
 
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+    def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)  # loopback only, a free port
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-            await self._session.close()
-
-    def _main(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(self._serve())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            self._ready.set()
-        finally:
-            self._loop.close()
-
-    def start(self) -> FaultServer:
-        self._thread = threading.Thread(target=self._main, name="fault-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30) or self._error is not None:
-            raise RuntimeError(f"fault server did not start: {self._error!r}")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(15)
-
-    def __enter__(self) -> FaultServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return app
 
 
 def endpoint_run_args(fs: FaultServer, model: str | Path, key_env: str, data: Path, out: Path) -> list[str]:

@@ -188,7 +188,7 @@ class Generator:
                 self.stats.first_send = time.monotonic()
             self.stats.requests_sent += 1
             try:
-                answer: dict[str, Any] = (await self.client.complete(item.body)).to_json()
+                answer: dict[str, Any] = (await self.client.complete(item.body, item.cache_key)).to_json()
             except RequestRejected as exc:
                 if not self._answered:  # nothing answered yet: maybe the config, not the row
                     await self._reject_before_any_answer(item, exc)

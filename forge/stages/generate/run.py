@@ -223,7 +223,13 @@ async def _run_task(
                         gen.max_in_flight = notes["in_flight"]
                         budget = task_budget(cfg, out_dir, task)
                         client = make_client(
-                            cfg, engine, fitter.tok, gen.max_in_flight, gen.stats.on_retry, budget=budget
+                            cfg,
+                            engine,
+                            fitter.tok,
+                            gen.max_in_flight,
+                            gen.stats.on_retry,
+                            budget=budget,
+                            batch_dir=out_dir / "state" / f"batches_{task:05d}",
                         )
                         bar.restart_clock()
                         async with client:

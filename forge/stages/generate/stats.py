@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from forge.run.output import read_columns, shard_files, unfinished_inputs, write_json_atomic
+from forge.run.output import ROW_COUNTS, read_columns, shard_files, unfinished_inputs, write_json_atomic
 from forge.stages.generate.generator import SessionStats
 
 log = logging.getLogger("forge.stages.generate.stats")
@@ -23,16 +23,7 @@ def shard_totals(out_dir: Path, task: int | None) -> dict[str, Any]:
     """Documents, rows, tokens and finish reasons of what is on disk."""
     data = read_columns(
         shard_files(out_dir / "data", task),
-        [
-            "id",
-            "finish_reason",
-            "length_stopped",
-            "truncated",
-            "content_null",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_usd",
-        ],
+        ["id", *ROW_COUNTS],
     )
     rej = read_columns(shard_files(out_dir / "rejected", task), ["id", "rollout", "stage", "retryable"])
     out: dict[str, Any] = {"rows_written": 0, "documents_written": 0, "tokens_in": 0, "tokens_out": 0}

@@ -95,6 +95,11 @@ async def size_in_flight(
     """run.max_in_flight, or what the engine's KV cache holds at the expected sequence length
     (of `m`: the model, or a rollout's judge_model)."""
     m = m or cfg.model
+    if m.engine == EngineKind.openai_batch:  # a whole batch is gathered before any answer comes
+        limit = cfg.run.max_in_flight or m.batch_size
+        why = "run.max_in_flight" if cfg.run.max_in_flight else f"{m.name_or_path}: model.batch_size"
+        log.info("in-flight limit %d (%s)", limit, why)
+        return {"in_flight": limit, "in_flight_reason": why, "kv_cache_tokens": None}
     kv_tokens = await engine.kv_capacity_tokens()
     expected = cfg.generation.max_tokens + (planner.mean_prompt_tokens(fitter) or 0)
     seqs = m.max_num_seqs or (DEFAULT_VLLM_MAX_NUM_SEQS if m.engine in VLLM_ENGINES else None)
@@ -114,6 +119,7 @@ def make_client(
     m: ModelConfig | None = None,
     continue_prompts: bool = False,
     budget: Budget | None = None,
+    batch_dir: Path | None = None,
 ) -> Any:
     """HTTP for server engines; direct calls for the in-process one (continue_prompts: a rollout's
     later steps reuse its earlier answers' token ids, forge/engine/continuation.py)."""
@@ -123,6 +129,11 @@ def make_client(
             raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
         kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
         client: Any = InProcessClient(engine, tokenizer, kwargs, continue_prompts)
+    elif m.engine == EngineKind.openai_batch:
+        from forge.engine.batch import BatchClient
+
+        state = batch_dir or Path(cfg.output.dir) / "state" / "batches"
+        client = BatchClient(engine, state, m.batch_size, m.batch_poll_s, m.batch_window, cfg.run.max_retries)
     else:
         r = cfg.run
         adaptive = None
@@ -165,6 +176,9 @@ def engine_load(client: Any) -> dict[str, Any]:
     for part in (getattr(client, "load", None), getattr(client, "adaptive", None)):
         if part is not None:
             notes.update(part.notes())
+    batch = getattr(client, "batch_notes", None) or (client.notes if hasattr(client, "batches") else None)
+    if batch is not None:
+        notes.update(batch())
     return notes
 
 

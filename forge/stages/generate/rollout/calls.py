@@ -152,7 +152,7 @@ class Calls:
                 s.first_send = time.monotonic()
             s.requests_sent += 1
             try:
-                answer = (await lane.client.complete(body)).to_json()
+                answer = (await lane.client.complete(body, key)).to_json()
             except RequestRejected as exc:
                 if not lane.answered:
                     self._refused_before_any_answer(lane, exc)

@@ -15,23 +15,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from forge.run.output import DATA_SCHEMA, MESSAGE, write_json_atomic
+from forge.run.output import DATA_SCHEMA, MESSAGE, ROW_COUNTS, write_json_atomic
 from forge.schema import ConfigError
 from forge.stages.generate.rollout.structured import JSON_TEXT
 
 Kind = pa.DataType | str
 # what forge adds to every row (a fn's own column of the same name wins, if of the same type)
 HEAD = [("id", pa.string()), ("rollout", pa.int32()), ("output_index", pa.int32())]
-KEPT = (
-    "finish_reason",
-    "length_stopped",
-    "truncated",
-    "content_null",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_usd",
-)
+KEPT = ROW_COUNTS
 # generation's own bookkeeping columns (stats.json and the card read them), as DATA_SCHEMA types them
 TAIL = [("requests", pa.int32())] + [
     (f.name, f.type) for f in DATA_SCHEMA if f.name in KEPT or f.name in ("model", "revision", "engine", "metadata")

@@ -151,6 +151,7 @@ async def run_rollout_task(
                                 m,
                                 continue_prompts=True,
                                 budget=budget,
+                                batch_dir=out_dir / "state" / f"batches_{name}_{task:05d}",
                             )
                             lanes[name] = Lane(
                                 name,

@@ -31,7 +31,7 @@ class FakeEngine:
         self.sent: list[str] = []
         self.cancelled: list[str] = []
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
         prompt = body["messages"][-1]["content"]
         self.sent.append(prompt)
         try:
