@@ -378,9 +378,11 @@ def validate_model(prefix: str, m: ModelConfig) -> None:
         raise ConfigError(
             f"{prefix}.speculative: must be a mapping ({{method: ngram, ...}}) or null (got {m.speculative!r})"
         )
-    remote = (EngineKind.endpoint, EngineKind.openai_batch)
+    remote = (EngineKind.endpoint, EngineKind.openai_batch, EngineKind.anthropic_batch)
     if m.engine in remote and not m.endpoint_url:
         raise ConfigError(f"{prefix}.endpoint_url: required when {prefix}.engine={m.engine.value}")
+    if not 0 <= m.batch_discount < 1:
+        raise ConfigError(f"{prefix}.batch_discount: must be in [0, 1) (got {m.batch_discount})")
     if m.batch_size < 1:
         raise ConfigError(f"{prefix}.batch_size: must be >= 1 (got {m.batch_size})")
     if m.engine not in remote and m.endpoint_url:
@@ -414,7 +416,7 @@ def gpus_per_task(cfg: ForgeConfig) -> int:
     """GPUs one task holds: tp * pp * dp for GPU engines, none for the CPU engine or an endpoint;
     a judge_model on a GPU engine shares them with the model (validate() makes their memory shares fit)."""
     models = [cfg.model] + ([cfg.judge_model] if cfg.judge_model is not None else [])
-    local = (EngineKind.transformers, EngineKind.endpoint, EngineKind.openai_batch)
+    local = (EngineKind.transformers, EngineKind.endpoint, EngineKind.openai_batch, EngineKind.anthropic_batch)
     return max((m.tp * m.pp * m.dp for m in models if m.engine not in local), default=0)
 
 

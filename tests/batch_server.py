@@ -103,31 +103,38 @@ class BatchServer(ThreadedApp):
 
     # --- the work -----------------------------------------------------------------------------
 
-    async def _work(self, batch: dict[str, Any], first: bool) -> None:
-        lines = [orjson.loads(x) for x in self.files[batch["input_file_id"]].splitlines() if x.strip()]
-        batch["request_counts"]["total"] = len(lines)
-        batch["status"] = "in_progress"
+    async def _answer_all(self, items: list[tuple[str, dict[str, Any]]], first: bool) -> list[tuple[str, int, Any]]:
+        """(custom id, status, OpenAI chat body or error) for each (custom id, chat body) the batch
+        gets to (an expiring first batch stops early), each answered by the real engine."""
         await asyncio.sleep(self.delay_s)
-        limit = self.expire_after if first and self.expire_after is not None else len(lines)
+        limit = self.expire_after if first and self.expire_after is not None else len(items)
         sem = asyncio.Semaphore(8)
 
-        async def one(line: dict[str, Any]) -> dict[str, Any]:
-            prompt = last_user(line["body"])
+        async def one(cid: str, body: dict[str, Any]) -> tuple[str, int, Any]:
+            prompt = last_user(body)
             if prompt in self.refuse:
-                return self._result(line, 400, {"error": {"message": "refused by the batch double"}})
+                return cid, 400, {"error": {"message": "refused by the batch double"}}
             with self._lock:
                 fail = prompt in self.fail_once and prompt not in self.failed
                 if fail:
                     self.failed.add(prompt)
             if fail:
-                return self._result(line, 500, {"error": {"message": "server error (batch double)"}})
-            async with sem, self._session.post(f"{self.upstream}/v1/chat/completions", json=line["body"]) as resp:
+                return cid, 500, {"error": {"message": "server error (batch double)"}}
+            async with sem, self._session.post(f"{self.upstream}/v1/chat/completions", json=body) as resp:
                 answer = await resp.json()
             with self._lock:
                 self.sent[prompt] += 1
-            return self._result(line, resp.status, answer)
+            return cid, resp.status, answer
 
-        results = await asyncio.gather(*(one(x) for x in lines[:limit]))
+        return list(await asyncio.gather(*(one(cid, body) for cid, body in items[:limit])))
+
+    async def _work(self, batch: dict[str, Any], first: bool) -> None:
+        lines = [orjson.loads(x) for x in self.files[batch["input_file_id"]].splitlines() if x.strip()]
+        batch["request_counts"]["total"] = len(lines)
+        batch["status"] = "in_progress"
+        answered = await self._answer_all([(x["custom_id"], x["body"]) for x in lines], first)
+        results = [{"id": f"req-{next(self._ids)}", "custom_id": cid, "response": {"status_code": status, "body": body},
+                    "error": None} for cid, status, body in answered]  # fmt: skip
         ok = [r for r in results if r["response"]["status_code"] == 200]
         bad = [r for r in results if r["response"]["status_code"] != 200]
         for key, part in (("output_file_id", ok), ("error_file_id", bad)):
@@ -136,11 +143,63 @@ class BatchServer(ThreadedApp):
                 self.files[file_id] = b"".join(orjson.dumps(r) + b"\n" for r in part)
                 batch[key] = file_id
         batch["request_counts"].update(completed=len(ok), failed=len(bad))
-        batch["status"] = "expired" if limit < len(lines) else "completed"
+        batch["status"] = "expired" if len(answered) < len(lines) else "completed"
 
-    def _result(self, line: dict[str, Any], status: int, body: Any) -> dict[str, Any]:
-        return {"id": f"req-{next(self._ids)}", "custom_id": line["custom_id"],
-                "response": {"status_code": status, "body": body}, "error": None}  # fmt: skip
+    # --- Anthropic's Message Batches ------------------------------------------------------------
+
+    async def _create_messages(self, request: web.Request) -> web.Response:
+        if request.headers.get("anthropic-version") is None or request.headers.get("x-api-key") is None:
+            return web.json_response({"type": "error", "error": {"type": "authentication_error"}}, status=401)
+        requests = (await request.json())["requests"]
+        batch_id = f"msgbatch_{next(self._ids)}"
+        counts = {"processing": len(requests), "succeeded": 0, "errored": 0, "expired": 0}
+        batch = {"id": batch_id, "type": "message_batch", "processing_status": "in_progress", "results_url": None,
+                 "request_counts": counts}  # fmt: skip
+        self.batches[batch_id] = batch
+        asyncio.ensure_future(self._work_messages(batch, requests, len(self.batches) == 1))
+        return web.json_response(batch)
+
+    async def _work_messages(self, batch: dict[str, Any], requests: list[dict[str, Any]], first: bool) -> None:
+        def chat(params: dict[str, Any]) -> dict[str, Any]:
+            system = [{"role": "system", "content": params["system"]}] if params.get("system") else []
+            return {
+                "model": params["model"],
+                "messages": [*system, *params["messages"]],
+                "max_tokens": params["max_tokens"],
+            }
+
+        answered = {cid: (status, body) for cid, status, body in
+                    await self._answer_all([(r["custom_id"], chat(r["params"])) for r in requests], first)}  # fmt: skip
+        lines, counts = [], batch["request_counts"]
+        for r in requests:
+            cid = r["custom_id"]
+            if cid not in answered:
+                lines.append({"custom_id": cid, "result": {"type": "expired"}})
+                counts["expired"] += 1
+                continue
+            status, body = answered[cid]
+            if status == 200:
+                choice, usage = body["choices"][0], body.get("usage") or {}
+                message = {"id": f"msg_{next(self._ids)}", "type": "message", "role": "assistant",
+                           "content": [{"type": "text", "text": choice["message"].get("content") or ""}],
+                           "stop_reason": "max_tokens" if choice.get("finish_reason") == "length" else "end_turn",
+                           "usage": {"input_tokens": usage.get("prompt_tokens", 0),
+                                     "output_tokens": usage.get("completion_tokens", 0)}}  # fmt: skip
+                lines.append({"custom_id": cid, "result": {"type": "succeeded", "message": message}})
+                counts["succeeded"] += 1
+            else:
+                kind = "invalid_request_error" if status < 500 else "api_error"
+                error = {"type": "error", "error": {"type": kind, "message": body["error"]["message"]}}
+                lines.append({"custom_id": cid, "result": {"type": "errored", "error": error}})
+                counts["errored"] += 1
+        counts["processing"] = 0
+        file_id = f"file-{next(self._ids)}"
+        self.files[file_id] = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+        batch["results_url"] = f"{self.url}/v1/messages/batches/{batch['id']}/results?file={file_id}"
+        batch["processing_status"] = "ended"
+
+    async def _messages_results(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.files[request.query["file"]], content_type="application/x-jsonl")
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 1024**2)
@@ -149,4 +208,7 @@ class BatchServer(ThreadedApp):
         app.router.add_get("/v1/files/{file_id}/content", self._content)
         app.router.add_post("/v1/batches", self._create)
         app.router.add_get("/v1/batches/{batch_id}", self._get)
+        app.router.add_post("/v1/messages/batches", self._create_messages)
+        app.router.add_get("/v1/messages/batches/{batch_id}", self._get)
+        app.router.add_get("/v1/messages/batches/{batch_id}/results", self._messages_results)
         return app

@@ -46,6 +46,11 @@ class BatchEndpoint(Endpoint):
 
 
 class BatchClient:
+    """The OpenAI Batch API. Another provider's batches override headers(), max_bytes, _create,
+    _poll and _results (forge/engine/anthropic_batch.py)."""
+
+    max_bytes = MAX_BYTES
+
     def __init__(self, engine: Endpoint, state_dir: Path, size: int, poll_s: float, window: str, retries: int) -> None:
         self.engine = engine
         self.state_path = state_dir / "batches.json"
@@ -68,8 +73,7 @@ class BatchClient:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> BatchClient:
-        headers = {"Authorization": f"Bearer {self.engine.api_key}"} if self.engine.api_key else {}
-        self.session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=600))
+        self.session = aiohttp.ClientSession(headers=self.headers(), timeout=aiohttp.ClientTimeout(total=600))
         if self.state_path.exists():
             self.batches = json.loads(self.state_path.read_text()).get("batches", {})
         for path in sorted(self.results_dir.glob("*.jsonl")) if self.results_dir.is_dir() else []:
@@ -78,6 +82,9 @@ class BatchClient:
             log.info("batch %s: submitted by an earlier session; polling it, not sending it again", batch_id)
             self._spawn(self._watch(batch_id))
         return self
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.engine.api_key}"} if self.engine.api_key else {}
 
     async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
@@ -150,12 +157,11 @@ class BatchClient:
         while self.queue:
             ids, size = [], 0
             for cid, raw in self.queue.items():
-                if len(ids) >= self.size or size + len(raw) > MAX_BYTES:
+                if len(ids) >= self.size or size + len(raw) > self.max_bytes:
                     break
                 ids.append(cid)
                 size += len(raw) + 100
-            lines = [self._line(cid, self.queue.pop(cid)) for cid in ids]
-            self._spawn(self._submit(ids, b"\n".join(lines) + b"\n"))
+            self._spawn(self._submit(ids, [self.queue.pop(cid) for cid in ids]))
 
     @staticmethod
     def _line(cid: str, raw: bytes) -> bytes:
@@ -164,14 +170,17 @@ class BatchClient:
     # --- the provider ------------------------------------------------------------------------
 
     async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        """The provider's API (a path, or a whole URL such as Anthropic's results_url), retried on
+        5xx/429/connection errors; JSON back, or the bytes of a download (`raw=True`)."""
         assert self.session is not None
-        url = f"{self.engine.base_url}{path}"
+        raw_wanted = kw.pop("raw", path.endswith("/content"))
+        url = path if path.startswith("http") else f"{self.engine.base_url}{path}"
         for attempt in range(6):
             try:
                 async with self.session.request(method, url, **kw) as resp:
                     raw = await resp.read()
                     if resp.status == 200:
-                        return raw if path.endswith("/content") else orjson.loads(raw)
+                        return raw if raw_wanted else orjson.loads(raw)
                     if resp.status in (401, 403):
                         raise EngineError(f"{self.engine.base_url} refused the API key (HTTP {resp.status})")
                     if resp.status < 500 and resp.status != 429:
@@ -182,7 +191,9 @@ class BatchClient:
             await asyncio.sleep(min(2**attempt, 60))
         raise EngineError(f"batch API: {method} {path} kept failing; re-run the same command to resume")
 
-    async def _submit(self, ids: list[str], jsonl: bytes) -> None:
+    async def _create(self, ids: list[str], bodies: list[bytes]) -> str:
+        """Upload the requests as JSONL and submit them: the batch id."""
+        jsonl = b"".join(self._line(cid, raw) + b"\n" for cid, raw in zip(ids, bodies, strict=True))
         form = aiohttp.FormData()
         form.add_field("purpose", "batch")
         form.add_field("file", jsonl, filename="forge-batch.jsonl", content_type="application/jsonl")
@@ -192,10 +203,27 @@ class BatchClient:
             "/v1/batches",
             json={"input_file_id": uploaded["id"], "endpoint": CHAT, "completion_window": self.window},
         )
-        batch_id = created["id"]
+        return created["id"]
+
+    async def _poll(self, batch_id: str) -> tuple[str, bool, dict[str, Any]]:
+        """(status, ended, what the provider said)."""
+        info = await self._call("GET", f"/v1/batches/{batch_id}")
+        status = info.get("status", "?")
+        return status, status in DONE, info
+
+    async def _results(self, info: dict[str, Any]) -> bytes:
+        """The ended batch's result lines, OpenAI's shape: {custom_id, response: {status_code, body}}."""
+        got = b""
+        for name in ("output_file_id", "error_file_id"):
+            if info.get(name):
+                got += await self._call("GET", f"/v1/files/{info[name]}/content")
+        return got
+
+    async def _submit(self, ids: list[str], bodies: list[bytes]) -> None:
+        batch_id = await self._create(ids, bodies)
         for cid in ids:
             self.attempts[cid] = self.attempts.get(cid, 0) + 1
-        self.batches[batch_id] = {"ids": ids, "file": uploaded["id"], "submitted": time.time(), "status": "submitted"}
+        self.batches[batch_id] = {"ids": ids, "submitted": time.time(), "status": "submitted"}
         self._save()  # before anything waits on it: a kill from here on resumes by polling
         self.submitted += 1
         log.info("batch %s: %d requests submitted", batch_id, len(ids))
@@ -205,21 +233,17 @@ class BatchClient:
         """Poll with backoff until the batch ends; then hand out its answers and resubmit the rest."""
         delay = self.poll_s
         while True:
-            info = await self._call("GET", f"/v1/batches/{batch_id}")
-            status = info.get("status", "?")
+            status, ended, info = await self._poll(batch_id)
             if status != self.batches[batch_id].get("status"):
                 counts = info.get("request_counts") or {}
                 log.info("batch %s: %s %s", batch_id, status, json.dumps(counts) if counts else "")
                 self.batches[batch_id]["status"] = status
                 self._save()
-            if status in DONE:
+            if ended:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 600.0)
-        got = b""
-        for name in ("output_file_id", "error_file_id"):
-            if info.get(name):
-                got += await self._call("GET", f"/v1/files/{info[name]}/content")
+        got = await self._results(info)
         self.results_dir.mkdir(parents=True, exist_ok=True)
         (self.results_dir / f"{batch_id}.jsonl").write_bytes(got)  # answers survive a kill from here on
         ids = self.batches.pop(batch_id)["ids"]

@@ -17,6 +17,7 @@ class EngineKind(str, Enum):
     endpoint = "endpoint"
     transformers = "transformers"
     openai_batch = "openai_batch"  # the OpenAI Batch API (files + batches), `vllm run-batch`'s format
+    anthropic_batch = "anthropic_batch"  # Anthropic's Message Batches
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ModelConfig:
         batch_size, batch_poll_s, batch_window: engine=openai_batch (forge/engine/batch.py): requests
             per batch (the provider's limit: 50,000 for OpenAI), the first poll interval (it grows
             1.5x per poll, to 10 minutes), and the batch's completion window.
+        batch_discount: the share a batch engine takes off model.price_* (0.5: half price, as
+            OpenAI and Anthropic bill batches).
     """
 
     name_or_path: str = "forge://tiny-qwen3"
@@ -80,3 +83,4 @@ class ModelConfig:
     batch_size: int = neutral(50_000)
     batch_poll_s: float = neutral(30.0)
     batch_window: str = neutral("24h")
+    batch_discount: float = neutral(0.5)

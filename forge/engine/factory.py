@@ -17,6 +17,10 @@ def open_engine(model: ModelConfig, model_path: str, log_path: Path, seed: int |
         from forge.engine.batch import BatchEndpoint
 
         return BatchEndpoint(model)
+    if model.engine == EngineKind.anthropic_batch:
+        from forge.engine.anthropic_batch import AnthropicBatchEndpoint
+
+        return AnthropicBatchEndpoint(model)
     if model.engine == EngineKind.vllm_async:
         from forge.engine.inprocess import VllmInProcess  # imports vllm: only when asked for
 

@@ -20,6 +20,7 @@ from typing import Any
 from forge.engine.server import EngineError
 
 MTOK = 1_000_000
+BATCH_ENGINES = ("openai_batch", "anthropic_batch")  # billed at the batch discount
 
 
 class BudgetReached(EngineError):
@@ -36,12 +37,14 @@ class Prices:
 
     @classmethod
     def of(cls, m: Any) -> Prices | None:
-        """The model config's prices; None when it names none (then no cost is computed)."""
+        """The model config's prices, less model.batch_discount on a batch engine; None when it
+        names none (then no cost is computed)."""
         if m.price_in_per_mtok is None and m.price_out_per_mtok is None:
             return None
         inp = m.price_in_per_mtok or 0.0
         cached = m.price_cached_in_per_mtok if m.price_cached_in_per_mtok is not None else inp
-        return cls(inp, m.price_out_per_mtok or 0.0, cached)
+        factor = 1.0 - m.batch_discount if getattr(m.engine, "value", m.engine) in BATCH_ENGINES else 1.0
+        return cls(inp * factor, (m.price_out_per_mtok or 0.0) * factor, cached * factor)
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
         cached = min(max(cached_tokens, 0), prompt_tokens)

@@ -52,7 +52,9 @@ def test_batches_answer_every_row_retry_failures_and_quarantine_refusals(tmp_pat
     rows = read_rows(out)
     ids = Counter(r["id"] for r in rows)
     assert len(ids) == 23 and max(ids.values()) == 1 and "b5" not in ids
-    assert all(r["completion_tokens"] > 0 and r["cost_usd"] > 0 for r in rows)
+    # at half the prices given (model.batch_discount)
+    assert all(r["cost_usd"] == pytest.approx((r["prompt_tokens"] * 0.5 + r["completion_tokens"] * 1.0) / 1e6)
+               for r in rows)  # fmt: skip
     rejected = read_rows(out, "rejected")
     assert [(r["id"], r["stage"]) for r in rejected] == [("b5", "request")]
     assert "HTTP 400" in rejected[0]["reason"] and "refused by the batch double" in rejected[0]["reason"]
@@ -119,3 +121,24 @@ def test_a_multi_step_rollout_runs_step_by_step_in_batches(tmp_path: Path, cpu_s
     rows = read_rows(out)
     assert len(rows) == 4 and all(r["requests"] == 3 and r["critiques"] for r in rows)
     assert sum(sizes) == 12 and len(sizes) == 3  # draft, critique, revise: one batch per step
+
+
+def test_anthropic_message_batches(tmp_path: Path, cpu_server: dict) -> None:
+    """model=anthropic_batch: Messages API params out, Anthropic's result lines back, with an
+    errored (4xx: quarantined), an errored (5xx: sent again) and expired requests (sent again)."""
+    with BatchServer(cpu_server["url"], fail_once={"batch prompt number 1"}, refuse={"batch prompt number 2"},
+                     expire_after=6) as server:  # fmt: skip
+        args, out = _setup(tmp_path, server, cpu_server["model"], 10, "prompt.system=Be brief.")
+        args = [a.replace("model=openai_batch", "model=anthropic_batch") for a in args]
+        result = forge_cli(args, tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-test"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        batches = list(server.batches.values())
+        sent = server.sent
+    assert [b["processing_status"] for b in batches] == ["ended", "ended"]
+    assert batches[0]["request_counts"]["expired"] == 4 and batches[0]["request_counts"]["errored"] == 2
+    assert batches[1]["request_counts"]["processing"] == 0 and batches[1]["request_counts"]["succeeded"] == 5
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted(f"b{i}" for i in range(10) if i != 2)
+    assert all(r["completion_tokens"] > 0 and r["messages"][0]["role"] == "system" for r in rows)
+    assert [(r["id"], r["stage"]) for r in read_rows(out, "rejected")] == [("b2", "request")]
+    assert all(sent[f"batch prompt number {i}"] == 1 for i in range(10) if i != 2)

@@ -20,6 +20,8 @@ def test_prices_of_a_model_config() -> None:
     p = Prices.of(ModelConfig(price_in_per_mtok=0.4, price_out_per_mtok=1.6))
     assert p == Prices(0.4, 1.6, 0.4)  # cached input defaults to the input price
     assert Prices.of(ModelConfig(price_out_per_mtok=1.0, price_cached_in_per_mtok=0.1)) == Prices(0.0, 1.0, 0.1)
+    batch = ModelConfig(engine="openai_batch", price_in_per_mtok=0.4, price_out_per_mtok=1.6)
+    assert Prices.of(batch) == Prices(0.2, 0.8, 0.2)  # model.batch_discount: half price
 
 
 def test_reservations_keep_spend_plus_in_flight_under_the_cap() -> None:

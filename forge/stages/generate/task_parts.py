@@ -30,6 +30,7 @@ from forge.stages.generate.prompt import LengthFitter
 log = logging.getLogger("forge")
 VLLM_ENGINES = (EngineKind.vllm, EngineKind.vllm_async)
 GPU_ENGINES = (*VLLM_ENGINES, EngineKind.sglang)
+BATCH_ENGINES = (EngineKind.openai_batch, EngineKind.anthropic_batch)
 ADAPTIVE_START = 16  # adaptive concurrency's first limit: moderate; it doubles per round trip from there
 
 
@@ -95,7 +96,7 @@ async def size_in_flight(
     """run.max_in_flight, or what the engine's KV cache holds at the expected sequence length
     (of `m`: the model, or a rollout's judge_model)."""
     m = m or cfg.model
-    if m.engine == EngineKind.openai_batch:  # a whole batch is gathered before any answer comes
+    if m.engine in BATCH_ENGINES:  # a whole batch is gathered before any answer comes
         limit = cfg.run.max_in_flight or m.batch_size
         why = "run.max_in_flight" if cfg.run.max_in_flight else f"{m.name_or_path}: model.batch_size"
         log.info("in-flight limit %d (%s)", limit, why)
@@ -129,11 +130,13 @@ def make_client(
             raise EngineError("model.engine=vllm_async renders prompts itself and needs the model's tokenizer")
         kwargs = cfg.generation.extra_body.get("chat_template_kwargs")
         client: Any = InProcessClient(engine, tokenizer, kwargs, continue_prompts)
-    elif m.engine == EngineKind.openai_batch:
+    elif m.engine in BATCH_ENGINES:
+        from forge.engine.anthropic_batch import AnthropicBatchClient
         from forge.engine.batch import BatchClient
 
+        kind = AnthropicBatchClient if m.engine == EngineKind.anthropic_batch else BatchClient
         state = batch_dir or Path(cfg.output.dir) / "state" / "batches"
-        client = BatchClient(engine, state, m.batch_size, m.batch_poll_s, m.batch_window, cfg.run.max_retries)
+        client = kind(engine, state, m.batch_size, m.batch_poll_s, m.batch_window, cfg.run.max_retries)
     else:
         r = cfg.run
         adaptive = None
