@@ -25,6 +25,9 @@ from forge.engine.server import Engine, EngineError
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 CONGESTION_STATUS = {429, 503, 504}  # the server is full: adaptive concurrency cuts
+THROTTLE_LIMIT_S = 900.0  # a request waits on 429s (without using retries) at most this long
+# a 429 for one request larger than the whole per-minute limit (OpenAI: "Request too large for ...")
+TOO_LARGE = re.compile(r"request too large|requested \d+\W+(?:tokens\W+)?(?:but )?(?:the )?limit", re.I)
 # a 429 that is a spent quota, not a rate (OpenAI: "You exceeded your current quota ... insufficient_quota")
 QUOTA = re.compile(
     r"insufficient_quota|exceeded your current quota|quota (?:is )?exceeded|credit balance is too low", re.I
@@ -215,6 +218,7 @@ class ChatClient:
         key: the request's cache key (a batch engine's custom id; unused here)."""
         payload = orjson.dumps(body)
         attempt = 0
+        waited_s = 0.0  # on 429s that asked to wait (Retry-After), counted toward THROTTLE_LIMIT_S
         while True:
             await self.engine.wait_ready()
             retry_after = None
@@ -234,6 +238,8 @@ class ChatClient:
                     )
                 elif status in RETRYABLE_STATUS:
                     why = error_message(raw.decode(errors="replace"))
+                    if status == 429 and TOO_LARGE.search(why):  # this request can never fit the limit
+                        raise RequestRejected(status, why)
                     if status == 429 and QUOTA.search(why):  # not a rate: every row would fail alike
                         raise EngineError(
                             f"{self.engine.base_url} says the account's quota is used up (HTTP 429: {why}); "
@@ -241,9 +247,14 @@ class ChatClient:
                         )
                     reason = f"HTTP {status}: {why}"
                     retry_after = retry_after_s(headers)
-                    # throttled while others are answered: this request waits its turn, and the
-                    # wait uses no retry (a rate limit is not a failure of the row)
-                    throttled = status == 429 and self.adaptive is not None and self.adaptive.answered_within(60.0)
+                    # throttled while others are answered, or told when to come back: this request
+                    # waits its turn, and the wait uses no retry (a rate limit is not the row's failure)
+                    throttled = (
+                        status == 429
+                        and self.adaptive is not None
+                        and waited_s < THROTTLE_LIMIT_S
+                        and (self.adaptive.answered_within(60.0) or retry_after is not None)
+                    )
                 else:
                     raise RequestRejected(status, error_message(raw.decode(errors="replace")))
             except asyncio.TimeoutError:
@@ -255,5 +266,7 @@ class ChatClient:
             if attempt >= self.max_retries and not throttled:
                 raise RequestFailed(f"{reason} (gave up after {attempt} retries)")
             self.on_retry(reason)
-            await asyncio.sleep(self._delay(attempt, retry_after))
+            delay = self._delay(attempt, retry_after)
+            waited_s += delay if throttled else 0.0
+            await asyncio.sleep(delay)
             attempt += not throttled

@@ -202,6 +202,17 @@ def test_throttling_while_others_are_answered_uses_no_retries() -> None:
     )
     assert result.text == "hi" and fake.calls == 6 and len(retried) == 4
     assert adaptive.cuts == 4 and not adaptive.slow_start  # each 429 came from a send after the last cut
-    # without answers to show the server is serving, the same 429s use up the retries
+    # told when to come back (Retry-After), a request waits without using retries even before any answer
     result, fake, _, _ = asyncio.run(_run([limited] * 4, retries=1, adaptive=AdaptiveLimit(start=2, ceiling=4)))
+    assert result.text == "hi" and fake.calls == 5
+    # with neither an answer to show the server is serving nor a Retry-After, 429s use up the retries
+    bare = (429, '{"error": {"message": "rate limit"}}', {})
+    result, fake, _, _ = asyncio.run(_run([bare] * 4, retries=1, adaptive=AdaptiveLimit(start=2, ceiling=4)))
     assert isinstance(result, RequestFailed) and fake.calls == 2
+
+
+def test_a_request_larger_than_the_rate_limit_is_the_rows_fault() -> None:
+    big = json.dumps({"error": {"message": "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, "
+                                           "Requested 45000."}})  # fmt: skip
+    result, fake, retried, _ = asyncio.run(_run([(429, big, {"Retry-After": "1"})] * 3))
+    assert isinstance(result, RequestRejected) and result.status == 429 and fake.calls == 1 and retried == []

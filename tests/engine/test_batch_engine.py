@@ -66,6 +66,8 @@ def test_batches_answer_every_row_retry_failures_and_quarantine_refusals(tmp_pat
     session = read_stats(out)["sessions"][-1]
     assert session["batches_submitted"] == batches and session["batches_open"] == 0
     assert json.loads((out / "state" / "batches_00000" / "batches.json").read_text()) == {"batches": {}}
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if b"sk-batch-test" in p.read_bytes()]  # the key is in no file
 
 
 def test_an_expired_batch_sends_only_what_it_did_not_answer(tmp_path: Path, cpu_server: dict) -> None:
