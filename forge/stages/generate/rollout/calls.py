@@ -143,28 +143,36 @@ class Calls:
             raise
 
     async def _send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any) -> dict[str, Any]:
-        s = self.stats
+        """The slot is held until the answer is committed to the cache: a kill then loses at most
+        one engine's in-flight limit of requests, answered or not."""
         assert lane.client is not None and lane.limit is not None
         with parked:
             await lane.limit.acquire()
-        try:
-            if s.first_send is None:
-                s.first_send = time.monotonic()
-            s.requests_sent += 1
-            try:
-                answer = (await lane.client.complete(body, key)).to_json()
-            except RequestRejected as exc:
-                if not lane.answered:
-                    self._refused_before_any_answer(lane, exc)
-                answer = {"error": {"status": exc.status, "message": exc.message}}
-            except RequestFailed as exc:
-                lane.failed_in_a_row += 1
-                gone = engine_gone(lane.failed_in_a_row, lane.in_flight, exc, f"the {lane.name} engine")
-                if gone is not None:
-                    raise gone from None
-                raise StepFailed("request", str(exc), retryable=True) from None
-        finally:  # also when the sample is cancelled (rollout.timeout_s): its request is dropped
+        try:  # also when the sample is cancelled (rollout.timeout_s): its request is dropped
+            answer = await self._ask(lane, body, key)
+            self._written.add(key)
+            await self.cache.put(key, answer)
+            return answer
+        finally:
             lane.limit.release()
+
+    async def _ask(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
+        s = self.stats
+        if s.first_send is None:
+            s.first_send = time.monotonic()
+        s.requests_sent += 1
+        try:
+            answer = (await lane.client.complete(body, key)).to_json()
+        except RequestRejected as exc:
+            if not lane.answered:
+                self._refused_before_any_answer(lane, exc)
+            answer = {"error": {"status": exc.status, "message": exc.message}}
+        except RequestFailed as exc:
+            lane.failed_in_a_row += 1
+            gone = engine_gone(lane.failed_in_a_row, lane.in_flight, exc, f"the {lane.name} engine")
+            if gone is not None:
+                raise gone from None
+            raise StepFailed("request", str(exc), retryable=True) from None
         lane.failed_in_a_row = 0
         if "error" not in answer:
             lane.answered += 1
@@ -182,8 +190,6 @@ class Calls:
             if self.on_tokens:
                 self.on_tokens(answer["completion_tokens"])
         s.last_answer = time.monotonic()
-        self._written.add(key)
-        await self.cache.put(key, answer)
         return answer
 
     def _refused_before_any_answer(self, lane: Lane, exc: RequestRejected) -> None:
