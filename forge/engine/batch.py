@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,15 @@ CHAT = "/v1/chat/completions"
 DONE = ("completed", "expired", "failed", "cancelled")
 MAX_BYTES = 190 * 1024 * 1024  # OpenAI's limit is 200 MB per input file
 GATHER_S = 2.0  # a batch goes out once no request has come for this long
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 class BatchEndpoint(Endpoint):
@@ -245,7 +255,9 @@ class BatchClient:
             delay = min(delay * 1.5, 600.0)
         got = await self._results(info)
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        (self.results_dir / f"{batch_id}.jsonl").write_bytes(got)  # answers survive a kill from here on
+        # whole or not at all (a kill mid-write must not leave a cut file for the next session to
+        # read), and off the loop: a batch's results run to hundreds of MB
+        await asyncio.to_thread(_write_whole, self.results_dir / f"{batch_id}.jsonl", got)
         ids = self.batches.pop(batch_id)["ids"]
         self._save()
         self._take_results(got)
