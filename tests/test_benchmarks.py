@@ -67,3 +67,34 @@ def test_every_module_a_benchmark_imports_loads_from_the_benchmarks_folder() -> 
     the way a script makes them: with benchmarks/ first on sys.path."""
     proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_gpu_throughput_ratios_pair_each_phase_with_its_reference(capsys) -> None:
+    """The GPU benchmark's ratios and tables, from figures as its phases write them (the phases
+    themselves need the device): a rollout variant is compared with the waves of its own kind."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_throughput as g
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    load = {"engine_requests_mean": 700.0, "engine_below_full_batch_s": 3.0, "loop_busy": 0.4}
+    phases = {
+        "offline": {"output_tok_s": 30_000.0, "main_thread_busy": 0.5},
+        "forge": {"output_tok_s": 30_300.0, "first_request_after_ready_s": 0.2, **load},
+        "offline3": {"output_tok_s": 20_000.0},
+        "rollout3": {"output_tok_s": 21_000.0, **load},
+        "offline3chain": {"output_tok_s": 16_000.0, "prefix_cache_hit_rate": 0.02},
+        "rollout3chain": {"output_tok_s": 20_000.0, "prefix_cache_hit_rate": 0.6, **load},
+        "rollout3chain_fifo": {"output_tok_s": 17_600.0, "prefix_cache_hit_rate": 0.3, **load},
+        "offline#2": {"output_tok_s": 25_000.0},
+        "forge#2": {"output_tok_s": 25_500.0, **load},
+    }
+    g.add_ratios(phases)
+    assert round(phases["forge"]["vs_offline"], 3) == 1.01 and round(phases["forge#2"]["vs_offline"], 3) == 1.02
+    assert phases["rollout3"]["vs_offline3"] == 1.05
+    assert phases["rollout3chain"]["vs_offline3"] == 1.25 and phases["rollout3chain_fifo"]["vs_offline3"] == 1.1
+    g.print_tables({"phases": phases, "elapsed_s": 1.0})
+    out = capsys.readouterr().out
+    assert "rollout3chain_fifo" in out and "where the time went" in out
+    busy = next(line for line in out.splitlines() if line.startswith("forge ") and "0.400" in line)
+    assert "700.0" in busy and "0.20" in busy

@@ -128,8 +128,10 @@ class VllmInProcess(Engine):
 
 class EngineLoad:
     """How full forge kept the engine: the time-weighted mean of requests inside it, the time it
-    held fewer than a full batch (max_num_seqs) while forge had any in it, and the Python time
-    forge spent building prompts. Two clock reads per request: cheap enough to keep on."""
+    held fewer than a full batch (max_num_seqs) while forge had any in it, the Python time
+    forge spent building prompts, and the CPU time of the event loop's thread over the window
+    (vLLM's output handling and detokenization run there too: near 1.0 of the window, the loop is
+    saturated and answers are noticed late). A few clock reads per request: cheap enough to keep on."""
 
     def __init__(self, full_batch: int) -> None:
         self.full_batch = full_batch
@@ -139,11 +141,14 @@ class EngineLoad:
         self.area = 0.0  # requests x seconds
         self.below_full_s = 0.0
         self.prompt_s = 0.0
+        self.cpu_first = self.cpu_last = 0.0  # time.thread_time() of the loop's thread
 
     def change(self, delta: int) -> None:
         now = time.monotonic()
+        self.cpu_last = time.thread_time()
         if self.first is None:
             self.first = now
+            self.cpu_first = self.cpu_last
         elif self.inside:
             self.area += self.inside * (now - self.since)
             if self.inside < self.full_batch:
@@ -158,6 +163,8 @@ class EngineLoad:
             "engine_below_full_batch_s": round(self.below_full_s, 2),
             "engine_window_s": round(window, 2),
             "prompt_build_s": round(self.prompt_s, 2),
+            "loop_cpu_s": round(self.cpu_last - self.cpu_first, 2),
+            "loop_busy": round((self.cpu_last - self.cpu_first) / window, 3) if window else None,
         }
 
 

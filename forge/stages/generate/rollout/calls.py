@@ -23,6 +23,7 @@ from forge.engine.pricing import Prices
 from forge.stages.generate.cache import CacheWriteError, RequestCache, request_key
 from forge.stages.generate.config import GenerationConfig
 from forge.stages.generate.generator import FAILED_IN_A_ROW, SessionStats, cache_identity, engine_gone, request_body
+from forge.stages.generate.rollout.slots import Slots
 from forge.stages.generate.rollout.structured import JsonSchema
 
 SAMPLING = {f.name for f in dataclasses.fields(GenerationConfig)} - {"rollouts", "extra_body", "json_retries"}
@@ -75,7 +76,7 @@ class Lane:
     engine: EngineKind
     schema: JsonSchema | None = None
     client: Any = None
-    limit: asyncio.Semaphore | None = None
+    limit: Slots | None = None
     in_flight: int = 1
     prices: Prices | None = None  # this model's model.price_*: the sample's cost_usd
     # per engine: a dead judge must stop the run even while the model answers, and a judge that
@@ -93,6 +94,7 @@ class Calls:
     lanes: dict[str, Lane]
     stats: SessionStats
     cache_was_empty: bool
+    later_steps_first: bool = True  # rollout.later_steps_first: a slot goes to the sample furthest along
     on_tokens: Any = None
     on_cost: Any = None
     # the first engine or cache failure: it stops the run even if a user's `except Exception`
@@ -133,21 +135,25 @@ class Calls:
             if not fut.done():
                 fut.set_result(found.get(key))
 
-    async def send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any = None) -> dict[str, Any]:
+    async def send(
+        self, lane: Lane, body: dict[str, Any], key: str, parked: Any = None, step: int = 1
+    ) -> dict[str, Any]:
         """The engine's answer (or its refusal, `{"error": ...}`), committed to the cache.
-        parked: a context manager held while the call waits for a free engine slot."""
+        parked: a context manager held while the call waits for a free engine slot; step: the
+        sample's how-manieth call this is (later steps get a free slot first)."""
+        priority = -step if self.later_steps_first else 0
         try:
-            return await self._send(lane, body, key, parked or contextlib.nullcontext())
+            return await self._send(lane, body, key, parked or contextlib.nullcontext(), priority)
         except (EngineError, CacheWriteError) as exc:
             self.fatal = self.fatal or exc
             raise
 
-    async def _send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any) -> dict[str, Any]:
+    async def _send(self, lane: Lane, body: dict[str, Any], key: str, parked: Any, priority: int) -> dict[str, Any]:
         """The slot is held until the answer is committed to the cache: a kill then loses at most
         one engine's in-flight limit of requests, answered or not."""
         assert lane.client is not None and lane.limit is not None
         with parked:
-            await lane.limit.acquire()
+            await lane.limit.acquire(priority)
         try:  # also when the sample is cancelled (rollout.timeout_s): its request is dropped
             answer = await self._ask(lane, body, key)
             self._written.add(key)
@@ -340,7 +346,7 @@ class Generate:
             self.calls.stats.cache_hits += 1
             raw = cached
         else:
-            raw = await self.calls.send(lane, body, key, self.parking())
+            raw = await self.calls.send(lane, body, key, self.parking(), self.steps)
         if "error" in raw:
             err = raw["error"]
             raise StepFailed("request", f"engine rejected the request (HTTP {err['status']}): {err['message']}")

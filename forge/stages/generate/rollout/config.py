@@ -33,6 +33,10 @@ class RolloutConfig:
             an undeclared column takes the type of its first non-null values and keeps it.
         max_active: samples in progress at once; null = 2 x the in-flight limit, so that step k+1
             of some rows overlaps step k of others and the engine never waits for the rollouts.
+        later_steps_first: a free engine slot goes to the sample furthest along (its step k+1
+            before another sample's step k), so samples finish sooner and each step is sent while
+            the previous one's KV blocks are still in the engine's prefix cache. false: in the
+            order the calls were made (each step then runs as a wave over the active samples).
         options: free values for a user's fn (`ctx.options`).
         timeout_s: seconds one sample may take, all its steps together (waits for a free engine
             slot not counted); a sample past it is cancelled (its in-flight requests too) and
@@ -53,5 +57,6 @@ class RolloutConfig:
     parse_retries: int = 2
     columns: dict[str, str] = field(default_factory=dict)
     max_active: int | None = neutral(None)
+    later_steps_first: bool = neutral(True)
     options: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = neutral(None)

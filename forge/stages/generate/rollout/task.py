@@ -28,6 +28,7 @@ from forge.stages.generate.rollout.checks import rollout_fn, setup_fn
 from forge.stages.generate.rollout.columns import ColumnPin, parse_declared
 from forge.stages.generate.rollout.context import Context
 from forge.stages.generate.rollout.driver import RolloutDriver, RolloutWriter
+from forge.stages.generate.rollout.slots import Slots
 from forge.stages.generate.rollout.structured import load_schema
 from forge.stages.generate.stats import session_record, write_task_stats
 
@@ -161,7 +162,7 @@ async def run_rollout_task(
                                 m.engine,
                                 schema if name == "model" else None,  # the schema shapes the model's answers
                                 await stack.enter_async_context(client),
-                                asyncio.Semaphore(sized["in_flight"]),
+                                Slots(sized["in_flight"]),
                                 sized["in_flight"],
                                 prices=Prices.of(m),
                             )
@@ -170,7 +171,13 @@ async def run_rollout_task(
                             await ctx.setup(setup_fn(cfg.rollout))
                         except Exception as exc:
                             raise ConfigError(f"rollout.setup raised {type(exc).__name__}: {exc}") from exc
-                        calls = Calls(cache, lanes, stats, cache_was_empty=not await cache.any())
+                        calls = Calls(
+                            cache,
+                            lanes,
+                            stats,
+                            cache_was_empty=not await cache.any(),
+                            later_steps_first=cfg.rollout.later_steps_first,
+                        )
                         calls.on_tokens = lambda n: bar.advance(tokens_out=n)
                         calls.on_cost = bar.spend
                         active = cfg.rollout.max_active or 2 * sum(lane.in_flight for lane in lanes.values())

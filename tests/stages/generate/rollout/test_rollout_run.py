@@ -201,6 +201,31 @@ def test_ready_rollouts_and_a_second_engine(tmp_path: Path, cpu_server: dict) ->
         assert conv[2][1].startswith("Review your answer above") and r["requests"] == 3
 
 
+def answered_steps(out_dir: Path) -> list[str]:
+    """The steps of a critique_revise run in the order their answers were committed to the request
+    cache: "d" for a draft (the shortest prompt), "-" for a later step."""
+    import json
+    import sqlite3
+
+    with sqlite3.connect(out_dir / "cache" / "task_00000.sqlite") as db:
+        prompts = [json.loads(v)["prompt_tokens"] for (v,) in db.execute("SELECT value FROM answers ORDER BY rowid")]
+    return ["d" if p == min(prompts) else "-" for p in prompts]
+
+
+def test_later_steps_get_a_free_engine_slot_first(tmp_path: Path, cpu_server: dict) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"question {i}"} for i in range(3)])
+    common = [*endpoint_args(cpu_server), f"dataset.name={data}", "generation.max_tokens=4", "rollout=critique_revise"]
+    common += ["run.max_in_flight=1", "rollout.max_active=3"]  # one slot, three samples waiting for it
+    orders = {}
+    for first in ("true", "false"):
+        out = tmp_path / first
+        result = forge_cli([*common, f"rollout.later_steps_first={first}", f"output.dir={out}"], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(read_rows(out)) == 3
+        orders[first] = "".join(answered_steps(out))
+    assert orders == {"true": "d--d--d--", "false": "ddd------"}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

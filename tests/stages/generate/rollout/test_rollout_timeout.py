@@ -17,6 +17,7 @@ from forge.stages.generate.config import GenerationConfig
 from forge.stages.generate.generator import SessionStats
 from forge.stages.generate.rollout.calls import Calls, Lane
 from forge.stages.generate.rollout.driver import RolloutDriver, RolloutItem
+from forge.stages.generate.rollout.slots import Slots
 
 LIMIT = 0.5
 HEALTHY = [f"ok{i}" for i in range(10)]
@@ -78,7 +79,7 @@ async def run(cache_path: Path, engine: FakeEngine, ids: list[str], limit: float
             GenerationConfig(max_tokens=4),
             EngineKind.endpoint,
             client=engine,
-            limit=asyncio.Semaphore(1),  # one engine slot: a hung request holds it until cancelled
+            limit=Slots(1),  # one engine slot: a hung request holds it until cancelled
         )
         calls = Calls(cache, {"model": lane}, SessionStats(), cache_was_empty=not await cache.any())
         ctx = SimpleNamespace(cfg=SimpleNamespace(timeout_s=limit), options={"stall": stall})
