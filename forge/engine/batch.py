@@ -120,7 +120,7 @@ class BatchClient:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None, priority: int = 0) -> Completion:
         cid = key or orjson.dumps(body).hex()[:64]
         if cid in self.results:
             return self._answer(cid, self.results[cid])

@@ -213,9 +213,10 @@ class ChatClient:
         base = min(self.backoff_s * (2**attempt), MAX_BACKOFF_S)
         return base * (0.5 + random.random() / 2)
 
-    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None, priority: int = 0) -> Completion:
         """Send one request; retry what is transient; raise RequestRejected / RequestFailed.
-        key: the request's cache key (a batch engine's custom id; unused here)."""
+        key: the request's cache key (a batch engine's custom id; unused here); priority: the
+        in-process engine's scheduling priority (unused here)."""
         payload = orjson.dumps(body)
         attempt = 0
         waited_s = 0.0  # on 429s that asked to wait (Retry-After), counted toward THROTTLE_LIMIT_S

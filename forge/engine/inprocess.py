@@ -40,6 +40,13 @@ SAMPLING_KEYS = (
 )
 
 
+def priority_scheduling(m: ModelConfig) -> bool:
+    """Whether the engine orders its waiting requests by priority: then a rollout's later steps
+    jump the engine's queue too, not only forge's (forge/stages/generate/rollout/slots.py)."""
+    args = {k.replace("-", "_"): v for k, v in m.engine_args.items()}
+    return str(args.get("scheduling_policy", "fcfs")) == "priority"
+
+
 def engine_kwargs(m: ModelConfig, model_path: str, seed: int | None) -> dict[str, Any]:
     """AsyncEngineArgs keywords from conf/model (the same knobs `vllm serve` gets as flags)."""
     kw: dict[str, Any] = {
@@ -188,6 +195,7 @@ class InProcessClient:
         self.continuations = Continuations(self._render, tokenizer.encode) if continue_prompts else None
         m = engine.model
         self.load = EngineLoad((m.max_num_seqs or DEFAULT_VLLM_MAX_NUM_SEQS) * max(1, m.dp))
+        self.priority_scheduling = priority_scheduling(m)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         return self.tok.render(messages, **self.template_kwargs)
@@ -211,7 +219,9 @@ class InProcessClient:
             params["structured_outputs"] = StructuredOutputsParams(**body["structured_outputs"])
         return SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None, priority: int = 0) -> Completion:
+        """priority: vLLM's (lower first), sent only when the engine schedules by priority
+        (model.engine_args.scheduling_policy=priority; vLLM refuses it otherwise)."""
         await self.engine.wait_ready()
         messages = body["messages"]
         t0 = time.perf_counter()
@@ -227,7 +237,8 @@ class InProcessClient:
         final = None
         self.load.change(+1)
         try:
-            async for out in self.engine.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+            extra = {"priority": priority} if self.priority_scheduling and priority else {}
+            async for out in self.engine.llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex, **extra):
                 final = out
         except ValueError as exc:  # e.g. prompt longer than max_model_len
             raise RequestRejected(400, str(exc)) from exc

@@ -139,11 +139,11 @@ class BudgetedClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.inner.__aexit__(*exc)
 
-    async def complete(self, body: dict[str, Any], key: str | None = None) -> Any:
+    async def complete(self, body: dict[str, Any], key: str | None = None, priority: int = 0) -> Any:
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
         reserved = await self.budget.wait_reserve(self.prices, self.count(body["messages"]), max_tokens)
         try:
-            answer = await self.inner.complete(body, key)
+            answer = await self.inner.complete(body, key, priority)
         except BaseException:
             self.budget.release(reserved)
             raise

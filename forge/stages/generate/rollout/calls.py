@@ -155,20 +155,20 @@ class Calls:
         with parked:
             await lane.limit.acquire(priority)
         try:  # also when the sample is cancelled (rollout.timeout_s): its request is dropped
-            answer = await self._ask(lane, body, key)
+            answer = await self._ask(lane, body, key, priority)
             self._written.add(key)
             await self.cache.put(key, answer)
             return answer
         finally:
             lane.limit.release()
 
-    async def _ask(self, lane: Lane, body: dict[str, Any], key: str) -> dict[str, Any]:
+    async def _ask(self, lane: Lane, body: dict[str, Any], key: str, priority: int = 0) -> dict[str, Any]:
         s = self.stats
         if s.first_send is None:
             s.first_send = time.monotonic()
         s.requests_sent += 1
         try:
-            answer = (await lane.client.complete(body, key)).to_json()
+            answer = (await lane.client.complete(body, key, priority)).to_json()
         except RequestRejected as exc:
             if not lane.answered:
                 self._refused_before_any_answer(lane, exc)

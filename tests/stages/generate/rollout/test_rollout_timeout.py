@@ -30,11 +30,13 @@ class FakeEngine:
         self.hang = hang
         self.delay_s = delay_s
         self.sent: list[str] = []
+        self.priorities: dict[str, int] = {}  # what forge passes on (vLLM's scheduling priority)
         self.cancelled: list[str] = []
 
-    async def complete(self, body: dict[str, Any], key: str | None = None) -> Completion:
+    async def complete(self, body: dict[str, Any], key: str | None = None, priority: int = 0) -> Completion:
         prompt = body["messages"][-1]["content"]
         self.sent.append(prompt)
+        self.priorities[prompt] = priority
         try:
             await (asyncio.Event().wait() if prompt in self.hang else asyncio.sleep(self.delay_s))
         except asyncio.CancelledError:
@@ -126,3 +128,8 @@ def test_without_a_limit_nothing_is_timed_out(tmp_path: Path) -> None:
     engine = FakeEngine(hang=set())
     data, rejected, _ = asyncio.run(run(tmp_path / "c.sqlite", engine, HEALTHY[:3], None, False))
     assert len(data) == 3 and not rejected
+    # each call carries its step as the engine's priority (lower first): checks before drafts
+    assert {p: engine.priorities[p] for p in sorted(engine.priorities)} == {
+        **{f"check {i}": -2 for i in HEALTHY[:3]},
+        **{f"draft {i}": -1 for i in HEALTHY[:3]},
+    }

@@ -1,11 +1,12 @@
-"""EngineLoad (forge/engine/inprocess.py): the figures a rollout's stats use to say where the time
-went — how full the engine was kept and how busy forge's event-loop thread was."""
+"""forge/engine/inprocess.py on the CPU: EngineLoad (where a rollout's time went: how full the
+engine was kept, how busy forge's event-loop thread was) and when a request priority is sent."""
 
 from __future__ import annotations
 
 import time
 
-from forge.engine.inprocess import EngineLoad
+from forge.engine.config import ModelConfig
+from forge.engine.inprocess import EngineLoad, priority_scheduling
 
 
 def spin(seconds: float) -> None:
@@ -33,3 +34,11 @@ def test_mean_requests_time_below_a_full_batch_and_loop_cpu() -> None:
 def test_no_requests_no_figures() -> None:
     notes = EngineLoad(full_batch=4).notes()
     assert notes["engine_requests_mean"] is None and notes["loop_busy"] is None and notes["loop_cpu_s"] == 0.0
+
+
+def test_priority_is_sent_only_to_an_engine_that_schedules_by_it() -> None:
+    """vLLM refuses a request priority unless the engine was started with scheduling_policy=priority."""
+    assert not priority_scheduling(ModelConfig())
+    assert not priority_scheduling(ModelConfig(engine_args={"scheduling_policy": "fcfs"}))
+    assert priority_scheduling(ModelConfig(engine_args={"scheduling_policy": "priority"}))
+    assert priority_scheduling(ModelConfig(engine_args={"scheduling-policy": "priority"}))
