@@ -18,7 +18,9 @@ Writes OUT_JSON after every phase; prints a table last.
     python benchmarks/gpu_throughput.py MODEL_DIR OUT_JSON --phases forge,tp2,dp2 \\
         --variant tp2=model.tp=2 --variant dp2=model.dp=2
 
-Phases: `offline`, `offline3` (raw vLLM doing rollout3's three steps as three batch waves),
+Phases: `offline`, `async` (raw AsyncLLM with offline's settings, every prompt submitted at once:
+forge's gap to offline split into AsyncLLM's own and forge's), `offline3` (raw vLLM doing
+rollout3's three steps as three batch waves),
 `datatrove`, `forge` (forge's defaults: model=qwen3_1.7b_dummy, vllm_async),
 `rollout3` (forge with rollout=critique_revise: draft -> critique -> revise, three dependent
 requests per row at the workload's sampling, each with a third of --max-tokens, so a row gets the
@@ -52,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
 OWN_PHASES = (
     "offline",
+    "async",
     "offline3",
     "offline3chain",
     "datatrove",
@@ -96,20 +99,25 @@ def wait_for_go(go_file: str | None) -> float:
     return imported
 
 
+def offline_kwargs(args: argparse.Namespace) -> dict:
+    """The raw engines' settings (offline `LLM` and the `async` phase's AsyncLLM)."""
+    return {
+        "model": args.model,
+        "load_format": "dummy",
+        "dtype": "bfloat16",
+        "gpu_memory_utilization": 0.9,
+        "max_model_len": 4096,
+        "seed": 0,
+        "max_num_seqs": args.offline_max_num_seqs,
+    }
+
+
 def offline_llm(args: argparse.Namespace) -> tuple[object, float]:
     """Raw vLLM as the offline phases run it: (LLM, start-up seconds)."""
     from vllm import LLM
 
     t_start = time.perf_counter()
-    llm = LLM(
-        model=args.model,
-        load_format="dummy",
-        dtype="bfloat16",
-        gpu_memory_utilization=0.9,
-        max_model_len=4096,
-        seed=0,
-        max_num_seqs=args.offline_max_num_seqs,
-    )
+    llm = LLM(**offline_kwargs(args))
     return llm, time.perf_counter() - t_start
 
 
@@ -138,6 +146,62 @@ def phase_offline(args: argparse.Namespace, texts: list[str]) -> dict:
         "imports_done_unix": imported,
         "window_unix": [window_start, window_start + wall],
     }
+
+
+def phase_async(args: argparse.Namespace, texts: list[str]) -> dict:
+    """Raw AsyncLLM (the engine forge runs in process) with offline's settings, every prompt
+    submitted at once as LLM.chat does, prompts rendered and tokenized as forge does: splits
+    forge's gap to offline into AsyncLLM's own (async vs offline) and forge's (forge vs async)."""
+    import asyncio
+    import uuid
+
+    from transformers import AutoTokenizer
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    imported = wait_for_go(args.go_file)
+    tok = AutoTokenizer.from_pretrained(args.model)
+
+    async def run() -> dict:
+        t_start = time.perf_counter()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**offline_kwargs(args), disable_log_stats=True))
+        startup = time.perf_counter() - t_start
+
+        async def one(text: str, params: SamplingParams) -> object:
+            chat = [{"role": "user", "content": text}]
+            rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            final = None
+            async for out in llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                final = out
+            return final
+
+        def sampling(max_tokens: int) -> SamplingParams:
+            return SamplingParams(
+                max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY, **SAMPLING
+            )
+
+        try:
+            await asyncio.gather(*(one(t, sampling(16)) for t in texts[:8]))  # as offline's warm-up call
+            params = sampling(args.max_tokens)
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            outs = await asyncio.gather(*(one(t, params) for t in texts))
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        finally:
+            llm.shutdown()
+        out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {
+            "output_tok_s": out_tok / wall,
+            "wall_s": wall,
+            "output_tokens": out_tok,
+            "engine_startup_s": startup,
+            "max_num_seqs": args.offline_max_num_seqs,
+            "main_thread_busy": cpu / wall,
+            "imports_done_unix": imported,
+        }
+
+    return asyncio.run(run())
 
 
 def phase_offline3(args: argparse.Namespace, texts: list[str], chain: bool = False) -> dict:
@@ -541,6 +605,9 @@ def run_one_phase(args: argparse.Namespace, work: Path, data: Path) -> None:
         elif name == "offline":
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
             result = phase_offline(args, texts)
+        elif name == "async":
+            texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+            result = phase_async(args, texts)
         elif name in ("offline3", "offline3chain"):
             texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
             result = phase_offline3(args, texts, chain=name == "offline3chain")
@@ -597,6 +664,8 @@ def add_ratios(ph: dict) -> None:
 
     for name, r in ph.items():
         kind = kind_of(name)
+        if kind == "async" and ref("offline", name):  # AsyncLLM's own share of forge's gap
+            r["vs_offline"] = r["output_tok_s"] / ref("offline", name)
         if kind in OWN_PHASES or not r.get("output_tok_s"):
             continue
         off, dt, base = ref("offline", name), ref("datatrove", name), ref("forge", name)
@@ -697,7 +766,7 @@ def parse_args() -> argparse.Namespace:
     for phase in filter(None, args.phases.split(",")):
         if kind_of(phase) not in known and not phase.startswith("forge:"):
             ap.error(
-                f"unknown phase {phase!r}: offline, offline3, offline3chain, datatrove, forge, rollout3, "
+                f"unknown phase {phase!r}: offline, async, offline3, offline3chain, datatrove, forge, rollout3, "
                 "rollout3chain, rollout3full, "
                 "forge:ENGINE or a --variant NAME"
             )

@@ -80,6 +80,7 @@ def test_gpu_throughput_ratios_pair_each_phase_with_its_reference(capsys) -> Non
     load = {"engine_requests_mean": 700.0, "engine_below_full_batch_s": 3.0, "loop_busy": 0.4}
     phases = {
         "offline": {"output_tok_s": 30_000.0, "main_thread_busy": 0.5},
+        "async": {"output_tok_s": 29_400.0, "main_thread_busy": 0.6},
         "forge": {"output_tok_s": 30_300.0, "first_request_after_ready_s": 0.2, **load},
         "offline3": {"output_tok_s": 20_000.0},
         "rollout3": {"output_tok_s": 21_000.0, **load},
@@ -91,6 +92,7 @@ def test_gpu_throughput_ratios_pair_each_phase_with_its_reference(capsys) -> Non
     }
     g.add_ratios(phases)
     assert round(phases["forge"]["vs_offline"], 3) == 1.01 and round(phases["forge#2"]["vs_offline"], 3) == 1.02
+    assert round(phases["async"]["vs_offline"], 3) == 0.98 and "vs_forge" not in phases["async"]
     assert phases["rollout3"]["vs_offline3"] == 1.05
     assert phases["rollout3chain"]["vs_offline3"] == 1.25 and phases["rollout3chain_fifo"]["vs_offline3"] == 1.1
     g.print_tables({"phases": phases, "elapsed_s": 1.0})
