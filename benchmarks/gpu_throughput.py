@@ -158,6 +158,7 @@ def phase_async(args: argparse.Namespace, texts: list[str]) -> dict:
     from transformers import AutoTokenizer
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     imported = wait_for_go(args.go_file)
@@ -165,7 +166,9 @@ def phase_async(args: argparse.Namespace, texts: list[str]) -> dict:
 
     async def run() -> dict:
         t_start = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**offline_kwargs(args), disable_log_stats=True))
+        # LLM's usage context: the same defaults (max_num_batched_tokens) and compile-cache entry as offline
+        engine_args = AsyncEngineArgs(**offline_kwargs(args), disable_log_stats=True)
+        llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
         startup = time.perf_counter() - t_start
 
         async def one(text: str, params: SamplingParams) -> object:
