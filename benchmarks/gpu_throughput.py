@@ -238,26 +238,24 @@ def phase_offline3(args: argparse.Namespace, texts: list[str], chain: bool = Fal
         cached_tokens += sum(o.num_cached_tokens or 0 for o in outs)
         return outs
 
+    def follow(conversation: list, answer: str, turn: str) -> list:
+        """The conversation, its answer, and the next user turn."""
+        return [*conversation, {"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
+
     t0, cpu0 = time.perf_counter(), time.thread_time()
     first = [[{"role": "user", "content": t}] for t in texts]
     drafts = [o.outputs[0].text for o in wave(first)]
     if chain:
-        asks = [[*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("critique")}]
-                for m, d in zip(first, drafts, strict=True)]  # fmt: skip
+        asks = [follow(m, d, render("critique")) for m, d in zip(first, drafts, strict=True)]
     else:
-        asks = [
-            [{"role": "user", "content": render("critique", question=t, answer=d)}]
-            for t, d in zip(texts, drafts, strict=True)
-        ]
+        critique = [render("critique", question=t, answer=d) for t, d in zip(texts, drafts, strict=True)]
+        asks = [[{"role": "user", "content": c}] for c in critique]
     critiques = [o.outputs[0].text for o in wave(asks)]
     if chain:
-        turns = [[*a, {"role": "assistant", "content": c}, {"role": "user", "content": render("revise")}]
-                 for a, c in zip(asks, critiques, strict=True)]  # fmt: skip
+        turns = [follow(a, c, render("revise")) for a, c in zip(asks, critiques, strict=True)]
     else:
-        turns = [
-            [*m, {"role": "assistant", "content": d}, {"role": "user", "content": render("revise", critique=c)}]
-            for m, d, c in zip(first, drafts, critiques, strict=True)
-        ]
+        revise = [render("revise", critique=c) for c in critiques]
+        turns = [follow(m, d, r) for m, d, r in zip(first, drafts, revise, strict=True)]
     outs = wave(turns)
     wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     out_tok = len(texts) * 2 * (args.max_tokens // 3) + sum(len(c.token_ids) for o in outs for c in o.outputs)
